@@ -1,0 +1,1 @@
+"""H64LM: Mixture-of-Experts language model pretraining in raw PyTorch, driven by Hydra configs."""

@@ -1,0 +1,17 @@
+"""Data: the Mistral tokenizer, text sources, the token cache and the window sampler."""
+
+from h64lm.data.config import DataConfig
+from h64lm.data.loader import TokenLoader, validation_windows
+from h64lm.data.prepare import Corpus, prepare_corpus
+from h64lm.data.tokenizer import Tokenizer, check_vocab, load_tokenizer
+
+__all__ = [
+    "Corpus",
+    "DataConfig",
+    "TokenLoader",
+    "Tokenizer",
+    "check_vocab",
+    "load_tokenizer",
+    "prepare_corpus",
+    "validation_windows",
+]

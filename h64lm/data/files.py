@@ -1,0 +1,126 @@
+"""Local text files (`data=text`) read through `datasets`, as a dataset of documents.
+
+`data.path` is a `.txt`, `.jsonl` or `.parquet` file, or a folder holding files of one of those
+types (searched recursively). jsonl/parquet rows are documents, their text in `data.text_field`.
+A `.txt` file is cut into documents by `data.txt_split`:
+  wikitext   at WikiText's top-level headings (a line ` = Title = `), one article per document;
+  paragraph  at blank lines;
+  file       one document per file;
+  auto       wikitext when the file has such a heading, else paragraph.
+Undecodable bytes are replaced by U+FFFD, with a warning naming the file.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import warnings
+from pathlib import Path
+
+from h64lm.data.config import DataConfig
+
+__all__ = [
+    "FILE_TYPES",
+    "files_identity",
+    "find_files",
+    "is_wikitext_title",
+    "load_text_files",
+    "split_txt",
+]
+
+FILE_TYPES = {".txt": "text", ".jsonl": "json", ".parquet": "parquet"}
+_WIKITEXT_TITLE = re.compile(r"^ ?= [^=].* = ?$", re.MULTILINE)
+_BLANK_LINES = re.compile(r"\n[ \t]*\n")
+
+
+def find_files(path: str, key: str) -> list[Path]:
+    """The data files under `path` (a file or a folder), all of one supported type."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise ValueError(f"{key}={path} does not exist")
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    if root.is_dir():
+        files = [p for p in files if p.suffix in FILE_TYPES]
+        if not files:
+            raise ValueError(f"{key}={path} holds no {'/'.join(FILE_TYPES)} files")
+    kinds = sorted({p.suffix for p in files})
+    unknown = [k for k in kinds if k not in FILE_TYPES]
+    if unknown:
+        raise ValueError(
+            f"{key}={path}: unknown file type {unknown[0] or '(no suffix)'!r}; "
+            f"supported: {', '.join(FILE_TYPES)}"
+        )
+    if len(kinds) > 1:
+        raise ValueError(f"{key}={path} mixes file types {kinds}; use a folder of one type")
+    return files
+
+
+def files_identity(files: list[Path]) -> list[list]:
+    """What identifies the files' content cheaply: path, size and modification time."""
+    return [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
+def is_wikitext_title(line: str) -> bool:
+    return _WIKITEXT_TITLE.match(line.rstrip("\n")) is not None
+
+
+def split_txt(text: str, mode: str) -> list[str]:
+    """Documents of one `.txt` file's text (see the module docstring for the modes)."""
+    if mode == "auto":
+        mode = "wikitext" if _WIKITEXT_TITLE.search(text) else "paragraph"
+    if mode == "file":
+        parts = [text]
+    elif mode == "paragraph":
+        parts = _BLANK_LINES.split(text)
+    else:
+        starts = [m.start() for m in _WIKITEXT_TITLE.finditer(text)]
+        bounds = [0, *starts, len(text)]
+        parts = [text[a:b] for a, b in itertools.pairwise(bounds)]
+    return [doc for doc in (p.strip() for p in parts) if doc]
+
+
+def _has_undecodable_bytes(files: list[Path]) -> bool:
+    bad = []
+    for p in files:
+        try:
+            p.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            bad.append(f"{p} (first at byte {err.start})")
+    if bad:
+        warnings.warn(f"undecodable UTF-8 bytes replaced by U+FFFD in: {', '.join(bad)}",
+                      stacklevel=3)
+    return bool(bad)
+
+
+def load_text_files(cfg: DataConfig, files: list[Path], key: str, hf_cache: Path):
+    """A `datasets.Dataset` with one column `text`, one row per non-empty document."""
+    from datasets import load_dataset
+
+    builder = FILE_TYPES[files[0].suffix]
+    options: dict = {}
+    if builder in ("text", "json") and _has_undecodable_bytes(files):
+        # The json builder re-decodes only when the encoding's name differs from "utf-8";
+        # "utf_8" is Python's alias of the same codec.
+        options = {"encoding": "utf_8" if builder == "json" else "utf-8",
+                   "encoding_errors": "replace"}
+    if builder == "text":
+        options["sample_by"] = "document"
+    ds = load_dataset(builder, data_files=[str(p) for p in files], split="train",
+                      cache_dir=str(hf_cache), **options)
+    if builder == "text":
+        ds = ds.map(lambda batch: {"text": [d for t in batch["text"]
+                                            for d in split_txt(t, cfg.txt_split)]},
+                    batched=True)
+    else:
+        if cfg.text_field not in ds.column_names:
+            raise ValueError(
+                f"data.text_field={cfg.text_field!r} is not a column of {key}={files[0]} "
+                f"(columns: {', '.join(ds.column_names)})"
+            )
+        ds = ds.select_columns([cfg.text_field])
+        if cfg.text_field != "text":
+            ds = ds.rename_column(cfg.text_field, "text")
+        ds = ds.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True)
+    if cfg.max_samples is not None and len(ds) > cfg.max_samples:
+        ds = ds.select(range(cfg.max_samples))
+    return ds

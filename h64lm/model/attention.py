@@ -1,0 +1,57 @@
+"""Grouped-query self-attention through `F.scaled_dot_product_attention`.
+
+K/V keep `num_kv_heads` heads all the way into the kernel (`enable_gqa=True`, torch >= 2.5), so
+neither the cache nor the kernel inputs repeat them.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache
+from .config import H64LMConfig
+from .rope import apply_rotary
+
+__all__ = ["Attention"]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: H64LMConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.dropout = config.dropout
+        q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.split = (q_dim, kv_dim, kv_dim)
+        # One fused projection for W_q, W_k, W_v: one GEMM instead of three.
+        self.qkv_proj = nn.Linear(config.hidden_size, q_dim + 2 * kv_dim, bias=False)
+        self.o_proj = nn.Linear(q_dim, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary: Optional[Tuple[torch.Tensor, torch.Tensor]],
+        bias: Optional[torch.Tensor],
+        is_causal: bool,
+        cache: Optional[KVCache],
+    ) -> torch.Tensor:
+        """x [B, T, hidden] -> [B, T, hidden]. `bias` is additive [B|1, H|1, T, L] or None."""
+        B, T, _ = x.shape
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, H_kv, T, D]
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # [B, H_kv, L, D]
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))

@@ -1,0 +1,162 @@
+"""H64LMForCausalLM: embeddings, pre-norm blocks (dense or MoE), final RMSNorm, LM head."""
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .alibi import alibi_slopes
+from .block import Block
+from .cache import KVCache
+from .config import H64LMConfig
+from .generate import generate
+from .loss import IGNORE_INDEX, chunked_cross_entropy
+from .mask import attention_bias
+from .norm import RMSNorm
+from .rope import RotaryEmbedding
+
+__all__ = ["H64LMForCausalLM", "CausalLMOutput"]
+
+
+@dataclass
+class CausalLMOutput:
+    logits: Optional[torch.Tensor] = None  # [B, T, V]; None when return_logits=False
+    loss: Optional[torch.Tensor] = None  # ce + aux_coef * aux + z_coef * z; None without labels
+    ce: Optional[torch.Tensor] = None
+    aux: Optional[torch.Tensor] = None  # mean over MoE layers of the Switch loss (no coefficient)
+    z: Optional[torch.Tensor] = None  # mean over MoE layers of the router z-loss (no coefficient)
+    # per MoE layer: {"layer": index, "load": [E] assignment fractions, "dropped": fraction}
+    router: List[Dict[str, Any]] = field(default_factory=list)
+    past_key_values: Optional[KVCache] = None
+
+
+class H64LMForCausalLM(nn.Module):
+    def __init__(self, config: H64LMConfig):
+        super().__init__()
+        self.config = config
+        sparse = set(config.moe_layer_indices())
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            Block(config, i, i in sparse) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = (RotaryEmbedding(config.head_dim, config.rope_theta,
+                                       config.max_position_embeddings)
+                       if config.uses_rope else None)
+        if config.uses_alibi:
+            self.register_buffer("alibi_slopes", alibi_slopes(config.num_attention_heads),
+                                 persistent=False)
+        else:
+            self.alibi_slopes = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """N(0, initializer_range) for every matrix; residual output projections (o_proj,
+        down_proj) scaled by 1/sqrt(2 * num_layers) as in GPT-2, so the residual stream's variance
+        does not grow with depth. Norm weights stay at one; there are no biases."""
+        std = self.config.initializer_range
+        out_std = std / math.sqrt(2 * self.config.num_layers)
+        for name, param in self.named_parameters():
+            if param.dim() < 2:
+                continue
+            is_output = name.endswith(("o_proj.weight", "down_proj.weight", "down_proj"))
+            nn.init.normal_(param, mean=0.0, std=out_std if is_output else std)
+
+    def _attention_inputs(
+        self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+        cache: Optional[KVCache], dtype: torch.dtype,
+    ) -> Tuple[Optional[Tuple[torch.Tensor, torch.Tensor]], Optional[torch.Tensor], bool]:
+        """-> (rotary cos/sin, additive bias or None, is_causal) shared by every layer."""
+        cfg = self.config
+        T = input_ids.shape[1]
+        seen, stored = (cache.seen, cache.length) if cache is not None else (0, 0)
+        end = seen + T
+        if cfg.position_encoding == "rope" and end > cfg.max_position_embeddings:
+            raise ValueError(
+                f"sequence of {end} positions exceeds model.max_position_embeddings="
+                f"{cfg.max_position_embeddings}: RoPE alone cannot extrapolate; lower data.seq_len"
+                " (or max_new_tokens) or raise model.max_position_embeddings")
+        device = input_ids.device
+        key_padding = None
+        if attention_mask is not None:
+            if attention_mask.shape != (input_ids.shape[0], end):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
+                                 f"expected {(input_ids.shape[0], end)} (cached + new tokens)")
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]  # [B, T]
+            if not bool(attention_mask.all()):
+                key_padding = attention_mask[:, end - stored - T:].bool()  # [B, L]
+        else:
+            positions = torch.arange(seen, end, device=device)[None]  # [1, T]
+        rotary = self.rotary(positions, end) if self.rotary is not None else None
+
+        window = cfg.sliding_window
+        need_bias = (self.alibi_slopes is not None or key_padding is not None
+                     or (window is not None and stored + T > window))
+        if not need_bias and (stored == 0 or T == 1):
+            return rotary, None, stored == 0 and T > 1
+        q_slots = torch.arange(seen, end, device=device)
+        k_slots = torch.arange(seen - stored, end, device=device)
+        bias = attention_bias(q_slots, k_slots, key_padding, window, self.alibi_slopes, dtype)
+        return rotary, bias, False
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        past_key_values: Optional[KVCache] = None,
+        use_cache: bool = False,
+        return_logits: bool = True,
+    ) -> CausalLMOutput:
+        """input_ids [B, T]; labels [B, T] already aligned (labels[b, t] is the target of
+        position t, -100 ignored); attention_mask [B, cached + T] (1 = token, 0 = left padding)."""
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = KVCache(self.config.num_layers, self.config.sliding_window)
+        h = self.embed_tokens(input_ids)  # [B, T, hidden]
+        device_type = h.device.type
+        dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                 else h.dtype)
+        rotary, bias, is_causal = self._attention_inputs(input_ids, attention_mask, cache, dtype)
+
+        stats = []
+        for i, layer in enumerate(self.layers):
+            if self.config.gradient_checkpointing and self.training:
+                h, layer_stats = checkpoint(layer, h, rotary, bias, is_causal, cache,
+                                            use_reentrant=False)
+            else:
+                h, layer_stats = layer(h, rotary, bias, is_causal, cache)
+            if layer_stats is not None:
+                stats.append((i, layer_stats))
+        if cache is not None:
+            cache.advance(input_ids.shape[1])
+        h = self.norm(h)
+
+        out = CausalLMOutput(past_key_values=cache if use_cache else None)
+        zero = h.new_zeros((), dtype=torch.float32)
+        out.aux = torch.stack([s["aux"] for _, s in stats]).mean() if stats else zero
+        out.z = torch.stack([s["z"] for _, s in stats]).mean() if stats else zero
+        out.router = [{"layer": i, "load": s["load"], "dropped": s["dropped"]} for i, s in stats]
+        if return_logits:
+            out.logits = self.lm_head(h)
+        if labels is not None:
+            if out.logits is not None:
+                out.ce = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(),
+                                         ignore_index=IGNORE_INDEX)
+            else:
+                out.ce = chunked_cross_entropy(h.flatten(0, 1), self.lm_head.weight,
+                                               labels.flatten())
+            out.loss = (out.ce + self.config.router_aux_loss_coef * out.aux
+                        + self.config.router_z_loss_coef * out.z)
+        return out
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+        """Sample a continuation; see `h64lm.model.generate.generate` for the arguments."""
+        return generate(self, input_ids, max_new_tokens, **kwargs)

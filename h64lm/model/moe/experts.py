@@ -1,0 +1,57 @@
+"""E SwiGLU experts stored as stacked weights, applied to expert-sorted rows.
+
+One [E, ...] parameter per projection means 64 experts cost the same number of kernels as 8:
+`torch._grouped_mm` multiplies each contiguous slice of rows by its expert's matrix in one call.
+Where it is unavailable or unsupported (old torch, unaligned shapes, non-bf16 CUDA), a loop over
+the experts that received rows does the same product.
+"""
+
+from typing import List
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["Experts", "grouped_matmul"]
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    return all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]) and t.stride()[-1] == 1
+
+
+def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype:
+        return False
+    if x.device.type == "cuda":
+        ok_device = x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+    else:
+        ok_device = x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+    return ok_device and _aligned(x) and _aligned(w)
+
+
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor,
+                   counts_list: List[int]) -> torch.Tensor:
+    """x [M, a] rows sorted by expert, w [E, a, b], counts [E] (sum M) -> [M, b]."""
+    if _grouped_mm_supported(x, w):
+        return torch._grouped_mm(x, w, offs=counts.cumsum(0).to(torch.int32))
+    return loop_matmul(x, w, counts_list)
+
+
+def loop_matmul(x: torch.Tensor, w: torch.Tensor, counts_list: List[int]) -> torch.Tensor:
+    """The reference path: one GEMM per expert that received rows."""
+    parts = [x_e @ w_e for x_e, w_e, n in zip(x.split(counts_list), w.unbind(0), counts_list) if n]
+    return torch.cat(parts) if parts else x.new_zeros(0, w.shape[-1])
+
+
+class Experts(nn.Module):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(
+            torch.empty(num_experts, hidden_size, 2 * intermediate_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x [M, hidden] rows sorted by expert, counts [E] -> [M, hidden] (row m via its expert)."""
+        counts_list = counts.tolist()
+        gate, up = grouped_matmul(x, self.gate_up_proj, counts, counts_list).chunk(2, dim=-1)
+        return grouped_matmul(F.silu(gate) * up, self.down_proj, counts, counts_list)

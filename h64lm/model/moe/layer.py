@@ -1,0 +1,54 @@
+"""The sparse feed-forward layer: route, dispatch, run experts, combine; plus shared experts.
+
+Shared experts (DeepSeekMoE) see every token. S shared SwiGLU experts of width I are summed, which
+is exactly one SwiGLU of width S * I, so they are stored as one.
+"""
+
+from typing import Dict, Tuple
+
+import torch
+from torch import nn
+
+from ..config import H64LMConfig
+from ..mlp import SwiGLU
+from .dispatch import dispatch
+from .experts import Experts
+from .losses import router_z_loss, switch_load_balancing_loss
+from .router import TopKRouter
+
+__all__ = ["MoELayer"]
+
+
+class MoELayer(nn.Module):
+    def __init__(self, config: H64LMConfig):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.top_k = config.num_experts_per_token
+        self.capacity_factor = config.capacity_factor
+        width = config.expert_intermediate_size
+        self.router = TopKRouter(config.hidden_size, config.num_experts, self.top_k)
+        self.experts = Experts(config.num_experts, config.hidden_size, width)
+        self.shared = (SwiGLU(config.hidden_size, config.num_shared_experts * width)
+                       if config.num_shared_experts else None)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """x [B, T, hidden] -> (y [B, T, hidden], stats: aux, z, load [E], dropped)."""
+        B, T, hidden = x.shape
+        tokens = x.reshape(-1, hidden)  # [N, hidden]
+        routing = self.router(tokens)
+        plan = dispatch(routing.experts, self.num_experts, self.capacity_factor)
+        gate = routing.weights.reshape(-1)[plan.assignment].to(x.dtype)  # [M]
+        y_sorted = self.experts(tokens[plan.token], plan.counts) * gate[:, None]  # [M, hidden]
+        num_assignments = routing.experts.numel()
+        per_assignment = tokens.new_zeros(num_assignments, hidden).index_copy(
+            0, plan.assignment, y_sorted)  # [N*k, hidden], zero rows where dropped
+        y = per_assignment.view(-1, self.top_k, hidden).sum(dim=1)  # [N, hidden]
+        if self.shared is not None:
+            y = y + self.shared(tokens)
+        stats = {
+            "aux": switch_load_balancing_loss(routing.probs, plan.routed_counts),
+            "z": router_z_loss(routing.logits),
+            "load": (plan.routed_counts.float() / num_assignments).detach(),
+            "dropped": (plan.num_dropped.float() / num_assignments).detach(),
+        }
+        return y.view(B, T, hidden), stats

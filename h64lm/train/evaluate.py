@@ -1,0 +1,79 @@
+"""Validation loss over fixed windows, and text samples from fixed prompts."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from h64lm.train.distributed import Dist
+from h64lm.train.precision import Precision
+
+__all__ = ["evaluate", "sample_continuations"]
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, windows: torch.Tensor, batch_size: int, precision: Precision, d: Dist
+) -> tuple[float, float]:
+    """Mean next-token loss (nats/token) and perplexity over `windows[N, T+1]`, split across ranks."""
+    was_training = model.training
+    model.eval()
+    shard = windows[d.rank :: d.world_size]
+    total = torch.zeros(2, dtype=torch.float64, device=d.device)  # [sum of token losses, tokens]
+    for i in range(0, len(shard), batch_size):
+        w = shard[i : i + batch_size].to(d.device, non_blocking=True)
+        with precision.autocast():
+            out = model(w[:, :-1], labels=w[:, 1:], return_logits=False)
+        n = w[:, 1:].numel()
+        total += torch.stack([out.ce.double() * n, torch.tensor(float(n), device=d.device, dtype=torch.float64)])
+    if d.enabled:
+        dist.all_reduce(total)
+    model.train(was_training)
+    loss = (total[0] / total[1].clamp(min=1)).item()
+    return loss, math.exp(min(loss, 50.0))
+
+
+@torch.no_grad()
+def sample_continuations(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    device: torch.device,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    seed: int = 0,
+) -> list[str]:
+    """Continue each prompt (batched, left-padded); returns the generated text after each prompt."""
+    from h64lm.model import left_pad
+
+    was_training = model.training
+    model.eval()
+    encoded = [tokenizer.encode(p, bos=True) for p in prompts]
+    input_ids, attention_mask = left_pad(encoded, pad_token_id=tokenizer.pad_id)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    out = model.generate(
+        input_ids.to(device),
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        eos_token_id=tokenizer.eos_id,
+        pad_token_id=tokenizer.pad_id,
+        attention_mask=attention_mask.to(device),
+        generator=generator,
+    )
+    model.train(was_training)
+    new_tokens = out[:, input_ids.shape[1] :].tolist()
+    texts = []
+    for row in new_tokens:
+        if tokenizer.eos_id in row:
+            row = row[: row.index(tokenizer.eos_id)]
+        texts.append(tokenizer.decode(row))
+    return texts

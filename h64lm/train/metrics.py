@@ -1,0 +1,100 @@
+"""Where metrics go on rank 0: `metrics.jsonl` (every logged step), `training_history.json`
+(one entry per evaluation, the original project's format) and the plots drawn from them."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+__all__ = ["MetricsFile", "History", "plot_run", "read_metrics"]
+
+
+class MetricsFile:
+    """Append-only JSON lines; on resume, records past the resumed step are dropped first, so
+    the file reads as one uninterrupted run."""
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = Path(path)
+        if resume_step is not None and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self._f = open(self.path, "a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class History:
+    """Per-evaluation train/validation loss and learning rate (`training_history.json`)."""
+
+    KEYS = ("step", "tokens", "train_loss", "val_loss", "val_ppl", "learning_rate")
+
+    def __init__(self, entries: dict[str, list] | None = None):
+        self.data = {k: list((entries or {}).get(k, [])) for k in self.KEYS}
+
+    def add(self, **values: float) -> None:
+        for k in self.KEYS:
+            self.data[k].append(values[k])
+
+    def best_val_loss(self) -> float:
+        return min(self.data["val_loss"], default=math.inf)
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.data, indent=1))
+
+
+def plot_run(run_dir: Path, records: list[dict[str, Any]], history: History) -> list[Path]:
+    """`loss.png` (train and validation loss against step) and one expert-load heatmap per MoE
+    layer (`expert_load_layer{L}.png`: the share of routed tokens each expert took, over steps)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    written = []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=0.8, label="train")
+    ax.plot(history.data["step"], history.data["val_loss"], "o-", label="validation")
+    ax.set(xlabel="step", ylabel="loss (nats/token)", title=f"{run_dir.name}: loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(run_dir / "loss.png", dpi=110)
+    plt.close(fig)
+    written.append(run_dir / "loss.png")
+
+    routed = [r for r in records if r.get("router")]
+    layers = sorted(routed[-1]["router"], key=int) if routed else []
+    for layer in layers:
+        steps = [r["step"] for r in routed]
+        load = [r["router"][layer]["load"] for r in routed]  # [steps][E]
+        n_experts = len(load[0])
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        im = ax.imshow(
+            [[row[e] for row in load] for e in range(n_experts)], aspect="auto", origin="lower",
+            extent=(steps[0], steps[-1], -0.5, n_experts - 0.5), cmap="viridis",
+        )
+        fig.colorbar(im, ax=ax, label=f"share of tokens (even = {1 / n_experts:.3f})")
+        ax.set(xlabel="step", ylabel="expert", title=f"MoE layer {layer}: expert load",
+               yticks=range(n_experts))
+        fig.tight_layout()
+        path = run_dir / f"expert_load_layer{layer}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written

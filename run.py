@@ -1,0 +1,21 @@
+"""Entry point: `python run.py [group=option ...] [key=value ...]` (see README)."""
+
+import hydra
+from omegaconf import DictConfig
+
+from h64lm.config import register_configs
+from h64lm.train.distributed import quiet_hydra_on_nonzero_ranks
+
+register_configs()
+quiet_hydra_on_nonzero_ranks()
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    from h64lm.cli import main as run_main
+
+    return run_main(cfg)
+
+
+if __name__ == "__main__":
+    main()

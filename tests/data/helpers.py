@@ -1,0 +1,38 @@
+"""Small corpora written by tests, and the token stream they must produce."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def documents(n: int, words: int = 40, tag: str = "doc") -> list[str]:
+    """`n` distinct short English-like documents."""
+    vocab = ["river", "stone", "music", "winter", "garden", "engine", "market", "history"]
+    return [f"{tag} {i}: " + " ".join(vocab[(i * 7 + k * 3) % len(vocab)] for k in range(words))
+            + "." for i in range(n)]
+
+
+def expected_stream(tokenizer, docs: list[str]) -> np.ndarray:
+    """The reference layout: each document as BOS ids EOS, one after the other."""
+    return np.array([t for d in docs for t in tokenizer.encode(d, bos=True, eos=True)])
+
+
+def write_txt(path: Path, docs: list[str]) -> Path:
+    path.write_text("\n\n".join(docs) + "\n")
+    return path
+
+
+def write_jsonl(path: Path, docs: list[str], field: str = "text") -> Path:
+    path.write_text("".join(json.dumps({field: d, "id": i}) + "\n" for i, d in enumerate(docs)))
+    return path
+
+
+def write_parquet(path: Path, docs: list[str], field: str = "text") -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({field: docs, "id": list(range(len(docs)))}), path)
+    return path

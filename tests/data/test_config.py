@@ -1,0 +1,26 @@
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf, ValidationError
+
+from h64lm.data import DataConfig
+
+CONF = Path(__file__).resolve().parents[2] / "conf" / "data"
+
+
+@pytest.mark.parametrize("name", ["wiki_excerpt", "wikitext103", "wikitext2", "text"])
+def test_yaml_builds_a_valid_config(name):
+    node = OmegaConf.load(CONF / f"{name}.yaml")
+    assert list(node.pop("defaults")) == ["base_data", "_self_"]
+    if name == "text":
+        assert OmegaConf.is_missing(node, "path")  # the user must say which file
+        node.path = "corpus.txt"
+    cfg = DataConfig(**OmegaConf.to_container(node))
+    assert cfg.name == name and cfg.tokenizer == "mistral"
+
+
+def test_schema_accepts_overrides():
+    node = OmegaConf.structured(DataConfig)
+    node.merge_with({"path": "a.jsonl", "max_samples": 10, "val_windows": None})
+    with pytest.raises(ValidationError, match="seq_len"):
+        node.seq_len = "long"

@@ -1,0 +1,74 @@
+"""Run `run.py` with a fault hook: `python tests/faults/inject.py run.py [overrides ...]`.
+
+The hooks only change timing, never numerics, so a run under them trains exactly like a plain
+`python run.py` (that is what lets a killed run be compared with an uninterrupted one):
+
+  H64LM_FAULT_STEP_DELAY=S     sleep S seconds before every optimizer step, so a killer can aim
+                               at a moment of a run that would otherwise finish too fast.
+  H64LM_FAULT_SAVE_MARKER=F    on the first checkpoint write after step H64LM_FAULT_SAVE_AFTER
+                               (default 0): write part of the file, create F, then hang, so the
+                               process is killed with a half-written checkpoint on disk.
+
+It also works as torchrun's training script (every rank gets the same hooks).
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+__all__ = ["install_hooks"]
+
+
+def _delay_steps(seconds: float) -> None:
+    from h64lm.train.loop import Trainer
+
+    step = Trainer.train_step
+
+    def slow_step(self, *args, **kwargs):
+        time.sleep(seconds)
+        return step(self, *args, **kwargs)
+
+    Trainer.train_step = slow_step
+
+
+def _hang_inside_save(marker: Path, after_step: int) -> None:
+    from h64lm.train import checkpoint
+
+    save = checkpoint.save_checkpoint
+
+    def hanging_save(state, path):
+        if state.get("step", 0) <= after_step:
+            return save(state, path)
+
+        def write_part_then_hang(f):
+            f.write(b"PK\x03\x04" + b"\0" * 4096)  # the start of a zip archive, never finished
+            f.flush()
+            os.fsync(f.fileno())
+            marker.write_text(f"{os.getpid()} {path}\n")
+            time.sleep(3600)
+
+        checkpoint._write_atomic(Path(path), write_part_then_hang)
+
+    checkpoint.save_checkpoint = hanging_save
+
+
+def install_hooks(env: dict[str, str]) -> None:
+    if env.get("H64LM_FAULT_STEP_DELAY"):
+        _delay_steps(float(env["H64LM_FAULT_STEP_DELAY"]))
+    if env.get("H64LM_FAULT_SAVE_MARKER"):
+        _hang_inside_save(Path(env["H64LM_FAULT_SAVE_MARKER"]),
+                          int(env.get("H64LM_FAULT_SAVE_AFTER", "0")))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    script, *args = sys.argv[1:]
+    install_hooks(dict(os.environ))
+    sys.argv = [script, *args]
+    runpy.run_path(script, run_name="__main__")

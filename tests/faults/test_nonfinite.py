@@ -1,0 +1,98 @@
+"""NaN/Inf in the loss or the gradients: the step is skipped and counted; `train.max_bad_steps` in
+a row stop the run with the last good state saved; fp16 overflow is the scaler's business."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from h64lm.cli import EXIT_DIVERGED, main, run
+from h64lm.model import H64LMForCausalLM
+from h64lm.train.checkpoint import load_checkpoint
+from h64lm.train.metrics import read_metrics
+from tests.helpers import compose_cfg
+
+
+class _PoisonGrad(torch.autograd.Function):
+    """Identity on the way forward; the gradient on the way back becomes `value`."""
+
+    @staticmethod
+    def forward(ctx, x, value):
+        ctx.value = value
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, ctx.value), None
+
+
+def poison(monkeypatch, loss_steps=(), grad_steps=(), value=float("nan")):
+    """Make the training forward of the given steps (1-based) return a non-finite loss, or a
+    finite loss whose gradients are non-finite."""
+    forward = H64LMForCausalLM.forward
+    calls = {"n": 0}
+
+    def poisoned(self, input_ids, labels=None, **kwargs):
+        out = forward(self, input_ids, labels=labels, **kwargs)
+        if labels is None or not torch.is_grad_enabled():
+            return out  # evaluation and sampling stay clean
+        calls["n"] += 1
+        if calls["n"] in loss_steps:
+            out.loss = out.loss * value
+        if calls["n"] in grad_steps:
+            out.loss = _PoisonGrad.apply(out.loss, value)
+        return out
+
+    monkeypatch.setattr(H64LMForCausalLM, "forward", poisoned)
+
+
+def _ckpt(run_dir, step):
+    return load_checkpoint(run_dir / "checkpoints" / f"step_{step:07d}.pt")
+
+
+def _same_weights(a, b) -> bool:
+    return all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_bad_steps_are_skipped_and_counted(tmp_path, base_args, monkeypatch):
+    poison(monkeypatch, loss_steps={3}, grad_steps={6})
+    args = base_args + ["train.save_every=1", "train.keep_last=8"]
+    best_val_loss = run(compose_cfg(args), tmp_path, args)
+    records = {r["step"]: r for r in read_metrics(tmp_path / "metrics.jsonl")}
+    assert [records[s]["skipped_steps"] for s in range(1, 9)] == [0, 0, 1, 1, 1, 2, 2, 2]
+    assert math.isfinite(records[6]["loss"])  # only its gradients were bad
+    for step in (3, 6):  # a skipped step leaves weights and optimizer moments untouched
+        before, after = _ckpt(tmp_path, step - 1), _ckpt(tmp_path, step)
+        assert _same_weights(before, after)
+        assert before["optimizer"]["state"][0]["exp_avg"].equal(after["optimizer"]["state"][0]["exp_avg"])
+    assert not _same_weights(_ckpt(tmp_path, 3), _ckpt(tmp_path, 4))  # training went on
+    assert math.isfinite(best_val_loss)
+
+
+def test_too_many_bad_steps_stop_with_last_good_state(tmp_path, base_args, monkeypatch, capsys):
+    poison(monkeypatch, loss_steps=set(range(3, 100)), value=float("inf"))
+    args = base_args + ["train.save_every=1", "train.keep_last=8", "train.max_bad_steps=3"]
+    monkeypatch.setattr("h64lm.cli._hydra_run_info", lambda: (tmp_path, args, None))
+    with pytest.raises(SystemExit) as stopped:
+        main(compose_cfg(args))
+    assert stopped.value.code == EXIT_DIVERGED
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: loss or gradients were NaN/Inf for 3 steps in a row (step 5)")
+    for advice in ("optim.lr", "hardware.precision=bf16", "train.resume=auto"):
+        assert advice in line
+    assert _same_weights(_ckpt(tmp_path, 5), _ckpt(tmp_path, 2))  # the last good weights
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["skipped_steps"] == 3
+
+
+def test_fp16_overflow_is_left_to_the_scaler(tmp_path, base_args, monkeypatch):
+    """Inf gradients for twice `max_bad_steps` steps: the scaler halves its scale each time and
+    the run goes on; none of it counts as a bad step."""
+    overflowing = set(range(2, 8))
+    poison(monkeypatch, grad_steps=overflowing, value=float("inf"))
+    args = base_args + ["hardware.precision=fp16", "train.max_bad_steps=3"]
+    run(compose_cfg(args), tmp_path, args)
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert state["step"] == 8 and state["skipped_steps"] == 0
+    assert state["scaler"]["scale"] == 2.0**16 / 2 ** len(overflowing)  # GradScaler's defaults

@@ -1,0 +1,84 @@
+"""Our model against Hugging Face Mixtral (every layer MoE) and Llama (every layer dense), with the
+same weights copied over: same logits and, for Mixtral, the same expert choice for every token."""
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+
+from h64lm.model import H64LMForCausalLM
+
+ROPE_THETA = 10000.0
+
+
+def _hf_kwargs(cfg):
+    return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
+                num_key_value_heads=cfg.num_kv_heads,
+                max_position_embeddings=cfg.max_position_embeddings,
+                rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
+
+
+def _copy_common(ours: H64LMForCausalLM, hf) -> None:
+    cfg = ours.config
+    q_dim = cfg.num_attention_heads * cfg.head_dim
+    kv_dim = cfg.num_kv_heads * cfg.head_dim
+    hf.model.embed_tokens.weight.copy_(ours.embed_tokens.weight)
+    hf.model.norm.weight.copy_(ours.norm.weight)
+    hf.lm_head.weight.copy_(ours.lm_head.weight)
+    for block, layer in zip(ours.layers, hf.model.layers):
+        layer.input_layernorm.weight.copy_(block.attn_norm.weight)
+        layer.post_attention_layernorm.weight.copy_(block.ffn_norm.weight)
+        q, k, v = block.attn.qkv_proj.weight.split((q_dim, kv_dim, kv_dim))
+        layer.self_attn.q_proj.weight.copy_(q)
+        layer.self_attn.k_proj.weight.copy_(k)
+        layer.self_attn.v_proj.weight.copy_(v)
+        layer.self_attn.o_proj.weight.copy_(block.attn.o_proj.weight)
+
+
+@torch.no_grad()
+def test_matches_mixtral_logits_and_routing(small_model):
+    ours = small_model(moe_layers="all", position_encoding="rope", num_experts=8)
+    cfg = ours.config
+    hf = MixtralForCausalLM(MixtralConfig(
+        **_hf_kwargs(cfg), intermediate_size=cfg.expert_intermediate_size,
+        num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_token,
+        sliding_window=None, router_jitter_noise=0.0)).eval()
+    _copy_common(ours, hf)
+    for block, layer in zip(ours.layers, hf.model.layers):
+        layer.mlp.gate.weight.copy_(block.ffn.router.weight)
+        # ours [E, d, 2I] / [E, I, d] (x @ W); HF [E, 2I, d] / [E, d, I] (x @ W^T)
+        layer.mlp.experts.gate_up_proj.copy_(block.ffn.experts.gate_up_proj.transpose(1, 2))
+        layer.mlp.experts.down_proj.copy_(block.ffn.experts.down_proj.transpose(1, 2))
+
+    chosen = []
+    hooks = [b.ffn.router.register_forward_hook(lambda m, i, o: chosen.append(o.experts))
+             for b in ours.layers]
+    input_ids = torch.randint(0, cfg.vocab_size, (3, 17))
+    out = ours(input_ids)
+    for h in hooks:
+        h.remove()
+    ref = hf(input_ids, output_router_logits=True)
+
+    assert out.logits.std() > 0.05
+    assert (out.logits - ref.logits).abs().max().item() <= 1e-4
+    assert len(ref.router_logits) == cfg.num_layers
+    for ours_experts, hf_logits in zip(chosen, ref.router_logits):
+        hf_experts = hf_logits.topk(cfg.num_experts_per_token, dim=-1).indices
+        assert torch.equal(ours_experts.sort(-1).values, hf_experts.sort(-1).values)
+
+
+@torch.no_grad()
+def test_matches_llama_without_moe(small_model):
+    ours = small_model(moe_layers="none", position_encoding="rope")
+    cfg = ours.config
+    hf = LlamaForCausalLM(LlamaConfig(**_hf_kwargs(cfg), intermediate_size=cfg.intermediate_size,
+                                      attention_bias=False, mlp_bias=False)).eval()
+    _copy_common(ours, hf)
+    for block, layer in zip(ours.layers, hf.model.layers):
+        gate, up = block.ffn.gate_up_proj.weight.chunk(2)
+        layer.mlp.gate_proj.weight.copy_(gate)
+        layer.mlp.up_proj.weight.copy_(up)
+        layer.mlp.down_proj.weight.copy_(block.ffn.down_proj.weight)
+    input_ids = torch.randint(0, cfg.vocab_size, (2, 23))
+    diff = (ours(input_ids).logits - hf(input_ids).logits).abs().max().item()
+    assert diff <= 1e-4
