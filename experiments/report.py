@@ -83,8 +83,8 @@ def run_label(run: RunInfo, keys: list[str], width: int = 80) -> str:
 def markdown_table(runs: list[RunInfo], rows: list[dict[str, Any]], keys: list[str]) -> str:
     extra = sorted({k for row in rows for k in row if k.startswith("final_val_")
                     and "_len" in k})
-    columns = COLUMNS + [(k, k.removeprefix("final_").replace("_len", " @"), "{:.4f}")
-                         for k in extra]
+    columns = COLUMNS + [(k, k.removeprefix("final_").replace("_len", " @"),
+                          "{:.2f}" if "ppl" in k else "{:.4f}") for k in extra]
     header = ["run", *keys, *(c[1] for c in columns)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run, row in zip(runs, rows):

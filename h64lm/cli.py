@@ -64,6 +64,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep_dir: str | N
     d = init_distributed(parts["hardware"])
     try:
         run_dir = Path(broadcast_object(str(run_dir), d))
+        if d.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
         if cfg.mode == "train":
             from h64lm.train.loop import Trainer
 

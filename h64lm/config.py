@@ -15,6 +15,7 @@ Where each key is consumed:
 from __future__ import annotations
 
 import dataclasses
+import warnings
 import os
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, TypeVar
@@ -257,6 +258,12 @@ def validate_run(cfg: DictConfig) -> dict[str, Any]:
                 f"lower {key}, raise model.max_position_embeddings, or use an ALiBi encoding",
             )
         parts["train"] = _with_global_batch(parts["train"], int(os.environ.get("WORLD_SIZE", "1")))
+        if model.sliding_window is not None and model.sliding_window >= data.seq_len:
+            warnings.warn(
+                f"model.sliding_window={model.sliding_window} >= data.seq_len={data.seq_len}: the "
+                "window masks nothing during training (the original H64LM's 2048 vs 1024 mistake)",
+                stacklevel=2,
+            )
     if cfg.mode in ("eval", "generate"):
         _check(cfg.checkpoint is not None,
                f"mode={cfg.mode} needs checkpoint=PATH (a checkpoint file or a run directory)")

@@ -225,6 +225,11 @@ class CheckpointManager:
         for _, old in _step_files(self.dir)[self.keep_last:]:
             old.unlink(missing_ok=True)
             _sidecar(old).unlink(missing_ok=True)
+        # Half-written files of a killed process (one run directory has one writer): a preempted
+        # 7B run would otherwise leave tens of GB behind per kill.
+        for stale in self.dir.glob(".*.tmp-*"):
+            if not stale.name.endswith(f".tmp-{os.getpid()}"):
+                stale.unlink(missing_ok=True)
         return path
 
     def save_best(self, state: dict[str, Any], step: int) -> Path:

@@ -28,7 +28,8 @@ def sweep(tmp_path_factory):
     sweep_dir = tmp / "lr_sweep"
     args = ["-m", "experiment=lr", f"optim.lr={','.join(LRS)}",
             *(o for o in FAST if not o.startswith("logger")), "logger=wandb", "logger.mode=offline",
-            "data=text", f"data.path={corpus}", f"hydra.sweep.dir={sweep_dir}"]
+            "data=text", f"data.path={corpus}", "train.extra_eval_seq_lens=[64]",
+            f"hydra.sweep.dir={sweep_dir}"]
     proc = run_cli(args, cwd=tmp, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return sweep_dir
@@ -57,6 +58,7 @@ def _expected_row(run_dir):
     best = min(evals, key=lambda r: r["val_loss"])
     return {
         "best_val_loss": best["val_loss"], "best_val_ppl": best["val_ppl"],
+        "final_val_loss_len64": evals[-1]["val_loss_len64"],
         "final_val_loss": evals[-1]["val_loss"], "final_val_ppl": evals[-1]["val_ppl"],
         "tokens": records[-1]["tokens"], "step": records[-1]["step"],
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in records),
@@ -86,6 +88,7 @@ def test_report_rows_match_the_metrics_files_and_plots_exist(sweep, tmp_path):
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[:3] == [row["run"], lr, "finished"]
         assert f"{row['best_val_loss']:.4f}" in cells and f"{row['final_val_ppl']:.2f}" in cells
+        assert cells[-2] == f"{row['final_val_loss_len64']:.4f}"  # the "val_loss @64" column
     for name in ("val_loss.png", "expert_load.png"):
         assert (out / name).stat().st_size > 10_000, name
 

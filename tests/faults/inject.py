@@ -10,6 +10,7 @@ The hooks only change timing, never numerics, so a run under them trains exactly
                                process is killed with a half-written checkpoint on disk.
 
 It also works as torchrun's training script (every rank gets the same hooks).
+In-process faults (non-finite losses and gradients) are `poison_training_forward`.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ import os
 import runpy
 import sys
 import time
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
-__all__ = ["install_hooks"]
+__all__ = ["install_hooks", "poison_training_forward"]
 
 
 def _delay_steps(seconds: float) -> None:
@@ -56,6 +58,46 @@ def _hang_inside_save(marker: Path, after_step: int) -> None:
         checkpoint._write_atomic(Path(path), write_part_then_hang)
 
     checkpoint.save_checkpoint = hanging_save
+
+
+def poison_training_forward(loss_steps: Collection[int] = (), grad_steps: Collection[int] = (),
+                            value: float = float("nan")) -> Callable[[], None]:
+    """From now on, training forward number k (1-based; = step k without accumulation) returns a
+    loss times `value` if k is in `loss_steps`, or a finite loss whose gradients are all `value`
+    if k is in `grad_steps`. Evaluation and sampling stay clean. Returns the undo function."""
+    import torch
+
+    from h64lm.model import H64LMForCausalLM
+
+    class PoisonGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return torch.full_like(grad, value)
+
+    forward = H64LMForCausalLM.forward
+    calls = [0]
+
+    def poisoned(self, input_ids, labels=None, **kwargs):
+        out = forward(self, input_ids, labels=labels, **kwargs)
+        if labels is None or not torch.is_grad_enabled():
+            return out
+        calls[0] += 1
+        if calls[0] in loss_steps:
+            out.loss = out.loss * value
+        if calls[0] in grad_steps:
+            out.loss = PoisonGrad.apply(out.loss)
+        return out
+
+    H64LMForCausalLM.forward = poisoned
+
+    def undo() -> None:
+        H64LMForCausalLM.forward = forward
+
+    return undo
 
 
 def install_hooks(env: dict[str, str]) -> None:

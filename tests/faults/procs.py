@@ -12,26 +12,26 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from tests.helpers import ROOT
 
 __all__ = [
+    "COMPARED",
     "INJECT",
     "TORCHRUN",
-    "COMPARED",
-    "start_run",
-    "wait_until",
+    "ResumeLog",
+    "differences",
+    "final_weights",
+    "kill_and_wait",
     "logged_steps",
     "rank_pids",
-    "kill_and_wait",
     "run_losses",
-    "final_weights",
-    "differences",
-    "ResumeLog",
+    "start_run",
+    "wait_until",
 ]
 
 INJECT = [sys.executable, str(ROOT / "tests" / "faults" / "inject.py")]
@@ -45,13 +45,9 @@ def start_run(args: list[str], cwd: Path, env: dict[str, str] | None = None,
     """`run.py args` in the background, its output in `cwd/<log_name>.{out,err}` (no pipe to fill)."""
     full_env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", **(env or {})}
     cwd.mkdir(parents=True, exist_ok=True)
-    out = open(cwd / f"{log_name}.out", "w")
-    err = open(cwd / f"{log_name}.err", "w")
-    proc = subprocess.Popen(launcher + [str(ROOT / "run.py"), *args], cwd=cwd, env=full_env,
-                            stdout=out, stderr=err, start_new_session=True)
-    out.close()
-    err.close()
-    return proc
+    with open(cwd / f"{log_name}.out", "w") as out, open(cwd / f"{log_name}.err", "w") as err:
+        return subprocess.Popen(launcher + [str(ROOT / "run.py"), *args], cwd=cwd, env=full_env,
+                                stdout=out, stderr=err, start_new_session=True)
 
 
 def wait_until(ready: Callable[[], bool], proc: subprocess.Popen, timeout: float,

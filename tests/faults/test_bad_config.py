@@ -12,45 +12,8 @@ from hydra.errors import ConfigCompositionException
 
 from h64lm.cli import EXIT_BAD_INPUT
 from h64lm.config import validate_run
+from tests.faults.cases import BAD_CONFIGS
 from tests.helpers import FAST, compose_cfg, run_cli
-
-# (overrides, the key the message must name)
-BAD = [
-    (["train.max_steps=many"], "train.max_steps"),  # wrong type
-    (["optim.lr=fast"], "optim.lr"),
-    (["model.hiden_size=64"], "hiden_size"),  # typo
-    (["+model.hiden_size=64"], "model.hiden_size"),  # typo that bypasses the schema
-    (["+train.lr=0.1"], "train.lr"),  # right key, wrong group
-    (["model=huge"], "model/huge"),  # no such preset
-    (["model.num_attention_heads=3"], "model.num_attention_heads"),  # 128 % 3 != 0
-    (["model.hidden_size=36", "model.num_attention_heads=4"], "model.hidden_size"),  # odd head_dim
-    (["model.num_kv_heads=0"], "model.num_kv_heads"),
-    (["model.num_experts_per_token=9"], "model.num_experts_per_token"),  # top-k > experts
-    (["model.moe_layers=[1,9]"], "model.moe_layers"),  # a layer that does not exist
-    (["model.moe_layers=sometimes"], "model.moe_layers"),
-    (["model.sliding_window=0"], "model.sliding_window"),  # window 0
-    (["model.position_encoding=xpos"], "model.position_encoding"),
-    (["model.dropout=1.0"], "model.dropout"),
-    (["model.capacity_factor=0"], "model.capacity_factor"),
-    (["model.vocab_size=0"], "model.vocab_size"),
-    (["optim.lr=0"], "optim.lr"),  # non-positive lr
-    (["optim.beta2=1.0"], "optim.beta1 and optim.beta2"),
-    (["optim.warmup_steps=-5"], "optim.warmup_steps"),
-    (["optim.grad_clip=-1"], "optim.grad_clip"),
-    (["hardware.precision=fp64"], "hardware.precision"),  # unknown precision
-    (["hardware.device=tpu"], "hardware.device"),
-    (["data.seq_len=1024"], "data.seq_len=1024 exceeds model.max_position_embeddings"),  # no ALiBi
-    (["train.extra_eval_seq_lens=[4096]"], "train.extra_eval_seq_lens"),
-    (["data.seq_len=0"], "data.seq_len"),
-    (["data=text"], "data.path"),  # text without a file
-    (["data.val_fraction=1.0"], "data.val_fraction"),
-    (["train.max_bad_steps=0"], "train.max_bad_steps"),
-    (["train.keep_last=0"], "train.keep_last"),
-    (["train.global_batch_size=3", "train.batch_size=2"], "train.global_batch_size"),
-    (["train.global_batch_size=8", "train.batch_size=2", "train.grad_accum=3"], "train.grad_accum"),
-    (["logger.name=tensorboard"], "logger.name"),
-    (["gen.temperature=-0.5"], "gen.temperature"),
-]
 
 
 def _failure(overrides: list[str]) -> str:
@@ -66,7 +29,7 @@ def _failure(overrides: list[str]) -> str:
     return message
 
 
-@pytest.mark.parametrize("overrides,key", BAD, ids=[" ".join(o) for o, _ in BAD])
+@pytest.mark.parametrize("overrides,key", BAD_CONFIGS, ids=[" ".join(o) for o, _ in BAD_CONFIGS])
 def test_bad_configuration_names_its_key(overrides, key):
     assert key in _failure(overrides)
 

@@ -11,8 +11,15 @@ from pathlib import Path
 import pytest
 
 from h64lm.cli import run
-from tests.faults.procs import TORCHRUN, ResumeLog, logged_steps, rank_pids, run_losses, start_run
-from tests.faults.procs import wait_until
+from tests.faults.procs import (
+    TORCHRUN,
+    ResumeLog,
+    logged_steps,
+    rank_pids,
+    run_losses,
+    start_run,
+    wait_until,
+)
 from tests.helpers import compose_cfg
 
 DDP = ["train.batch_size=1", "hardware=ddp", "hardware.device=cpu", "hardware.precision=fp32",

@@ -9,43 +9,18 @@ import pytest
 import torch
 
 from h64lm.cli import EXIT_DIVERGED, main, run
-from h64lm.model import H64LMForCausalLM
 from h64lm.train.checkpoint import load_checkpoint
 from h64lm.train.metrics import read_metrics
+from tests.faults.inject import poison_training_forward
 from tests.helpers import compose_cfg
 
 
-class _PoisonGrad(torch.autograd.Function):
-    """Identity on the way forward; the gradient on the way back becomes `value`."""
-
-    @staticmethod
-    def forward(ctx, x, value):
-        ctx.value = value
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return torch.full_like(grad, ctx.value), None
-
-
-def poison(monkeypatch, loss_steps=(), grad_steps=(), value=float("nan")):
-    """Make the training forward of the given steps (1-based) return a non-finite loss, or a
-    finite loss whose gradients are non-finite."""
-    forward = H64LMForCausalLM.forward
-    calls = {"n": 0}
-
-    def poisoned(self, input_ids, labels=None, **kwargs):
-        out = forward(self, input_ids, labels=labels, **kwargs)
-        if labels is None or not torch.is_grad_enabled():
-            return out  # evaluation and sampling stay clean
-        calls["n"] += 1
-        if calls["n"] in loss_steps:
-            out.loss = out.loss * value
-        if calls["n"] in grad_steps:
-            out.loss = _PoisonGrad.apply(out.loss, value)
-        return out
-
-    monkeypatch.setattr(H64LMForCausalLM, "forward", poisoned)
+@pytest.fixture
+def poison():
+    undo = []
+    yield lambda **kw: undo.append(poison_training_forward(**kw))
+    for u in undo:
+        u()
 
 
 def _ckpt(run_dir, step):
@@ -56,8 +31,8 @@ def _same_weights(a, b) -> bool:
     return all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
-def test_bad_steps_are_skipped_and_counted(tmp_path, base_args, monkeypatch):
-    poison(monkeypatch, loss_steps={3}, grad_steps={6})
+def test_bad_steps_are_skipped_and_counted(tmp_path, base_args, poison):
+    poison(loss_steps={3}, grad_steps={6})
     args = base_args + ["train.save_every=1", "train.keep_last=8"]
     best_val_loss = run(compose_cfg(args), tmp_path, args)
     records = {r["step"]: r for r in read_metrics(tmp_path / "metrics.jsonl")}
@@ -71,8 +46,9 @@ def test_bad_steps_are_skipped_and_counted(tmp_path, base_args, monkeypatch):
     assert math.isfinite(best_val_loss)
 
 
-def test_too_many_bad_steps_stop_with_last_good_state(tmp_path, base_args, monkeypatch, capsys):
-    poison(monkeypatch, loss_steps=set(range(3, 100)), value=float("inf"))
+def test_too_many_bad_steps_stop_with_last_good_state(tmp_path, base_args, monkeypatch, poison,
+                                                      capsys):
+    poison(loss_steps=set(range(3, 100)), value=float("inf"))
     args = base_args + ["train.save_every=1", "train.keep_last=8", "train.max_bad_steps=3"]
     monkeypatch.setattr("h64lm.cli._hydra_run_info", lambda: (tmp_path, args, None))
     with pytest.raises(SystemExit) as stopped:
@@ -86,11 +62,11 @@ def test_too_many_bad_steps_stop_with_last_good_state(tmp_path, base_args, monke
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["skipped_steps"] == 3
 
 
-def test_fp16_overflow_is_left_to_the_scaler(tmp_path, base_args, monkeypatch):
+def test_fp16_overflow_is_left_to_the_scaler(tmp_path, base_args, poison):
     """Inf gradients for twice `max_bad_steps` steps: the scaler halves its scale each time and
     the run goes on; none of it counts as a bad step."""
     overflowing = set(range(2, 8))
-    poison(monkeypatch, grad_steps=overflowing, value=float("inf"))
+    poison(grad_steps=overflowing, value=float("inf"))
     args = base_args + ["hardware.precision=fp16", "train.max_bad_steps=3"]
     run(compose_cfg(args), tmp_path, args)
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")

@@ -81,3 +81,8 @@ def test_seq_len_beyond_rope_positions_is_rejected():
 def test_eval_without_checkpoint_is_rejected():
     with pytest.raises(ConfigError, match="checkpoint=PATH"):
         validate_run(compose_cfg(["mode=eval"]))
+
+
+def test_window_that_never_applies_is_flagged():
+    with pytest.warns(UserWarning, match="model.sliding_window=2048 >= data.seq_len=256"):
+        validate_run(compose_cfg(["model.sliding_window=2048", "model.position_encoding=alibi"]))

@@ -97,20 +97,18 @@ def test_resume_auto_continues_in_its_directory(tmp_path, corpus):
     assert steps == list(range(1, 7))
 
 
-def test_eval_and_generate_on_a_saved_run(cli_run, corpus, tmp_path):
+def test_eval_and_generate_on_a_saved_run(cli_run, corpus, tmp_path, capsys):
     run_dir, _ = cli_run
-    ev = run_cli([ "mode=eval", f"checkpoint={run_dir}", "hardware=cpu", "logger=none",
-                  f"hydra.run.dir={tmp_path / 'eval'}"], cwd=tmp_path)
-    assert ev.returncode == 0, ev.stderr[-2000:]
+    own = ["mode=eval", f"checkpoint={run_dir}", "hardware=cpu", "logger=none"]
+    loss = run(compose_cfg(own), tmp_path / "eval", own)
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())
     history = json.loads((run_dir / "training_history.json").read_text())
-    assert result["val_loss"] == pytest.approx(history["val_loss"][-1], rel=1e-5)
-    assert f"val_loss {result['val_loss']:.4f}" in ev.stdout
+    assert result["val_loss"] == loss == pytest.approx(history["val_loss"][-1], rel=1e-5)
+    assert f"val_loss {loss:.4f}" in capsys.readouterr().out
 
-    whole = run_cli(["mode=eval", f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", "data=text",
-                     f"data.path={corpus}", "data.seq_len=32", "hardware=cpu", "logger=none",
-                     f"hydra.run.dir={tmp_path / 'eval_file'}"], cwd=tmp_path)
-    assert whole.returncode == 0, whole.stderr[-2000:]
+    whole = ["mode=eval", f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", "data=text",
+             f"data.path={corpus}", "data.seq_len=32", "hardware=cpu", "logger=none"]
+    run(compose_cfg(whole), tmp_path / "eval_file", whole)
     file_result = json.loads((tmp_path / "eval_file" / "eval.json").read_text())
     assert file_result["windows"] > result["windows"]  # the whole file, not the val split
 
@@ -120,6 +118,7 @@ def test_eval_and_generate_on_a_saved_run(cli_run, corpus, tmp_path):
     assert gen.returncode == 0, gen.stderr[-2000:]
     text = (tmp_path / "gen" / "generations.txt").read_text()
     assert text.startswith("Deep learning is") and len(text.strip()) > len("Deep learning is")
+    assert text.strip() in gen.stdout
 
 
 def test_bad_config_fails_fast_with_one_line(tmp_path):
@@ -128,3 +127,17 @@ def test_bad_config_fails_fast_with_one_line(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("error: model.num_kv_heads=3"), proc.stderr[-1000:]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs_train_and_lower_the_loss(tmp_path, corpus, precision):
+    overrides = FAST + ["data=text", f"data.path={corpus}", f"hardware.precision={precision}",
+                        "train.max_steps=4", "train.eval_every=4", "train.save_every=4",
+                        "optim.lr=1e-2", "train.sample_tokens=0"]
+    run(compose_cfg(overrides), tmp_path, overrides)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert all(math.isfinite(r["loss"]) for r in records)
+    assert records[-1]["loss"] < records[0]["loss"]
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    # fp16 trains through a loss scaler whose state is checkpointed; bf16 needs none.
+    assert bool(state["scaler"]) == (precision == "fp16")

@@ -1,0 +1,69 @@
+"""The Markdown tables of `experiments/bench.py`, from its JSON results."""
+
+from __future__ import annotations
+
+__all__ = ["render_markdown"]
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+def _train_table(rows: list[dict]) -> list[str]:
+    lines = ["| shape | params (active) | batch | ours tok/s | HF tok/s | ours/HF | ours MFU | "
+             "HF MFU | ours step memory | HF step memory | loader share |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        o, h = r["ours"], r["hf"]
+        lines.append(
+            f"| {r['size']} | {r['params'] / 1e6:.1f}M ({r['active_params'] / 1e6:.1f}M) "
+            f"| {r['batch']} x {r['seq_len']} | {o['tokens_per_s']:,.0f} "
+            f"| {h['tokens_per_s']:,.0f} | **{r['ratio']:.2f}x** "
+            f"| {o['mfu']:.0%} ({o['flops'] / 1e9:,.0f} GFLOP/s) "
+            f"| {h['mfu']:.0%} ({h['flops'] / 1e9:,.0f} GFLOP/s) "
+            f"| {_mib(o['peak_step_bytes'])} | {_mib(h['peak_step_bytes'])} "
+            f"| {r['loader_share']:.3%} |")
+    lines.append("")
+    lines += [f"MFU peak for {r['size']}: {r['peak_flops'] / 1e9:,.0f} GFLOP/s "
+              f"({r['peak_source']})." for r in rows]
+    return lines
+
+
+def _experts_table(e: dict) -> list[str]:
+    lines = [f"Expert scaling ({e['size']}, top-2, fixed expert size, batch {e['batch']} x "
+             f"{e['seq_len']}): ours {e['experts'][-1]}/{e['experts'][0]} = "
+             f"**{e['ours_scaling']:.2f}**, HF {e['hf_scaling']:.2f}.", "",
+             "| experts | ours tok/s | HF tok/s | ours/HF |", "|---|---|---|---|"]
+    rates = e["tokens_per_s"]
+    for n in e["experts"]:
+        o, h = rates[f"ours/{n}"], rates[f"hf/{n}"]
+        lines.append(f"| {n} | {o:,.0f} | {h:,.0f} | {o / h:.2f}x |")
+    return lines
+
+
+def _generation_table(g: dict) -> list[str]:
+    lines = [f"Greedy generation with KV cache ({g['size']}, prompt {g['prompt_len']}, "
+             f"{g['new_tokens']} new tokens):", "",
+             "| batch | ours tok/s | HF tok/s | ours/HF | same tokens |", "|---|---|---|---|---|"]
+    for b, ratio in g["ratio"].items():
+        lines.append(f"| {b} | {g['tokens_per_s'][f'ours/{b}']:,.0f} "
+                     f"| {g['tokens_per_s'][f'hf/{b}']:,.0f} | **{ratio:.2f}x** "
+                     f"| {g['greedy_agreement'][b]:.0%} |")
+    return lines
+
+
+def render_markdown(results: dict) -> str:
+    m = results["machine"]
+    where = m.get("gpu") or m.get("cpu", "?")
+    lines = [f"Machine: {where}, {m['cpus']} CPUs, {m['threads']} torch threads, load average "
+             f"{m['load_avg'][0]:.1f} at start; torch {m['torch']}, transformers "
+             f"{m['transformers']}; dtype {results['dtype']}"
+             f"{', torch.compile' if results['compile'] else ''}.",
+             f"Command: `{results['command']}`", ""]
+    if results["train"]:
+        lines += _train_table(results["train"]) + [""]
+    if results["experts"]:
+        lines += _experts_table(results["experts"]) + [""]
+    if results["generate"]:
+        lines += _generation_table(results["generate"]) + [""]
+    return "\n".join(lines)

@@ -1,0 +1,66 @@
+"""The benchmark runs end to end at a toy size, its measuring helpers measure what they claim, and
+the GPU correctness checks pass on the CPU paths. (The FLOPs helper's hand count lives in
+tests/model/test_flops_init.py.) No timing asserts: speed is what the benchmark prints."""
+
+import json
+
+import pytest
+import torch
+
+from experiments.bench import bench_config, main
+from experiments.bench_correctness import check_logits, check_training
+from experiments.bench_measure import alternate, step_peak_bytes
+from h64lm.model import flops_per_token
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    return main(["--smoke", "--out", str(out)]), out
+
+
+def test_benchmark_writes_consistent_results(smoke):
+    results, out = smoke
+    assert json.loads((out / "bench.json").read_text())["train"][0]["size"] == "smoke"
+    train = results["train"][0]
+    for name in ("ours", "hf"):
+        r = train[name]
+        assert r["tokens_per_s"] > 0 and r["peak_step_bytes"] > 0
+        assert r["flops"] == pytest.approx(r["tokens_per_s"] * train["flops_per_token"])
+        assert r["mfu"] == pytest.approx(r["flops"] / train["peak_flops"])
+    assert train["flops_per_token"] == flops_per_token(bench_config("smoke"), train["seq_len"])
+    assert train["ratio"] == pytest.approx(
+        train["ours"]["tokens_per_s"] / train["hf"]["tokens_per_s"])
+    experts = results["experts"]
+    assert set(experts["tokens_per_s"]) == {"ours/4", "hf/4", "ours/8", "hf/8"}
+    # same weights, greedy: the two implementations decode the same tokens
+    assert all(a == 1.0 for a in results["generate"]["greedy_agreement"].values())
+    table = (out / "bench.md").read_text()
+    assert "| smoke |" in table and "Expert scaling" in table and "Greedy generation" in table
+
+
+def test_alternate_interleaves_candidates_after_warmup():
+    calls = []
+    medians = alternate({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                        warmup=1, rounds=3, device=torch.device("cpu"))
+    assert calls == ["a", "b"] * 4
+    assert set(medians) == {"a", "b"} and all(s >= 0 for s in medians.values())
+
+
+def test_step_peak_bytes_sees_a_transient_allocation():
+    size = 4 * 2**20  # two live 4 MiB buffers at the peak, none left afterwards
+
+    def fn():
+        a = torch.ones(size // 4)
+        b = a * 2
+        return float(b[0])
+
+    peak = step_peak_bytes(fn, torch.device("cpu"))
+    assert 2 * size <= peak < 3 * size
+
+
+def test_correctness_checks_pass_on_cpu():
+    logits = check_logits("smoke", torch.device("cpu"))
+    assert all(r["ok"] for r in logits), logits
+    run = check_training("smoke", torch.device("cpu"), compile_model=False, steps=60)
+    assert run["ok"], run
