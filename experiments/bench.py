@@ -16,6 +16,7 @@ the data loader's share of a step. Writes `bench.json` and `bench.md` into --out
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -32,14 +33,25 @@ import numpy as np
 import torch
 import transformers
 from omegaconf import OmegaConf
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from experiments.bench_measure import (alternate, generate_call, matmul_peak, step_peak_bytes,
-                                       train_step)
+from experiments.bench_measure import (
+    alternate,
+    generate_call,
+    matmul_peak,
+    step_peak_bytes,
+    train_step,
+)
 from experiments.bench_report import render_markdown
 from h64lm.config import OptimConfig
 from h64lm.data.loader import TokenLoader
-from h64lm.model import (H64LMConfig, H64LMForCausalLM, active_parameters_per_token,
-                         count_parameters, flops_per_token)
+from h64lm.model import (
+    H64LMConfig,
+    H64LMForCausalLM,
+    active_parameters_per_token,
+    count_parameters,
+    flops_per_token,
+)
 from h64lm.model.hf import to_hf_mixtral
 from h64lm.train.mfu import peak_flops
 from h64lm.train.optim import build_optimizer
@@ -53,6 +65,8 @@ SMOKE_MODEL = dict(vocab_size=256, hidden_size=32, num_layers=2, num_attention_h
                    max_position_embeddings=64, tie_word_embeddings=True)
 # (batch, sequence) per size: the demo shape at 2 x 512 keeps one step at seconds on 2 cores.
 SHAPES = {"tiny": (8, 256), "demo": (2, 512), "smoke": (2, 16)}
+SDPA_BACKENDS = {"default": None, "flash": SDPBackend.FLASH_ATTENTION,
+                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
 
 def bench_config(size: str, **overrides) -> H64LMConfig:
@@ -93,9 +107,15 @@ def peak_for(cfg: H64LMConfig, tokens: int, dtype, device) -> tuple[float, str]:
                      f"{cfg.vocab_size}] {str(dtype).removeprefix('torch.')}"
 
 
+def shape(size: str, args) -> tuple[int, int]:
+    """(batch, sequence) for `size`, each overridable from the command line."""
+    b, t = SHAPES[size]
+    return args.batch or b, args.seq or t
+
+
 def bench_training(size: str, args, device, dtype) -> dict:
     cfg = bench_config(size)
-    b, t = SHAPES[size]
+    b, t = shape(size, args)
     ours, hf, opt_ours, opt_hf = build_pair(cfg, device, args.compile)
     x, y = batch(cfg, b, t, device)
     steps = {"ours": train_step(ours, opt_ours, x, y, hf=False, dtype=dtype),
@@ -124,7 +144,7 @@ def bench_training(size: str, args, device, dtype) -> dict:
 
 def bench_experts(size: str, counts: list[int], args, device, dtype) -> dict:
     """Training tokens/s for each expert count (top-2, expert size fixed), all alternating."""
-    b, t = SHAPES[size]
+    b, t = shape(size, args)
     steps, keep = {}, []
     for num_experts in counts:
         cfg = bench_config(size, num_experts=num_experts)
@@ -207,6 +227,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
                    help="bf16 = autocast over fp32 weights, as in training")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--sdpa", default="default", choices=sorted(SDPA_BACKENDS),
+                   help="restrict scaled_dot_product_attention to one kernel (both models)")
+    p.add_argument("--batch", type=int, default=None, help="override the batch of every size")
+    p.add_argument("--seq", type=int, default=None, help="override the sequence of every size")
     p.add_argument("--skip", nargs="*", default=[], choices=["train", "experts", "generate"])
     p.add_argument("--smoke", action="store_true",
                    help="a seconds-long run on a toy shape (checks that everything runs)")
@@ -215,8 +239,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.smoke:
         args.sizes, args.experts, args.gen_batches = ["smoke"], [4, 8], [1, 2]
         args.prompt_len, args.new_tokens, args.rounds, args.warmup = 4, 3, 1, 1
-    for name in ("rounds", "prompt_len", "new_tokens"):
-        if getattr(args, name) < 1:
+    for name in ("rounds", "prompt_len", "new_tokens", "batch", "seq"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
     return args
 
@@ -226,7 +250,20 @@ def main(argv=None) -> dict:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     results = {"command": "python experiments/bench.py " + " ".join(argv or sys.argv[1:]),
                "machine": machine(device), "dtype": args.dtype, "compile": args.compile,
-               "train": [], "experts": None, "generate": None}
+               "sdpa": args.sdpa, "train": [], "experts": None, "generate": None}
+    backend = SDPA_BACKENDS[args.sdpa]
+    with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
+        run_all(args, device, dtype, results)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(results, indent=2, default=str))
+    table = render_markdown(results)
+    (out / "bench.md").write_text(table)
+    print(table)
+    return results
+
+
+def run_all(args, device, dtype, results: dict) -> None:
     for size in args.sizes:
         if "train" not in args.skip:
             results["train"].append(bench_training(size, args, device, dtype))
@@ -238,13 +275,6 @@ def main(argv=None) -> dict:
         results["generate"] = bench_generation(args.sizes[0], args.gen_batches, args, device,
                                                dtype)
         print(json.dumps(results["generate"]), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(results, indent=2, default=str))
-    table = render_markdown(results)
-    (out / "bench.md").write_text(table)
-    print(table)
-    return results
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def render_markdown(results: dict) -> str:
     lines = [f"Machine: {where}, {m['cpus']} CPUs, {m['threads']} torch threads, load average "
              f"{m['load_avg'][0]:.1f} at start; torch {m['torch']}, transformers "
              f"{m['transformers']}; dtype {results['dtype']}"
-             f"{', torch.compile' if results['compile'] else ''}.",
+             f"{', torch.compile' if results['compile'] else ''}, SDPA {results['sdpa']}.",
              f"Command: `{results['command']}`", ""]
     if results["train"]:
         lines += _train_table(results["train"]) + [""]

@@ -15,8 +15,8 @@ Where each key is consumed:
 from __future__ import annotations
 
 import dataclasses
-import warnings
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, TypeVar
 

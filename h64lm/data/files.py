@@ -79,12 +79,22 @@ def split_txt(text: str, mode: str) -> list[str]:
     return [doc for doc in (p.strip() for p in parts) if doc]
 
 
-def _has_undecodable_bytes(files: list[Path]) -> bool:
+def _has_undecodable_bytes(files: list[Path], key: str) -> bool:
+    """Warn about stray undecodable bytes; refuse a file that is binary rather than text."""
     bad = []
     for p in files:
+        raw = p.read_bytes()
         try:
-            p.read_bytes().decode("utf-8")
+            raw.decode("utf-8")
         except UnicodeDecodeError as err:
+            replaced = raw.decode("utf-8", "replace").count("\ufffd")
+            has_nul = b"\x00" in raw
+            if has_nul or replaced > 0.01 * max(1, len(raw)):
+                nul = ", NUL bytes" if has_nul else ""
+                raise ValueError(
+                    f"{key}={p} looks binary, not text ({replaced} undecodable bytes of "
+                    f"{len(raw)}{nul}); point {key} at text files"
+                ) from None
             bad.append(f"{p} (first at byte {err.start})")
     if bad:
         warnings.warn(f"undecodable UTF-8 bytes replaced by U+FFFD in: {', '.join(bad)}",
@@ -98,7 +108,7 @@ def load_text_files(cfg: DataConfig, files: list[Path], key: str, hf_cache: Path
 
     builder = FILE_TYPES[files[0].suffix]
     options: dict = {}
-    if builder in ("text", "json") and _has_undecodable_bytes(files):
+    if builder in ("text", "json") and _has_undecodable_bytes(files, key):
         # The json builder re-decodes only when the encoding's name differs from "utf-8";
         # "utf_8" is Python's alias of the same codec.
         options = {"encoding": "utf_8" if builder == "json" else "utf-8",

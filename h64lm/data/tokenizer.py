@@ -102,7 +102,15 @@ def load_tokenizer(cfg: DataConfig) -> Tokenizer:
                 f"data.tokenizer={cfg.tokenizer!r} is neither 'mistral' nor an existing "
                 "Hugging Face tokenizer folder"
             )
-    return Tokenizer(AutoTokenizer.from_pretrained(str(folder), split_special_tokens=True))
+    try:
+        hf = AutoTokenizer.from_pretrained(str(folder), split_special_tokens=True)
+    except (OSError, ValueError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"data.tokenizer={cfg.tokenizer!r} is not a loadable Hugging Face tokenizer folder "
+            f"({first[:160]})"
+        ) from None
+    return Tokenizer(hf)
 
 
 def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:

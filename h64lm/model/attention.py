@@ -26,7 +26,6 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.dropout = config.dropout
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.split = (q_dim, kv_dim, kv_dim)
         # One fused projection for W_q, W_k, W_v: one GEMM instead of three.
         self.qkv_proj = nn.Linear(config.hidden_size, q_dim + 2 * kv_dim, bias=False)
         self.o_proj = nn.Linear(q_dim, config.hidden_size, bias=False)
@@ -41,12 +40,14 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x [B, T, hidden] -> [B, T, hidden]. `bias` is additive [B|1, H|1, T, L] or None."""
         B, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, H_kv, T, D]
-        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        H, H_kv = self.num_heads, self.num_kv_heads
+        qkv = self.qkv_proj(x).view(B, T, H + 2 * H_kv, self.head_dim)
+        qk, v = qkv.split((H + H_kv, H_kv), dim=2)  # [B, T, H + H_kv, D], [B, T, H_kv, D]
         if rotary is not None:
-            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+            qk = apply_rotary(qk, *rotary)  # queries and keys in one pass
+        q, k = qk.split((H, H_kv), dim=2)
+        # [B, T, heads, D] -> [B, heads, T, D]: strided views, SDPA reads them in place
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # [B, H_kv, L, D]
         out = F.scaled_dot_product_attention(

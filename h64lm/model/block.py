@@ -33,12 +33,14 @@ class Block(nn.Module):
         bias: Optional[torch.Tensor],
         is_causal: bool,
         cache: Optional[KVCache],
+        router_stats: bool = True,
     ) -> Tuple[torch.Tensor, Optional[Dict[str, torch.Tensor]]]:
-        """x [B, T, hidden] -> (x [B, T, hidden], MoE stats or None for a dense block)."""
+        """x [B, T, hidden] -> (x [B, T, hidden], MoE stats; None for a dense block or without
+        `router_stats`)."""
         x = x + self.dropout(self.attn(self.attn_norm(x), rotary, bias, is_causal, cache))
         stats = None
         if self.sparse:
-            y, stats = self.ffn(self.ffn_norm(x))
+            y, stats = self.ffn(self.ffn_norm(x), router_stats)
         else:
             y = self.ffn(self.ffn_norm(x))
         return x + self.dropout(y), stats

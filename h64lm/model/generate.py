@@ -73,7 +73,7 @@ def generate(
             else torch.ones_like(input_ids, dtype=torch.bool))
     tokens = input_ids
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    out = model(input_ids, attention_mask=mask, use_cache=True)
+    out = model(input_ids, attention_mask=mask, use_cache=True, router_stats=False)
     for step in range(max_new_tokens):
         logits = apply_repetition_penalty(out.logits[:, -1].float(), tokens, seen,
                                           repetition_penalty)
@@ -90,6 +90,6 @@ def generate(
         if step + 1 < max_new_tokens:
             # finished rows are fed their sampled token: pad_token_id need not be a valid id
             out = model(sampled[:, None], attention_mask=mask,
-                        past_key_values=out.past_key_values, use_cache=True)
+                        past_key_values=out.past_key_values, use_cache=True, router_stats=False)
     model.train(was_training)
     return tokens

@@ -22,8 +22,7 @@ def _loss_and_grads(hidden, w, labels, chunk, need_h, need_w):
     valid = labels != IGNORE_INDEX
     count = valid.sum().clamp(min=1)
     grad_h = torch.empty_like(hidden) if need_h else None
-    # fp32 accumulator: bf16 would lose the small per-chunk contributions
-    grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+    grad_w = None  # [V, d] fp32 accumulator (bf16 would lose the small per-chunk contributions)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk):
         h_c = hidden[start:start + chunk]  # [c, d]
@@ -40,10 +39,14 @@ def _loss_and_grads(hidden, w, labels, chunk, need_h, need_w):
             grad_h[start:start + chunk] = (d_logits @ w) * scale.to(hidden.dtype)
         if need_w:
             h_scaled = h_c * scale.to(hidden.dtype)
-            if d_logits.dtype == torch.float32:
+            if grad_w is None:  # the first chunk's product starts the sum: no zero fill
+                grad_w = (d_logits.T @ h_scaled).float()
+            elif d_logits.dtype == torch.float32:
                 grad_w.addmm_(d_logits.T, h_scaled)  # accumulate inside the GEMM
             else:
                 grad_w += (d_logits.T @ h_scaled).float()
+    if need_w and grad_w is None:  # no tokens at all
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
     return total / count, grad_h, grad_w
 
 

@@ -113,9 +113,16 @@ class H64LMForCausalLM(nn.Module):
         past_key_values: Optional[KVCache] = None,
         use_cache: bool = False,
         return_logits: bool = True,
+        router_stats: bool = True,
     ) -> CausalLMOutput:
         """input_ids [B, T]; labels [B, T] already aligned (labels[b, t] is the target of
-        position t, -100 ignored); attention_mask [B, cached + T] (1 = token, 0 = left padding)."""
+        position t, -100 ignored); attention_mask [B, cached + T] (1 = token, 0 = left padding).
+        router_stats=False skips the router losses and loads (aux, z = 0, router = []): for
+        decoding, where they cost a dozen small ops per MoE layer per token and nobody reads
+        them; it cannot be combined with labels."""
+        if labels is not None and not router_stats:
+            raise ValueError("router_stats=False drops the router losses from the loss: "
+                             "pass labels only with router_stats=True")
         cache = past_key_values
         if cache is None and use_cache:
             cache = KVCache(self.config.num_layers, self.config.sliding_window)
@@ -129,9 +136,9 @@ class H64LMForCausalLM(nn.Module):
         for i, layer in enumerate(self.layers):
             if self.config.gradient_checkpointing and self.training:
                 h, layer_stats = checkpoint(layer, h, rotary, bias, is_causal, cache,
-                                            use_reentrant=False)
+                                            router_stats, use_reentrant=False)
             else:
-                h, layer_stats = layer(h, rotary, bias, is_causal, cache)
+                h, layer_stats = layer(h, rotary, bias, is_causal, cache, router_stats)
             if layer_stats is not None:
                 stats.append((i, layer_stats))
         if cache is not None:

@@ -1,8 +1,12 @@
 """Rotary position embeddings (Su et al., 2021) in the half-split layout used by Llama/Mixtral.
 
 Channel i of the first half is rotated with channel i of the second half by angle
-`position * theta^(-2i/d)`. The cos/sin table grows on demand, so ALiBi models that read past
-`max_position_embeddings` still get rotary phases for every position.
+`position * theta^(-2i/d)`:  y = x * cos + rotate_half(x) * sin,  rotate_half(x) = [-x2, x1].
+With the sign folded into the table (sin_signed = [-sin, sin]) the rotation is a swap of the two
+halves: y = x * cos + swap(x) * sin_signed, and since swap is its own transpose the gradient is
+dL/dx = g * cos + swap(g * sin_signed). One autograd node does both, for queries and keys at once.
+The table grows on demand, so ALiBi models that read past `max_position_embeddings` still get
+rotary phases for every position.
 """
 
 from typing import Tuple
@@ -25,25 +29,38 @@ class RotaryEmbedding(nn.Module):
     def _extend(self, length: int) -> None:
         positions = torch.arange(length, dtype=torch.float32, device=self.inv_freq.device)
         angles = torch.outer(positions, self.inv_freq)  # [P, D/2]
-        angles = torch.cat((angles, angles), dim=-1)  # [P, D]
-        self.cos_table, self.sin_table = angles.cos(), angles.sin()
+        sin = angles.sin()
+        self.cos_table = torch.cat((angles, angles), dim=-1).cos()  # [P, D]
+        self.sin_table = torch.cat((-sin, sin), dim=-1)  # [P, D], sign of rotate_half folded in
 
     def forward(self, positions: torch.Tensor, bound: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """positions [B, T] (int, all < bound) -> cos, sin [B, 1, T, D] fp32, broadcast over heads.
+        """positions [B, T] (int, all < bound) -> cos, sin_signed [B, T, 1, D] fp32, broadcast
+        over the heads of x [B, T, H, D].
 
         `bound` is known on the host (cache length + T): sizing the table needs no device sync.
         """
         if bound > self.cos_table.shape[0]:
             self._extend(max(bound, 2 * self.cos_table.shape[0]))
-        return self.cos_table[positions].unsqueeze(1), self.sin_table[positions].unsqueeze(1)
+        return self.cos_table[positions].unsqueeze(2), self.sin_table[positions].unsqueeze(2)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def _swap_halves(x: torch.Tensor) -> torch.Tensor:
+    return x.roll(x.shape[-1] // 2, dims=-1)
+
+
+class _Rotary(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return torch.addcmul(x * cos, _swap_halves(x), sin)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        cos, sin = ctx.saved_tensors
+        return _swap_halves(grad_out * sin).addcmul_(grad_out, cos), None, None
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, D]; cos/sin [B, 1, T, D] fp32 (cast to x's dtype, as the reference does)."""
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return x * cos + _rotate_half(x) * sin
+    """x [B, T, H, D]; cos/sin_signed [B, T, 1, D] fp32 (cast to x's dtype, as the reference
+    does) -> [B, T, H, D]."""
+    return _Rotary.apply(x, cos.to(x.dtype), sin.to(x.dtype))

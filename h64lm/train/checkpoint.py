@@ -144,7 +144,9 @@ def load_checkpoint(path: Path, verify: bool = True) -> dict[str, Any]:
     if verify:
         verify_checkpoint(path)
     if not zipfile.is_zipfile(path):
-        raise CheckpointError(f"checkpoint {path} cannot be read: not a torch.save archive (truncated or foreign file)")
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read: not a torch.save archive (truncated or foreign file)"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -163,7 +165,8 @@ def load_checkpoint(path: Path, verify: bool = True) -> dict[str, Any]:
 
 
 def _step_files(ckpt_dir: Path) -> list[tuple[int, Path]]:
-    found = [(int(m.group(1)), p) for p in ckpt_dir.glob("step_*.pt") if (m := _STEP_FILE.match(p.name))]
+    matches = ((_STEP_FILE.match(p.name), p) for p in ckpt_dir.glob("step_*.pt"))
+    found = [(int(m.group(1)), p) for m, p in matches if m]
     return sorted(found, reverse=True)
 
 

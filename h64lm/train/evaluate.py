@@ -28,7 +28,8 @@ def evaluate(
         with precision.autocast():
             out = model(w[:, :-1], labels=w[:, 1:], return_logits=False)
         n = w[:, 1:].numel()
-        total += torch.stack([out.ce.double() * n, torch.tensor(float(n), device=d.device, dtype=torch.float64)])
+        total[0] += out.ce.double() * n
+        total[1] += n
     if d.enabled:
         dist.all_reduce(total)
     model.train(was_training)

@@ -28,8 +28,13 @@ from tqdm import tqdm
 
 from h64lm.config import ConfigError
 from h64lm.data import TokenLoader, check_vocab, load_tokenizer, prepare_corpus, validation_windows
-from h64lm.model import H64LMConfig, H64LMForCausalLM, count_parameters, flops_per_token
-from h64lm.model import active_parameters_per_token
+from h64lm.model import (
+    H64LMConfig,
+    H64LMForCausalLM,
+    active_parameters_per_token,
+    count_parameters,
+    flops_per_token,
+)
 from h64lm.train.checkpoint import (
     FORMAT_VERSION,
     CheckpointManager,

@@ -44,7 +44,8 @@ def test_batch_that_does_not_divide_the_world_size(monkeypatch):
 
 
 @pytest.mark.parametrize("overrides,line", [
-    (["model.num_experts_per_token=9"], "error: model.num_experts_per_token=9 must be <= model.num_experts=4"),
+    (["model.num_experts_per_token=9"],
+     "error: model.num_experts_per_token=9 must be <= model.num_experts=4"),
     (["data=text"], "error: data=text needs data.path=<file or folder>"),
 ], ids=["top-k", "text-without-path"])
 def test_cli_prints_one_line_and_exits_2_before_any_work(tmp_path, overrides, line):

@@ -1,10 +1,13 @@
-"""Our model against Hugging Face Mixtral (every layer MoE) and Llama (every layer dense), with the
-same weights copied over: same logits and, for Mixtral, the same expert choice for every token."""
+"""Our model against Hugging Face Mixtral (every layer MoE, through `h64lm.model.hf`) and Llama
+(every layer dense), with the same weights copied over: same logits and, for Mixtral, the same
+expert choice for every token."""
 
+import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from h64lm.model import H64LMForCausalLM
+from h64lm.model import H64LMConfig, H64LMForCausalLM
+from h64lm.model.hf import to_hf_mixtral
 
 ROPE_THETA = 10000.0
 
@@ -35,20 +38,14 @@ def _copy_common(ours: H64LMForCausalLM, hf) -> None:
         layer.self_attn.o_proj.weight.copy_(block.attn.o_proj.weight)
 
 
+@pytest.mark.parametrize("tied", [False, True])
 @torch.no_grad()
-def test_matches_mixtral_logits_and_routing(small_model):
-    ours = small_model(moe_layers="all", position_encoding="rope", num_experts=8)
+def test_matches_mixtral_logits_and_routing(small_model, tied):
+    ours = small_model(moe_layers="all", position_encoding="rope", num_experts=8,
+                       tie_word_embeddings=tied)
     cfg = ours.config
-    hf = MixtralForCausalLM(MixtralConfig(
-        **_hf_kwargs(cfg), intermediate_size=cfg.expert_intermediate_size,
-        num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_token,
-        sliding_window=None, router_jitter_noise=0.0)).eval()
-    _copy_common(ours, hf)
-    for block, layer in zip(ours.layers, hf.model.layers):
-        layer.mlp.gate.weight.copy_(block.ffn.router.weight)
-        # ours [E, d, 2I] / [E, I, d] (x @ W); HF [E, 2I, d] / [E, d, I] (x @ W^T)
-        layer.mlp.experts.gate_up_proj.copy_(block.ffn.experts.gate_up_proj.transpose(1, 2))
-        layer.mlp.experts.down_proj.copy_(block.ffn.experts.down_proj.transpose(1, 2))
+    hf = to_hf_mixtral(ours)
+    assert (hf.lm_head.weight is hf.model.embed_tokens.weight) == tied
 
     chosen = []
     hooks = [b.ffn.router.register_forward_hook(lambda m, i, o: chosen.append(o.experts))
@@ -82,3 +79,37 @@ def test_matches_llama_without_moe(small_model):
     input_ids = torch.randint(0, cfg.vocab_size, (2, 23))
     diff = (ours(input_ids).logits - hf(input_ids).logits).abs().max().item()
     assert diff <= 1e-4
+
+
+@pytest.mark.parametrize("override,option", [
+    (dict(moe_layers="alternate"), "model.moe_layers"),
+    (dict(position_encoding="rope+alibi"), "model.position_encoding"),
+    (dict(num_shared_experts=1), "model.num_shared_experts"),
+    (dict(capacity_factor=1.25), "model.capacity_factor"),
+])
+def test_mixtral_export_rejects_what_mixtral_cannot_express(override, option):
+    fields = dict(vocab_size=50, hidden_size=32, num_layers=2, num_attention_heads=4,
+                  num_kv_heads=2, intermediate_size=48, moe_layers="all", position_encoding="rope")
+    cfg = H64LMConfig(**{**fields, **override})
+    with pytest.raises(ValueError, match=option):
+        to_hf_mixtral(H64LMForCausalLM(cfg))
+
+
+def test_training_loss_and_gradients_match_mixtral(small_model):
+    """What the benchmark times is the same computation: our chunked CE on aligned labels and
+    Mixtral's CE on the same labels (given as `shift_labels`, so it does not shift them again)."""
+    ours = small_model(moe_layers="all", position_encoding="rope").train()
+    hf = to_hf_mixtral(ours)
+    ids = torch.randint(0, ours.config.vocab_size, (2, 13))
+    x, y = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+    ce = ours(x, labels=y, return_logits=False).ce
+    ref = hf(input_ids=x, labels=y, shift_labels=y).loss
+    assert ce.item() == pytest.approx(ref.item(), rel=1e-5)
+    ce.backward()
+    ref.backward()
+    assert torch.allclose(ours.lm_head.weight.grad, hf.lm_head.weight.grad, atol=1e-6)
+    ours_experts = ours.layers[1].ffn.experts.down_proj.grad.transpose(1, 2)
+    assert torch.allclose(ours_experts, hf.model.layers[1].mlp.experts.down_proj.grad, atol=1e-6)
+    q_dim = ours.config.num_attention_heads * ours.config.head_dim
+    assert torch.allclose(ours.layers[0].attn.qkv_proj.weight.grad[:q_dim],
+                          hf.model.layers[0].self_attn.q_proj.weight.grad, atol=1e-6)

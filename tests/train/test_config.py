@@ -73,7 +73,8 @@ def test_wrong_type_rejected_at_compose_time():
 
 
 def test_seq_len_beyond_rope_positions_is_rejected():
-    cfg = compose_cfg(["model.position_encoding=rope", "model.max_position_embeddings=64", "data.seq_len=128"])
+    cfg = compose_cfg(["model.position_encoding=rope", "model.max_position_embeddings=64",
+                       "data.seq_len=128"])
     with pytest.raises(ConfigError, match="data.seq_len=128 exceeds model.max_position_embeddings=64"):
         validate_run(cfg)
 

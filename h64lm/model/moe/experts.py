@@ -6,8 +6,6 @@ Where it is unavailable or unsupported (old torch, unaligned shapes, non-bf16 CU
 the experts that received rows does the same product.
 """
 
-from typing import List
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,17 +27,19 @@ def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     return ok_device and _aligned(x) and _aligned(w)
 
 
-def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor,
-                   counts_list: List[int]) -> torch.Tensor:
-    """x [M, a] rows sorted by expert, w [E, a, b], counts [E] (sum M) -> [M, b]."""
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """x [M, a] rows sorted by expert, w [E, a, b], offsets [E] int32 (cumulative row counts,
+    the last = M) -> [M, b]."""
     if _grouped_mm_supported(x, w):
-        return torch._grouped_mm(x, w, offs=counts.cumsum(0).to(torch.int32))
-    return loop_matmul(x, w, counts_list)
+        return torch._grouped_mm(x, w, offs=offsets)
+    return loop_matmul(x, w, offsets)
 
 
-def loop_matmul(x: torch.Tensor, w: torch.Tensor, counts_list: List[int]) -> torch.Tensor:
-    """The reference path: one GEMM per expert that received rows."""
-    parts = [x_e @ w_e for x_e, w_e, n in zip(x.split(counts_list), w.unbind(0), counts_list) if n]
+def loop_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """The reference path: one GEMM per expert that received rows. Reading the row counts on the
+    host is a device sync; the grouped path above needs none."""
+    counts = torch.diff(offsets, prepend=offsets.new_zeros(1)).tolist()
+    parts = [x_e @ w_e for x_e, w_e, n in zip(x.split(counts), w.unbind(0), counts) if n]
     return torch.cat(parts) if parts else x.new_zeros(0, w.shape[-1])
 
 
@@ -52,6 +52,6 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [M, hidden] rows sorted by expert, counts [E] -> [M, hidden] (row m via its expert)."""
-        counts_list = counts.tolist()
-        gate, up = grouped_matmul(x, self.gate_up_proj, counts, counts_list).chunk(2, dim=-1)
-        return grouped_matmul(F.silu(gate) * up, self.down_proj, counts, counts_list)
+        offsets = counts.cumsum(0, dtype=torch.int32)  # [E]
+        gate, up = grouped_matmul(x, self.gate_up_proj, offsets).chunk(2, dim=-1)
+        return grouped_matmul(F.silu(gate) * up, self.down_proj, offsets)

@@ -4,7 +4,7 @@ Shared experts (DeepSeekMoE) see every token. S shared SwiGLU experts of width I
 is exactly one SwiGLU of width S * I, so they are stored as one.
 """
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -31,20 +31,26 @@ class MoELayer(nn.Module):
         self.shared = (SwiGLU(config.hidden_size, config.num_shared_experts * width)
                        if config.num_shared_experts else None)
 
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """x [B, T, hidden] -> (y [B, T, hidden], stats: aux, z, load [E], dropped)."""
+    def forward(self, x: torch.Tensor, with_stats: bool = True
+                ) -> Tuple[torch.Tensor, Optional[Dict[str, torch.Tensor]]]:
+        """x [B, T, hidden] -> (y [B, T, hidden], stats: aux, z, load [E], dropped; None when
+        `with_stats` is False, as in decoding, where nothing reads them)."""
         B, T, hidden = x.shape
         tokens = x.reshape(-1, hidden)  # [N, hidden]
         routing = self.router(tokens)
         plan = dispatch(routing.experts, self.num_experts, self.capacity_factor)
         gate = routing.weights.reshape(-1)[plan.assignment].to(x.dtype)  # [M]
-        y_sorted = self.experts(tokens[plan.token], plan.counts) * gate[:, None]  # [M, hidden]
+        # index_select: its backward is an index_add, cheaper than advanced indexing's index_put
+        x_sorted = tokens.index_select(0, plan.token)  # [M, hidden]
+        y_sorted = self.experts(x_sorted, plan.counts) * gate[:, None]  # [M, hidden]
         num_assignments = routing.experts.numel()
         per_assignment = tokens.new_zeros(num_assignments, hidden).index_copy(
             0, plan.assignment, y_sorted)  # [N*k, hidden], zero rows where dropped
         y = per_assignment.view(-1, self.top_k, hidden).sum(dim=1)  # [N, hidden]
         if self.shared is not None:
             y = y + self.shared(tokens)
+        if not with_stats:
+            return y.view(B, T, hidden), None
         stats = {
             "aux": switch_load_balancing_loss(routing.probs, plan.routed_counts),
             "z": router_z_loss(routing.logits),
