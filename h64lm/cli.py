@@ -2,8 +2,9 @@
 
 Exit codes: 0 done; 2 bad configuration or input (one line on stderr says which option to
 change); 3 training diverged (NaN/Inf, last good state saved); 4 a checkpoint could not be
-written or trusted; 128 + N stopped by signal N after saving a checkpoint (130 SIGINT,
-143 SIGTERM). `HYDRA_FULL_ERROR=1` shows the full traceback instead of the one line.
+written or trusted; 5 another process of a DDP job died; 128 + N stopped by signal N after
+saving a checkpoint (130 SIGINT, 143 SIGTERM). `HYDRA_FULL_ERROR=1` shows the full traceback
+instead of the one line.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from h64lm.train.distributed import Dist, broadcast_object, init_distributed
 
 __all__ = ["main", "run", "load_trained_model"]
 
-EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_CHECKPOINT = 2, 3, 4
+EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_CHECKPOINT, EXIT_PEER = 2, 3, 4, 5
 
 
 def _hydra_run_info() -> tuple[Path, list[str], str | None]:
@@ -49,6 +50,7 @@ def main(cfg: DictConfig) -> float | None:
             (TrainingStopped, 128 + getattr(e, "signum", 15)),
             (TrainingDiverged, EXIT_DIVERGED),
             (CheckpointError, EXIT_CHECKPOINT),
+            (PeerFailure, EXIT_PEER),
             ((ConfigError, ValueError, FileNotFoundError, PermissionError), EXIT_BAD_INPUT),
         ]
         for kinds, code in codes:
@@ -76,8 +78,26 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep_dir: str | N
         if cfg.mode == "eval":
             return _evaluate_checkpoint(cfg, parts, run_dir, overrides, d)
         return _generate(cfg, parts, run_dir, d)
+    except RuntimeError as e:
+        if d.enabled and _is_peer_failure(e):
+            raise PeerFailure(
+                f"another process of this job failed ({str(e).strip().splitlines()[0][:120]}); "
+                "rerun the job with train.resume=auto to continue from the last checkpoint"
+            ) from e
+        raise
     finally:
         d.shutdown()
+
+
+class PeerFailure(RuntimeError):
+    """A collective failed because another rank died; this rank's state is not at fault."""
+
+
+def _is_peer_failure(e: RuntimeError) -> bool:
+    text = str(e)
+    return isinstance(e, torch.distributed.DistError) or any(
+        s in text for s in ("closed by peer", "reset by peer", "Broken pipe", "timed out", "Timeout")
+    )
 
 
 def load_trained_model(checkpoint: str | Path, device: torch.device):

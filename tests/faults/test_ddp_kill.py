@@ -46,6 +46,11 @@ def test_killed_rank_ends_the_job_which_then_resumes(tmp_path, base_args, refere
         os.killpg(proc.pid, signal.SIGKILL)
         raise
     assert code != 0 and not _alive(ranks[0])
+    survivor = (tmp_path / "proc.err").read_text()
+    # One line from the survivor: its collective failed (exit 5), or torchrun's SIGTERM arrived
+    # first and it saved and stopped (exit 143); never a bare gloo traceback alone.
+    assert ("error: another process of this job failed" in survivor
+            or "SIGTERM received: saved" in survivor), survivor[-2000:]
 
     # The same global batch (1 sequence x 2 ranks = 2 x 1) on one process: the job goes on where
     # its last checkpoint left it (the script resumes it under torchrun instead).
