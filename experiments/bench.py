@@ -37,8 +37,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from experiments.bench_measure import (
     alternate,
+    forward_loss,
     generate_call,
     matmul_peak,
+    profile_step,
     step_peak_bytes,
     train_step,
 )
@@ -125,19 +127,25 @@ def bench_training(size: str, args, device, dtype) -> dict:
     peak_after = peak_for(cfg, b * t, dtype, device)
     peak, peak_source = max(peak_before, peak_after)
     memory = {name: step_peak_bytes(fn, device) for name, fn in steps.items()}
+    # the forward alone: activations kept for backward, without the gradients that dominate the
+    # step's peak once parameters outnumber activations
+    forward = {"ours": forward_loss(ours, x, y, hf=False, dtype=dtype),
+               "hf": forward_loss(hf, x, y, hf=True, dtype=dtype)}
+    activations = {name: step_peak_bytes(fn, device) for name, fn in forward.items()}
+    profiles = ({name: profile_step(fn) for name, fn in steps.items()} if args.profile else None)
     flops = flops_per_token(cfg, t)
     result = {
         "size": size, "batch": b, "seq_len": t, "params": count_parameters(cfg),
         "active_params": active_parameters_per_token(cfg), "flops_per_token": flops,
         "peak_flops": peak, "peak_source": peak_source, "step_s": seconds,
-        "loader_share": loader_share(cfg, b, t, seconds["ours"]),
+        "loader_share": loader_share(cfg, b, t, seconds["ours"]), "profile": profiles,
     }
     for name in steps:
         rate = b * t / seconds[name]
         result[name] = {"tokens_per_s": rate, "flops": rate * flops, "mfu": rate * flops / peak,
-                        "peak_step_bytes": memory[name]}
+                        "peak_step_bytes": memory[name], "peak_forward_bytes": activations[name]}
     result["ratio"] = result["ours"]["tokens_per_s"] / result["hf"]["tokens_per_s"]
-    del ours, hf, opt_ours, opt_hf, steps
+    del ours, hf, opt_ours, opt_hf, steps, forward
     gc.collect()
     return result
 
@@ -174,10 +182,10 @@ def bench_generation(size: str, batches: list[int], args, device, dtype) -> dict
         calls[f"ours/{b}"] = generate_call(ours, prompt, args.new_tokens, hf=False, dtype=dtype)
         calls[f"hf/{b}"] = generate_call(hf, prompt, args.new_tokens, hf=True, dtype=dtype)
         # greedy decoding of the same weights: how many generated tokens agree (rounding can
-        # flip a near-tie and the continuations then differ)
+        # flip a near-tie and the continuations then differ); also the first warm-up call
         same = calls[f"ours/{b}"]() == calls[f"hf/{b}"]()
         agree[b] = same[:, args.prompt_len:].float().mean().item()
-    seconds = alternate(calls, 0, args.rounds, device)
+    seconds = alternate(calls, max(args.warmup - 1, 0), args.rounds, device)
     rates = {name: int(name.split("/")[1]) * args.new_tokens / s for name, s in seconds.items()}
     return {"size": size, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
             "tokens_per_s": rates, "greedy_agreement": agree,
@@ -231,6 +239,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="restrict scaled_dot_product_attention to one kernel (both models)")
     p.add_argument("--batch", type=int, default=None, help="override the batch of every size")
     p.add_argument("--seq", type=int, default=None, help="override the sequence of every size")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one training step of each model: time per kind of op")
     p.add_argument("--skip", nargs="*", default=[], choices=["train", "experts", "generate"])
     p.add_argument("--smoke", action="store_true",
                    help="a seconds-long run on a toy shape (checks that everything runs)")

@@ -59,10 +59,11 @@ def check_logits(size: str, device: torch.device) -> list[dict]:
     ]
 
 
-def check_training(size: str, device: torch.device, compile_model: bool, steps: int) -> dict:
+def check_training(size: str, device: torch.device, compile_model: bool, steps: int,
+                   lr: float = 3e-3) -> dict:
     torch.manual_seed(0)
     model = H64LMForCausalLM(bench_config(size)).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     step_model = torch.compile(model) if compile_model else model
     ids = torch.randint(0, model.config.vocab_size, (4, 65), device=device)
     x, y = ids[:, :-1], ids[:, 1:]
@@ -86,11 +87,12 @@ def main(argv=None) -> bool:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--out", default="bench_out")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     results = check_logits(args.size, device)
-    results.append(check_training(args.size, device, args.compile, args.steps))
+    results.append(check_training(args.size, device, args.compile, args.steps, args.lr))
     for r in results:
         print(json.dumps(r), flush=True)
     out = Path(args.out)

@@ -10,8 +10,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["alternate", "matmul_peak", "step_peak_bytes", "train_step", "generate_call",
-           "synchronize"]
+__all__ = ["alternate", "forward_loss", "generate_call", "matmul_peak", "step_peak_bytes",
+           "synchronize", "train_step"]
 
 
 def synchronize(device: torch.device) -> None:
@@ -89,21 +89,29 @@ def _autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-               y: torch.Tensor, hf: bool, dtype: torch.dtype) -> Callable[[], None]:
-    """One forward + backward + AdamW step. Labels `y` are aligned with `x` (y[t] = x[t + 1]);
+def forward_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, hf: bool,
+                 dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    """The training loss, graph attached. Labels `y` are aligned with `x` (y[t] = x[t + 1]);
     Mixtral would shift them again, so it gets them as `shift_labels`. Both compute their router
     load-balancing loss (ours also the z-loss), so neither skips work the other does."""
-    device = x.device
+
+    def loss() -> torch.Tensor:
+        with _autocast(x.device, dtype):
+            if hf:
+                return model(input_ids=x, labels=y, shift_labels=y,
+                             output_router_logits=True).loss
+            return model(x, labels=y, return_logits=False).loss
+
+    return loss
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+               y: torch.Tensor, hf: bool, dtype: torch.dtype) -> Callable[[], None]:
+    """One forward + backward + AdamW step."""
+    loss_fn = forward_loss(model, x, y, hf, dtype)
 
     def step() -> None:
-        with _autocast(device, dtype):
-            if hf:
-                loss = model(input_ids=x, labels=y, shift_labels=y,
-                             output_router_logits=True).loss
-            else:
-                loss = model(x, labels=y, return_logits=False).loss
-        loss.backward()
+        loss_fn().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -124,3 +132,35 @@ def generate_call(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int,
             return model.generate(prompt, new_tokens, temperature=0.0)
 
     return call
+
+
+# Op name -> where a step spends its time; the first matching rule wins.
+PROFILE_CATEGORIES = (
+    ("matrix products", ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm",
+                         "aten::_grouped_mm", "aten::baddbmm")),
+    ("attention kernel", ("scaled_dot_product", "flash_attention", "efficient_attention")),
+    ("optimizer", ("adam", "_foreach_")),
+    ("softmax", ("aten::_softmax", "aten::_log_softmax", "softmax_backward")),
+    ("copies and indexing", ("aten::cat", "aten::copy_", "aten::fill_", "aten::index",
+                             "aten::scatter", "aten::gather", "aten::zero_", "aten::clone",
+                             "aten::embedding", "aten::roll", "aten::sort", "aten::_to_copy")),
+)
+
+
+def profile_step(fn: Callable[[], object]) -> dict[str, float]:
+    """Self time (seconds) of one call of `fn` per category of PROFILE_CATEGORIES, the remainder
+    under "elementwise and other"; from torch.profiler (CPU ops, or their launches on GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    totals = {name: 0.0 for name, _ in PROFILE_CATEGORIES}
+    totals["elementwise and other"] = 0.0
+    for event in prof.key_averages():
+        if not event.key.startswith("aten::"):
+            continue  # autograd/optimizer wrappers: their ops are counted themselves
+        key = event.key.lower()
+        category = next((name for name, patterns in PROFILE_CATEGORIES
+                         if any(p.lower() in key for p in patterns)), "elementwise and other")
+        totals[category] += event.self_cpu_time_total / 1e6
+    return totals

@@ -6,12 +6,13 @@ __all__ = ["render_markdown"]
 
 
 def _mib(n: int) -> str:
-    return f"{n / 2**20:,.0f} MiB"
+    mib = n / 2**20
+    return f"{mib:,.0f} MiB" if mib >= 10 else f"{mib:.2f} MiB"
 
 
 def _train_table(rows: list[dict]) -> list[str]:
     lines = ["| shape | params (active) | batch | ours tok/s | HF tok/s | ours/HF | ours MFU | "
-             "HF MFU | ours step memory | HF step memory | loader share |",
+             "HF MFU | ours step memory (forward) | HF step memory (forward) | loader share |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         o, h = r["ours"], r["hf"]
@@ -21,11 +22,26 @@ def _train_table(rows: list[dict]) -> list[str]:
             f"| {h['tokens_per_s']:,.0f} | **{r['ratio']:.2f}x** "
             f"| {o['mfu']:.0%} ({o['flops'] / 1e9:,.0f} GFLOP/s) "
             f"| {h['mfu']:.0%} ({h['flops'] / 1e9:,.0f} GFLOP/s) "
-            f"| {_mib(o['peak_step_bytes'])} | {_mib(h['peak_step_bytes'])} "
-            f"| {r['loader_share']:.3%} |")
+            f"| {_mib(o['peak_step_bytes'])} ({_mib(o['peak_forward_bytes'])}) "
+            f"| {_mib(h['peak_step_bytes'])} ({_mib(h['peak_forward_bytes'])}) "
+            f"| {r['loader_share'] * 100:.2g}% |")
     lines.append("")
     lines += [f"MFU peak for {r['size']}: {r['peak_flops'] / 1e9:,.0f} GFLOP/s "
               f"({r['peak_source']})." for r in rows]
+    return lines
+
+
+def _profile_table(r: dict) -> list[str]:
+    prof = r["profile"]
+    total = {name: sum(p.values()) for name, p in prof.items()}
+    lines = [f"Profile of one {r['size']} training step (torch.profiler self time; the profiler "
+             f"slows small ops, so read the shares):", "",
+             "| kind of op | ours | HF |", "|---|---|---|"]
+    for category in prof["ours"]:
+        cells = [f"{prof[n][category] * 1e3:,.0f} ms ({prof[n][category] / total[n]:.0%})"
+                 for n in ("ours", "hf")]
+        lines.append(f"| {category} | {cells[0]} | {cells[1]} |")
+    lines.append(f"| total | {total['ours'] * 1e3:,.0f} ms | {total['hf'] * 1e3:,.0f} ms |")
     return lines
 
 
@@ -62,6 +78,9 @@ def render_markdown(results: dict) -> str:
              f"Command: `{results['command']}`", ""]
     if results["train"]:
         lines += _train_table(results["train"]) + [""]
+        for r in results["train"]:
+            if r.get("profile"):
+                lines += _profile_table(r) + [""]
     if results["experts"]:
         lines += _experts_table(results["experts"]) + [""]
     if results["generate"]:

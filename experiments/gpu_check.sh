@@ -24,7 +24,7 @@ if "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else
   DEVICE=cuda SIZE=demo CHECK=(--size tiny --steps 30) SMOKE=() TINY=(--sizes tiny)
   TRAIN_SHAPE=(--batch 16 --seq 1024) LIMITS=(70 150 70)
 else
-  DEVICE=cpu SIZE=smoke CHECK=(--size smoke --steps 60) SMOKE=(--smoke) TINY=()
+  DEVICE=cpu SIZE=smoke CHECK=(--size smoke --steps 20 --lr 1e-2) SMOKE=(--smoke) TINY=()
   TRAIN_SHAPE=() LIMITS=(180 240 120)
 fi
 

@@ -23,6 +23,8 @@ class Dispatch:
     counts: torch.Tensor  # [E] long, kept assignments per expert (sums to M)
     routed_counts: torch.Tensor  # [E] long, assignments per expert before the capacity cut
     num_dropped: torch.Tensor  # scalar long
+    # [N*k] long, inverse permutation of `assignment`; None with a capacity (nothing to invert)
+    inverse: Optional[torch.Tensor] = None
 
 
 def dispatch(experts: torch.Tensor, num_experts: int,
@@ -33,7 +35,11 @@ def dispatch(experts: torch.Tensor, num_experts: int,
     sorted_expert, assignment = flat.sort(stable=True)
     routed_counts = torch.bincount(flat, minlength=num_experts)
     counts = routed_counts
-    if capacity_factor is not None:
+    inverse = None
+    if capacity_factor is None:
+        positions = torch.arange(flat.numel(), device=flat.device)
+        inverse = torch.empty_like(assignment).scatter_(0, assignment, positions)
+    else:
         capacity = math.ceil(capacity_factor * num_tokens * top_k / num_experts)
         first_of_expert = routed_counts.cumsum(0) - routed_counts  # [E]
         rank = torch.arange(flat.numel(), device=flat.device) - first_of_expert[sorted_expert]
@@ -45,4 +51,5 @@ def dispatch(experts: torch.Tensor, num_experts: int,
         counts=counts,
         routed_counts=routed_counts,
         num_dropped=routed_counts.sum() - counts.sum(),
+        inverse=inverse,
     )

@@ -1,10 +1,10 @@
 """E SwiGLU experts stored as stacked weights, applied to expert-sorted rows.
 
-One [E, ...] parameter per projection means 64 experts cost the same number of kernels as 8:
-`torch._grouped_mm` multiplies each contiguous slice of rows by its expert's matrix in one call.
-Where it is unavailable or unsupported (old torch, unaligned shapes, non-bf16 CUDA), a loop over
-the experts that received rows does the same product.
-"""
+One [E, ...] parameter per projection: `torch._grouped_mm` multiplies each contiguous slice of rows
+by its expert's matrix in one call, so Python does the same work for 64 experts as for 8 (one
+kernel on CUDA; on CPU torch still runs one matrix product per expert inside the call). Where it
+is unavailable or unsupported (old torch, unaligned shapes, non-bf16 CUDA, non-bf16 under
+torch.compile), a loop over the experts that received rows does the same product."""
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,8 @@ def _aligned(t: torch.Tensor) -> bool:
 def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype:
         return False
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+        return False  # its fake-tensor kernel, which compilation runs, accepts bf16 only
     if x.device.type == "cuda":
         ok_device = x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
     else:
@@ -52,6 +54,12 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [M, hidden] rows sorted by expert, counts [E] -> [M, hidden] (row m via its expert)."""
+        # autocast does not cover _grouped_mm: cast as it would for a linear layer, so bf16
+        # autocast runs the bf16 grouped kernel (the only one on CUDA) instead of the loop
+        device_type = x.device.type
+        dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                 else x.dtype)
+        w_gate_up, w_down = self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
         offsets = counts.cumsum(0, dtype=torch.int32)  # [E]
-        gate, up = grouped_matmul(x, self.gate_up_proj, offsets).chunk(2, dim=-1)
-        return grouped_matmul(F.silu(gate) * up, self.down_proj, offsets)
+        gate, up = grouped_matmul(x.to(dtype), w_gate_up, offsets).chunk(2, dim=-1)
+        return grouped_matmul(F.silu(gate) * up, w_down, offsets)

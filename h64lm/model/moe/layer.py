@@ -14,6 +14,7 @@ from ..mlp import SwiGLU
 from .dispatch import dispatch
 from .experts import Experts
 from .losses import router_z_loss, switch_load_balancing_loss
+from .permute import gather_tokens, permute_rows
 from .router import TopKRouter
 
 __all__ = ["MoELayer"]
@@ -40,13 +41,17 @@ class MoELayer(nn.Module):
         routing = self.router(tokens)
         plan = dispatch(routing.experts, self.num_experts, self.capacity_factor)
         gate = routing.weights.reshape(-1)[plan.assignment].to(x.dtype)  # [M]
-        # index_select: its backward is an index_add, cheaper than advanced indexing's index_put
-        x_sorted = tokens.index_select(0, plan.token)  # [M, hidden]
-        y_sorted = self.experts(x_sorted, plan.counts) * gate[:, None]  # [M, hidden]
         num_assignments = routing.experts.numel()
-        per_assignment = tokens.new_zeros(num_assignments, hidden).index_copy(
-            0, plan.assignment, y_sorted)  # [N*k, hidden], zero rows where dropped
-        y = per_assignment.view(-1, self.top_k, hidden).sum(dim=1)  # [N, hidden]
+        if plan.inverse is not None:  # dropless: M = N*k, gathers both ways
+            x_sorted = gather_tokens(tokens, plan.assignment, plan.inverse, self.top_k)
+            y_sorted = self.experts(x_sorted, plan.counts) * gate[:, None]  # [N*k, hidden]
+            per_assignment = permute_rows(y_sorted, plan.inverse, plan.assignment)
+        else:
+            x_sorted = tokens.index_select(0, plan.token)  # [M, hidden]
+            y_sorted = self.experts(x_sorted, plan.counts) * gate[:, None]  # [M, hidden]
+            per_assignment = tokens.new_zeros(num_assignments, hidden).index_copy(
+                0, plan.assignment, y_sorted)  # zero rows where dropped
+        y = per_assignment.view(-1, self.top_k, hidden).sum(dim=1)  # [N*k, hidden] -> [N, hidden]
         if self.shared is not None:
             y = y + self.shared(tokens)
         if not with_stats:
