@@ -23,7 +23,6 @@ __all__ = [
     "BALANCE_TAIL",
     "RunInfo",
     "find_run_dirs",
-    "flatten_config",
     "read_run",
     "run_state",
     "summarise",
@@ -132,17 +131,6 @@ def read_run(run_dir: Path, sweep_dir: Path) -> RunInfo:
         summary=_read_json(run_dir / "summary.json"),
         wandb_id=_wandb_id(run_dir),
     )
-
-
-def flatten_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, dict):
-            out.update(flatten_config(v, key))
-        else:
-            out[key] = v
-    return out
 
 
 def varying_keys(mappings: list[dict[str, Any]]) -> list[str]:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from experiments.report_runs import RunInfo, flatten_config, varying_keys
+from experiments.report_runs import RunInfo, varying_keys
+from h64lm.train.wandb_sink import flatten
 
 __all__ = ["UNGROUPED_KEYS", "build_wandb_report", "groupby_keys", "server_problem"]
 
@@ -25,7 +26,7 @@ def groupby_keys(runs: list[RunInfo]) -> list[str]:
     The W&B sink logs the config flattened ("model.num_experts"), which W&B stores as a flat
     dotted key, so the backend path is `config.<dotted key>.value`.
     """
-    flat = [flatten_config(r.config) for r in runs]
+    flat = [flatten(r.config) for r in runs]
     return [f"config.{k}.value" for k in varying_keys(flat) if k not in UNGROUPED_KEYS]
 
 

@@ -2,6 +2,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -12,3 +14,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SHARED = ROOT.parent / "shared"
 WIKITEXT2_VALID = SHARED / "data" / "wikitext-2" / "valid.txt"
+
+
+@pytest.fixture(scope="session")
+def isolated_cache(tmp_path_factory) -> Path:
+    """One token/tokenizer cache for the session, inherited by subprocesses: no test writes to
+    ~/.cache, and the corpora are tokenized once."""
+    path = tmp_path_factory.mktemp("h64lm_cache")
+    previous = os.environ.get("H64LM_CACHE_DIR")
+    os.environ["H64LM_CACHE_DIR"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("H64LM_CACHE_DIR", None)
+    else:
+        os.environ["H64LM_CACHE_DIR"] = previous

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -13,16 +12,8 @@ WIKITEXT2_VALID = Path(__file__).resolve().parents[3] / "shared" / "data" / "wik
 
 
 @pytest.fixture(scope="session")
-def session_cache(tmp_path_factory) -> Path:
-    """One cache folder for the session; also the default, so no test writes to ~/.cache."""
-    path = tmp_path_factory.mktemp("h64lm_cache")
-    previous = os.environ.get("H64LM_CACHE_DIR")
-    os.environ["H64LM_CACHE_DIR"] = str(path)
-    yield path
-    if previous is None:
-        os.environ.pop("H64LM_CACHE_DIR", None)
-    else:
-        os.environ["H64LM_CACHE_DIR"] = previous
+def session_cache(isolated_cache) -> Path:
+    return isolated_cache
 
 
 @pytest.fixture(scope="session")

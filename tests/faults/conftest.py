@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -14,16 +13,8 @@ RUN = ["train.max_steps=8", "train.save_every=2", "train.eval_every=4", "train.k
 
 
 @pytest.fixture(scope="session")
-def fault_cache(tmp_path_factory) -> Path:
-    """A token cache of this session, inherited by every subprocess (nothing lands in ~/.cache)."""
-    path = tmp_path_factory.mktemp("fault_cache")
-    previous = os.environ.get("H64LM_CACHE_DIR")
-    os.environ["H64LM_CACHE_DIR"] = str(path)
-    yield path
-    if previous is None:
-        os.environ.pop("H64LM_CACHE_DIR", None)
-    else:
-        os.environ["H64LM_CACHE_DIR"] = previous
+def fault_cache(isolated_cache) -> Path:
+    return isolated_cache
 
 
 @pytest.fixture(scope="session")
