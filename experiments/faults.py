@@ -40,7 +40,7 @@ import torch
 from h64lm.cli import EXIT_BAD_INPUT, EXIT_CHECKPOINT, run
 from h64lm.config import validate_run
 from h64lm.train import checkpoint as ck
-from h64lm.train.loop import TrainingDiverged
+from h64lm.train.control import TrainingDiverged
 from tests.faults.cases import BAD_CONFIGS, bad_data_cases, write_bad_files
 from tests.faults.inject import poison_training_forward
 from tests.faults.procs import (

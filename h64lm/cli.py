@@ -38,7 +38,7 @@ def _hydra_run_info() -> tuple[Path, list[str], str | None]:
 
 def main(cfg: DictConfig) -> float | None:
     """Hydra's task function: run, turning expected failures into one line and an exit code."""
-    from h64lm.train.loop import TrainingDiverged, TrainingStopped
+    from h64lm.train.control import TrainingDiverged, TrainingStopped
 
     try:
         run_dir, overrides, sweep_dir = _hydra_run_info()

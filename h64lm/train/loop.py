@@ -12,7 +12,6 @@ import contextlib
 import json
 import math
 import os
-import random
 import resource
 import signal
 import socket
@@ -20,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -44,6 +42,13 @@ from h64lm.train.checkpoint import (
     resolve_checkpoint_path,
     save_weights,
 )
+from h64lm.train.control import (
+    SignalFlag,
+    TrainingDiverged,
+    TrainingStopped,
+    rng_state,
+    set_rng_state,
+)
 from h64lm.train.distributed import Dist, seed_everything
 from h64lm.train.evaluate import evaluate, sample_continuations
 from h64lm.train.metrics import History, MetricsFile, plot_run, read_metrics
@@ -52,67 +57,7 @@ from h64lm.train.optim import build_optimizer, build_scheduler
 from h64lm.train.precision import resolve_precision
 from h64lm.train.wandb_sink import WandbSink, wandb_group
 
-__all__ = ["Trainer", "TrainingStopped", "TrainingDiverged"]
-
-
-class TrainingStopped(Exception):
-    """A SIGINT/SIGTERM arrived; a checkpoint was saved. Exit code: 128 + signal number."""
-
-    def __init__(self, signum: int, checkpoint: Path):
-        self.signum, self.checkpoint = signum, checkpoint
-        name = signal.Signals(signum).name
-        super().__init__(
-            f"{name} received: saved {checkpoint}; continue with train.resume=auto "
-            f"hydra.run.dir={checkpoint.parent.parent}"
-        )
-
-
-class TrainingDiverged(Exception):
-    """Too many non-finite steps in a row; the last good state was saved."""
-
-
-class _SignalFlag:
-    """Turns SIGINT/SIGTERM into a flag the loop checks once per step (a second SIGINT kills)."""
-
-    def __init__(self):
-        self.signum = 0
-        self._previous = {}
-
-    def __enter__(self):
-        for s in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):  # not the main thread: no handlers
-                self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-
-    def __exit__(self, *exc):
-        for s, h in self._previous.items():
-            signal.signal(s, h)
-
-
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+__all__ = ["Trainer"]
 
 
 def _memory_gb(device: torch.device) -> float:
@@ -206,7 +151,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.loader.load_state_dict(state["loader"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.skipped_steps = state["skipped_steps"]
         self.history = History(state["history"])
@@ -222,7 +167,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "loader": self.loader.state_dict(),
-            "rng": _rng_state(),
+            "rng": rng_state(),
             "config": OmegaConf.to_yaml(self.cfg, resolve=True),
             "overrides": list(self.overrides),
             "history": self.history.data,
@@ -351,7 +296,7 @@ class Trainer:
         exit_code, state = 1, "failed"
         self._write_status("running")
         try:
-            with _SignalFlag() as signals:
+            with SignalFlag() as signals:
                 while self.step < t.max_steps:
                     start = time.perf_counter()
                     record = self.train_step(stop_requested=bool(signals.signum))
