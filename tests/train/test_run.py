@@ -141,3 +141,18 @@ def test_mixed_precision_runs_train_and_lower_the_loss(tmp_path, corpus, precisi
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     # fp16 trains through a loss scaler whose state is checkpointed; bf16 needs none.
     assert bool(state["scaler"]) == (precision == "fp16")
+
+
+@pytest.mark.slow  # compiling on 2 CPU cores takes ~40 s
+def test_compiled_training_matches_eager(tmp_path, corpus):
+    base = FAST + ["data=text", f"data.path={corpus}", "train.max_steps=2", "train.eval_every=2",
+                   "train.save_every=2", "train.sample_tokens=0"]
+    run(compose_cfg(base), tmp_path / "eager", base)
+    compiled = base + ["hardware.compile=true"]
+    run(compose_cfg(compiled), tmp_path / "compiled", compiled)
+    eager = read_metrics(tmp_path / "eager" / "metrics.jsonl")
+    comp = read_metrics(tmp_path / "compiled" / "metrics.jsonl")
+    for a, b in zip(eager, comp):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+    keys = torch.load(tmp_path / "compiled" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert not any("_orig_mod" in k for k in keys)  # checkpoints hold the plain model's names
