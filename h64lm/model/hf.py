@@ -10,7 +10,7 @@ import torch
 from .config import H64LMConfig
 from .model import H64LMForCausalLM
 
-__all__ = ["mixtral_config", "to_hf_mixtral"]
+__all__ = ["copy_attention_and_norms", "mixtral_config", "to_hf_mixtral"]
 
 
 def mixtral_config(config: H64LMConfig, **overrides):
@@ -43,22 +43,16 @@ def mixtral_config(config: H64LMConfig, **overrides):
 
 
 @torch.no_grad()
-def to_hf_mixtral(model: H64LMForCausalLM, **config_overrides):
-    """A `MixtralForCausalLM` computing the same function as `model` (on its device and dtype).
+def copy_attention_and_norms(model: H64LMForCausalLM, hf) -> None:
+    """Copy what every Llama-family HF model shares with ours: embeddings, norms, attention, head.
 
-    Ours stores fused W_qkv and experts as x @ W ([E, d, 2I], [E, I, d]); Mixtral stores separate
-    q/k/v and experts as x @ W^T ([E, 2I, d], [E, d, I]): the copy splits and transposes.
+    Ours stores a fused W_qkv; HF stores separate q/k/v projections, so the copy splits it.
     """
-    from transformers import MixtralForCausalLM
-
     cfg = model.config
-    hf = MixtralForCausalLM(mixtral_config(cfg, **config_overrides))
-    param = next(model.parameters())
-    hf.to(device=param.device, dtype=param.dtype)
     q_dim, kv_dim = cfg.num_attention_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     hf.model.embed_tokens.weight.copy_(model.embed_tokens.weight)
     hf.model.norm.weight.copy_(model.norm.weight)
-    if not cfg.tie_word_embeddings:
+    if hf.lm_head.weight is not hf.model.embed_tokens.weight:
         hf.lm_head.weight.copy_(model.lm_head.weight)
     for block, layer in zip(model.layers, hf.model.layers):
         layer.input_layernorm.weight.copy_(block.attn_norm.weight)
@@ -68,6 +62,22 @@ def to_hf_mixtral(model: H64LMForCausalLM, **config_overrides):
         layer.self_attn.k_proj.weight.copy_(k)
         layer.self_attn.v_proj.weight.copy_(v)
         layer.self_attn.o_proj.weight.copy_(block.attn.o_proj.weight)
+
+
+@torch.no_grad()
+def to_hf_mixtral(model: H64LMForCausalLM, **config_overrides):
+    """A `MixtralForCausalLM` computing the same function as `model` (on its device and dtype).
+
+    Ours stores experts as x @ W ([E, d, 2I], [E, I, d]); Mixtral as x @ W^T ([E, 2I, d],
+    [E, d, I]): the copy transposes them.
+    """
+    from transformers import MixtralForCausalLM
+
+    hf = MixtralForCausalLM(mixtral_config(model.config, **config_overrides))
+    param = next(model.parameters())
+    hf.to(device=param.device, dtype=param.dtype)
+    copy_attention_and_norms(model, hf)
+    for block, layer in zip(model.layers, hf.model.layers):
         layer.mlp.gate.weight.copy_(block.ffn.router.weight)
         layer.mlp.experts.gate_up_proj.copy_(block.ffn.experts.gate_up_proj.transpose(1, 2))
         layer.mlp.experts.down_proj.copy_(block.ffn.experts.down_proj.transpose(1, 2))

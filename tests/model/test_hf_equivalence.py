@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from h64lm.model import H64LMConfig, H64LMForCausalLM
-from h64lm.model.hf import to_hf_mixtral
+from h64lm.model.hf import copy_attention_and_norms, to_hf_mixtral
 
 ROPE_THETA = 10000.0
 
@@ -20,22 +20,6 @@ def _hf_kwargs(cfg):
                 rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=False,
                 rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
 
-
-def _copy_common(ours: H64LMForCausalLM, hf) -> None:
-    cfg = ours.config
-    q_dim = cfg.num_attention_heads * cfg.head_dim
-    kv_dim = cfg.num_kv_heads * cfg.head_dim
-    hf.model.embed_tokens.weight.copy_(ours.embed_tokens.weight)
-    hf.model.norm.weight.copy_(ours.norm.weight)
-    hf.lm_head.weight.copy_(ours.lm_head.weight)
-    for block, layer in zip(ours.layers, hf.model.layers):
-        layer.input_layernorm.weight.copy_(block.attn_norm.weight)
-        layer.post_attention_layernorm.weight.copy_(block.ffn_norm.weight)
-        q, k, v = block.attn.qkv_proj.weight.split((q_dim, kv_dim, kv_dim))
-        layer.self_attn.q_proj.weight.copy_(q)
-        layer.self_attn.k_proj.weight.copy_(k)
-        layer.self_attn.v_proj.weight.copy_(v)
-        layer.self_attn.o_proj.weight.copy_(block.attn.o_proj.weight)
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -70,7 +54,7 @@ def test_matches_llama_without_moe(small_model):
     cfg = ours.config
     hf = LlamaForCausalLM(LlamaConfig(**_hf_kwargs(cfg), intermediate_size=cfg.intermediate_size,
                                       attention_bias=False, mlp_bias=False)).eval()
-    _copy_common(ours, hf)
+    copy_attention_and_norms(ours, hf)
     for block, layer in zip(ours.layers, hf.model.layers):
         gate, up = block.ffn.gate_up_proj.weight.chunk(2)
         layer.mlp.gate_proj.weight.copy_(gate)
