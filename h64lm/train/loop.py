@@ -200,26 +200,28 @@ class Trainer:
                 dropped[r["layer"]] = dropped.get(r["layer"], 0) + r["dropped"].detach().float() / accum
 
         # One collective carries what every rank must agree on: losses, the bad-step flag, a stop.
-        flags = torch.tensor([float(not torch.isfinite(parts[0])), float(stop_requested)], device=d.device)
+        flags = torch.stack([(~torch.isfinite(parts[0])).float(),  # stays on the device: no sync
+                             torch.tensor(float(stop_requested), device=d.device)])
         layer_ids = sorted(loads)
         packed = torch.cat([parts, flags] + [torch.cat([loads[i], dropped[i].view(1)]) for i in layer_ids])
         if d.enabled:
             torch.distributed.all_reduce(packed)
             packed[:4] /= d.world_size
             packed[6:] /= d.world_size
-        parts, (bad_loss, stop) = packed[:4], (packed[4] > 0, packed[5] > 0)
+        values = packed.tolist()  # the step's one device -> host copy
+        bad_loss, stop = values[4] > 0, values[5] > 0
 
         self.scaler.unscale_(self.optimizer)
         clip = self.ocfg.grad_clip if self.ocfg.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         if self.precision.name == "fp16":
             # The scaler skips updates whose gradients overflowed and lowers its scale: routine in
             # fp16, not a bad step. A non-finite loss is.
-            bad = bool(bad_loss)
+            bad = bad_loss
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            bad = bool(bad_loss) or not bool(torch.isfinite(grad_norm))
+            bad = bad_loss or not math.isfinite(grad_norm)
             if not bad:
                 self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -231,19 +233,19 @@ class Trainer:
         self.bad_in_a_row = self.bad_in_a_row + 1 if bad else 0
 
         record = {"step": self.step, "tokens": self.tokens_seen}
-        record.update(zip(("loss", "ce", "aux", "z"), parts.tolist()))
-        record.update(lr=lr, grad_norm=float(grad_norm), skipped_steps=self.skipped_steps)
+        record.update(zip(("loss", "ce", "aux", "z"), values[:4]))
+        record.update(lr=lr, grad_norm=grad_norm, skipped_steps=self.skipped_steps)
         offset, n_exp = 6, self.mcfg.num_experts
         record["router"] = {}
         for i in layer_ids:
-            load = packed[offset : offset + n_exp]
+            load = values[offset : offset + n_exp]
             record["router"][str(i)] = {
-                "load": [round(v, 5) for v in load.tolist()],
-                "dropped": float(packed[offset + n_exp]),
-                "load_max_over_mean": float(load.max() * n_exp),
+                "load": [round(v, 5) for v in load],
+                "dropped": values[offset + n_exp],
+                "load_max_over_mean": max(load) * n_exp,
             }
             offset += n_exp + 1
-        record["_stop"] = bool(stop)
+        record["_stop"] = stop
         return record
 
     # ----------------------------------------------------------------------------- evaluation

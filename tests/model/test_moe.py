@@ -172,7 +172,7 @@ def test_permutation_gathers_pass_gradcheck():
     assignment = torch.randperm(n * top_k)
     inverse = torch.empty_like(assignment).scatter_(0, assignment, torch.arange(n * top_k))
     tokens = torch.randn(n, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: gather_tokens(t, assignment, inverse, top_k),
+    assert torch.autograd.gradcheck(lambda t: gather_tokens(t, assignment // top_k, inverse, top_k),
                                     (tokens,))
     rows = torch.randn(n * top_k, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda r: permute_rows(r, inverse, assignment), (rows,))

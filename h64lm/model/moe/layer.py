@@ -43,7 +43,7 @@ class MoELayer(nn.Module):
         gate = routing.weights.reshape(-1)[plan.assignment].to(x.dtype)  # [M]
         num_assignments = routing.experts.numel()
         if plan.inverse is not None:  # dropless: M = N*k, gathers both ways
-            x_sorted = gather_tokens(tokens, plan.assignment, plan.inverse, self.top_k)
+            x_sorted = gather_tokens(tokens, plan.token, plan.inverse, self.top_k)
             y_sorted = self.experts(x_sorted, plan.counts) * gate[:, None]  # [N*k, hidden]
             per_assignment = permute_rows(y_sorted, plan.inverse, plan.assignment)
         else:

@@ -39,11 +39,12 @@ class _PermuteRows(torch.autograd.Function):
         return grad_out.index_select(0, inverse), None, None
 
 
-def gather_tokens(tokens: torch.Tensor, assignment: torch.Tensor, inverse: torch.Tensor,
+def gather_tokens(tokens: torch.Tensor, token_index: torch.Tensor, inverse: torch.Tensor,
                   top_k: int) -> torch.Tensor:
-    """tokens [N, d]; assignment [N*k] (expert order -> flat assignment n*k + j), inverse [N*k]
-    (its inverse permutation) -> [N*k, d], row m = tokens[assignment[m] // k]."""
-    return _GatherTokens.apply(tokens, assignment // top_k, inverse, top_k)
+    """tokens [N, d]; token_index [N*k] (the source token of each assignment in expert order,
+    `Dispatch.token`), inverse [N*k] (the inverse of the expert-order permutation) -> [N*k, d],
+    row m = tokens[token_index[m]]."""
+    return _GatherTokens.apply(tokens, token_index, inverse, top_k)
 
 
 def permute_rows(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
