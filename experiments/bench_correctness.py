@@ -17,9 +17,6 @@ import os
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch

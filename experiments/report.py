@@ -20,9 +20,6 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from experiments.report_runs import (
     BALANCE_TAIL,
     RunInfo,

@@ -9,164 +9,125 @@ instead of the one line.
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from h64lm.config import ConfigError, validate_run
-from h64lm.train.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint_path
-from h64lm.train.distributed import Dist, broadcast_object, init_distributed
+from h64lm.config import RunConfig, build_run_config
+from h64lm.console import Tee, final_summary_line
+from h64lm.train.checkpoint import CheckpointError
+from h64lm.train.control import TrainingDiverged, TrainingStopped
+from h64lm.train.distributed import Dist, PeerFailure, broadcast_object, init_distributed, is_peer_failure
+from h64lm.train.rundir import RunDirLock, adopt_launch_record, discard_launch
+from h64lm.train.wandb_sink import check_can_log
+from h64lm.validation import ConfigError
 
-__all__ = ["main", "run", "load_trained_model"]
+__all__ = ["main", "run", "EXIT_CODES"]
 
 EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_CHECKPOINT, EXIT_PEER = 2, 3, 4, 5
+EXIT_CODES = [
+    (TrainingDiverged, EXIT_DIVERGED),
+    (CheckpointError, EXIT_CHECKPOINT),
+    (PeerFailure, EXIT_PEER),
+    ((ConfigError, ValueError, FileNotFoundError, PermissionError), EXIT_BAD_INPUT),
+]
 
 
-def _hydra_run_info() -> tuple[Path, list[str], str | None]:
+def _hydra_run_info() -> tuple[Path, list[str], str | None, Path | None]:
+    """(run directory, command-line overrides, sweep directory, this launch's record folder)."""
     hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
     sweep_dir = hc.sweep.dir if hc.mode == RunMode.MULTIRUN else None
-    return Path(hc.runtime.output_dir), list(hc.overrides.task), sweep_dir
+    return run_dir, list(hc.overrides.task), sweep_dir, run_dir / hc.output_subdir if hc.output_subdir else None
 
 
 def main(cfg: DictConfig) -> float | None:
     """Hydra's task function: run, turning expected failures into one line and an exit code."""
-    from h64lm.train.control import TrainingDiverged, TrainingStopped
-
-    try:
-        run_dir, overrides, sweep_dir = _hydra_run_info()
-        return run(cfg, run_dir, overrides, sweep_dir)
-    except Exception as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+    run_dir, overrides, sweep_dir, launch_dir = _hydra_run_info()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    created = not any(p for p in run_dir.rglob("*") if p.is_file() and launch_dir not in p.parents)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    log_file = open(run_dir / "run.log", "a") if is_main else None
+    with Tee(log_file) if log_file else contextlib.nullcontext():
+        try:
+            return run(build_run_config(cfg), run_dir, overrides, sweep_dir, launch_dir)
+        except TrainingStopped as e:
+            print(str(e), file=sys.stderr, flush=True)
+            sys.exit(128 + e.signum)
+        except Exception as e:
+            if getattr(e, "refused", False) and is_main:
+                discard_launch(run_dir, launch_dir, created)
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            for kinds, code in EXIT_CODES:
+                if isinstance(e, kinds):
+                    print(f"error: {e}", file=sys.stderr, flush=True)
+                    sys.exit(code)
             raise
-        codes = [
-            (TrainingStopped, 128 + getattr(e, "signum", 15)),
-            (TrainingDiverged, EXIT_DIVERGED),
-            (CheckpointError, EXIT_CHECKPOINT),
-            (PeerFailure, EXIT_PEER),
-            ((ConfigError, ValueError, FileNotFoundError, PermissionError), EXIT_BAD_INPUT),
-        ]
-        for kinds, code in codes:
-            if isinstance(e, kinds):
-                print(f"error: {e}" if code < 128 else str(e), file=sys.stderr, flush=True)
-                sys.exit(code)
+
+
+def run(run_cfg: RunConfig, run_dir: Path, overrides: list[str], sweep_dir: str | None = None,
+        launch_dir: Path | None = None) -> Any:
+    """One run without Hydra's runtime (tests call this directly). An exception raised before
+    training starts is marked `refused`: the launch then leaves the run directory as it was."""
+    try:
+        if run_cfg.mode == "train":
+            check_can_log(run_cfg.logger)
+        d = init_distributed(run_cfg.hardware)
+    except Exception as e:
+        e.refused = True
         raise
-
-
-def run(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep_dir: str | None = None) -> Any:
-    """One run without Hydra's runtime (tests call this directly)."""
-    parts = validate_run(cfg)  # every key checked before anything expensive happens
-    d = init_distributed(parts["hardware"])
     try:
         run_dir = Path(broadcast_object(str(run_dir), d))
+        if run_cfg.mode == "train":
+            return _train(run_cfg, run_dir, overrides, sweep_dir, launch_dir, d)
         if d.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.mode == "train":
-            from h64lm.train.loop import Trainer
+            adopt_launch_record(run_dir, launch_dir)
+        from h64lm.modes import evaluate_checkpoint, generate_from_checkpoint
 
-            summary = Trainer(cfg, parts, run_dir, overrides, d, sweep_dir).fit()
-            if d.is_main:
-                (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-            return summary["best_val_loss"]
-        if cfg.mode == "eval":
-            return _evaluate_checkpoint(cfg, parts, run_dir, overrides, d)
-        return _generate(cfg, parts, run_dir, d)
+        if run_cfg.mode == "eval":
+            return evaluate_checkpoint(run_cfg, run_dir, overrides, d)
+        return generate_from_checkpoint(run_cfg, run_dir, d)
     except RuntimeError as e:
-        if d.enabled and _is_peer_failure(e):
+        if d.enabled and is_peer_failure(e):
             raise PeerFailure(
                 f"another process of this job failed ({str(e).strip().splitlines()[0][:120]}); "
-                "rerun the job with train.resume=auto to continue from the last checkpoint"
-            ) from e
+                "rerun the job with train.resume=auto to continue from the last checkpoint") from e
         raise
     finally:
         d.shutdown()
 
 
-class PeerFailure(RuntimeError):
-    """A collective failed because another rank died; this rank's state is not at fault."""
+def _train(run_cfg: RunConfig, run_dir: Path, overrides: list[str], sweep_dir: str | None,
+           launch_dir: Path | None, d: Dist) -> float:
+    from h64lm.train.loop import Trainer
 
-
-def _is_peer_failure(e: RuntimeError) -> bool:
-    text = str(e)
-    return isinstance(e, torch.distributed.DistError) or any(
-        s in text for s in ("closed by peer", "reset by peer", "Broken pipe", "timed out", "Timeout")
-    )
-
-
-def load_trained_model(checkpoint: str | Path, device: torch.device):
-    """(model, saved run config) from a checkpoint file or a run directory."""
-    from h64lm.model import H64LMConfig, H64LMForCausalLM
-    from h64lm.train.checkpoint import load_model_state
-
-    path = resolve_checkpoint_path(checkpoint)
-    sidecar = path.with_name(path.name + ".sha256")
-    state = load_checkpoint(path, verify=sidecar.exists())
-    saved = OmegaConf.create(state["config"])
-    model = H64LMForCausalLM(H64LMConfig(**OmegaConf.to_container(saved.model, resolve=True)))
-    load_model_state(model, state["model"])
-    return model.to(device).eval(), saved
-
-
-def _data_for_eval(cfg: DictConfig, parts: dict, saved: DictConfig, overrides: list[str]):
-    """The run's own data unless the command line names other data; a `text` file is read whole."""
-    from h64lm.config import to_dataclass
-    from h64lm.data import DataConfig
-
-    if not any(o.lstrip("+~").startswith("data") for o in overrides):
-        return to_dataclass(saved.data, DataConfig, "data")
-    data = parts["data"]
-    if data.name == "text" and data.path and not data.val_path:
-        data = dataclasses.replace(data, val_path=data.path, val_windows=None)
-    return data
-
-
-def _evaluate_checkpoint(cfg, parts, run_dir: Path, overrides: list[str], d: Dist) -> float:
-    from h64lm.data import check_vocab, load_tokenizer, prepare_corpus, validation_windows
-    from h64lm.train.evaluate import evaluate
-    from h64lm.train.precision import resolve_precision
-
-    model, saved = load_trained_model(cfg.checkpoint, d.device)
-    data = _data_for_eval(cfg, parts, saved, overrides)
-    tokenizer = load_tokenizer(data)
-    check_vocab(tokenizer, model.config.vocab_size)
-    corpus = prepare_corpus(data, tokenizer)
-    windows = validation_windows(corpus.val, data.seq_len, data.val_windows)
-    precision = resolve_precision(parts["hardware"].precision, d.device)
-    loss, ppl = evaluate(model, windows, parts["train"].batch_size, precision, d)
-    result = {"checkpoint": str(cfg.checkpoint), "data": data.name, "seq_len": data.seq_len,
-              "windows": len(windows), "tokens": len(windows) * data.seq_len,
-              "val_loss": loss, "val_ppl": ppl}
-    if d.is_main:
-        print(f"val_loss {loss:.4f}  val_ppl {ppl:.2f}  ({result['tokens']} tokens of {data.name})")
-        (run_dir / "eval.json").write_text(json.dumps(result, indent=1))
-    return loss
-
-
-def _generate(cfg, parts, run_dir: Path, d: Dist) -> None:
-    from h64lm.config import to_dataclass
-    from h64lm.data import DataConfig, load_tokenizer
-    from h64lm.train.evaluate import sample_continuations
-
-    model, saved = load_trained_model(cfg.checkpoint, d.device)
-    tokenizer = load_tokenizer(to_dataclass(saved.data, DataConfig, "data"))
-    gen, train = parts["gen"], parts["train"]
-    prompts = [cfg.prompt] if cfg.prompt else list(train.sample_prompts)
-    lines = []
-    for i in range(gen.num_samples):
-        texts = sample_continuations(
-            model, tokenizer, prompts, gen.max_new_tokens, d.device, temperature=gen.temperature,
-            top_k=gen.top_k, top_p=gen.top_p, repetition_penalty=gen.repetition_penalty,
-            seed=gen.seed + i,
-        )
-        lines += [f"{p}{t}" for p, t in zip(prompts, texts)]
-    if d.is_main:
-        for line in lines:
-            print(line + "\n")
-        (run_dir / "generations.txt").write_text("\n\n".join(lines) + "\n")
+    lock = RunDirLock(run_dir) if d.is_main else contextlib.nullcontext()
+    try:
+        if d.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+        trainer = Trainer(run_cfg, run_dir, overrides, d, sweep_dir)
+    except Exception as e:
+        e.refused = True
+        if d.is_main:
+            lock.release()
+        raise
+    try:
+        if d.is_main:
+            adopt_launch_record(run_dir, launch_dir)
+        summary = trainer.fit()
+        if d.is_main:
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            print(final_summary_line(run_dir, summary), flush=True)
+        return summary["best_val_loss"]
+    finally:
+        if d.is_main:
+            lock.release()

@@ -1,30 +1,30 @@
-"""Config schemas of one run and their registration in Hydra's ConfigStore.
+"""The run's typed configuration: one `RunConfig` from composition to every line that reads it.
 
-Each config group (`conf/<group>/*.yaml`) lists its schema first in its defaults list
-(`base_model`, `base_data`, `base_optim`, `base_hardware`, `base_logger`), so a typo such as
-`model.hiden_size=1` fails when Hydra composes. `+group.key=...` overrides bypass that check;
-`to_dataclass` catches them before any expensive work starts.
+Defaults live in these dataclasses (and in `H64LMConfig`, `DataConfig`); a YAML option under `conf/`
+holds only what makes that option different. `RunConfig` is the schema of the primary config
+(`conf/config.yaml` lists `base_config` first), so Hydra rejects a typo such as
+`model.hiden_size=1` while composing, and `build_run_config` turns the composed `DictConfig` into
+`RunConfig` with `OmegaConf.to_object` (every `__post_init__` runs: each field's range, then the
+rules between fields) after rejecting keys that `+group.key=...` slipped past the schema.
+`python run.py --cfg job` prints the composed config.
 
-Where each key is consumed:
-  model.*     h64lm/model/config.py (H64LMConfig)      data.*   h64lm/data/config.py (DataConfig)
-  train.*     h64lm/train/loop.py                      optim.*  h64lm/train/optim.py
-  hardware.*  h64lm/train/distributed.py, precision.py logger.* h64lm/train/wandb_sink.py
-  gen.*, prompt, checkpoint, mode: h64lm/cli.py
+Where each group is consumed: see the README's "Where is key X consumed".
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, TypeVar
+from pathlib import Path
+from typing import ClassVar, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from h64lm.data.config import DataConfig
-from h64lm.model.config import H64LMConfig
+from h64lm.model.config import H64LMConfig, check_positions
+from h64lm.validation import ConfigError, bounded, check, validate_fields
 
 __all__ = [
     "TrainConfig",
@@ -33,55 +33,63 @@ __all__ = [
     "LoggerConfig",
     "GenConfig",
     "RunConfig",
-    "register_configs",
-    "to_dataclass",
     "ConfigError",
-    "validate_run",
+    "register_configs",
+    "default_run_dir",
+    "build_run_config",
+    "compose",
+    "CONF_DIR",
+    "run_config_from_yaml",
+    "run_config_yaml",
+    "MODES",
 ]
 
 MODES = ("train", "eval", "generate")
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message names the key to change."""
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 300
-    batch_size: int = 8  # per-device micro-batch, in sequences
-    grad_accum: int = 1
-    # Sequences per optimizer step over all ranks. null: batch_size x grad_accum x world size;
-    # set: grad_accum is derived from it and must divide evenly (validate_run).
-    global_batch_size: Optional[int] = None
-    eval_every: int = 50
-    save_every: int = 100
-    keep_last: int = 2  # step checkpoints kept besides best.pt
-    log_every: int = 1
-    seed: int = 1234
+    config_group: ClassVar[str] = "train"
+
+    max_steps: int = bounded(300, ge=1)
+    batch_size: int = bounded(8, ge=1)  # per-process micro-batch, in sequences
+    grad_accum: int = bounded(1, ge=1)  # micro-batches per optimizer step
+    # Sequences per optimizer step over all processes; grad_accum is derived from it
+    # (`micro_batches_per_step`), so it must divide evenly.
+    global_batch_size: Optional[int] = bounded(None, ge=1, null="batch_size x grad_accum x processes")
+    eval_every: int = bounded(50, ge=1)  # steps between validations (and the last step)
+    save_every: int = bounded(100, ge=1)  # steps between checkpoints (and the last step)
+    keep_last: int = bounded(2, ge=1)  # step checkpoints kept besides best.pt
+    log_every: int = bounded(1, ge=1)  # steps between metrics.jsonl / W&B records
+    seed: int = bounded(1234, ge=0)  # weights, data order, sampling
     resume: Optional[str] = None  # null | auto | a checkpoint file | a run directory
-    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
-    val_batch_size: Optional[int] = None  # defaults to batch_size
+    max_bad_steps: int = bounded(5, ge=1)  # consecutive non-finite steps before the run stops
+    val_batch_size: Optional[int] = bounded(None, ge=1, null="train.batch_size")
     extra_eval_seq_lens: List[int] = field(default_factory=list)  # also validate at these lengths
     sample_prompts: List[str] = field(
-        default_factory=lambda: ["The history of", "In 1998, the", "The city is known for"]
-    )
-    sample_tokens: int = 32
+        default_factory=lambda: ["The history of", "In 1998, the", "The city is known for"])
+    sample_tokens: int = bounded(32, ge=0)  # tokens sampled per prompt at each evaluation; 0: none
 
     def __post_init__(self) -> None:
-        for key in ("max_steps", "batch_size", "grad_accum", "eval_every", "save_every",
-                    "log_every", "keep_last", "max_bad_steps"):
-            _check(getattr(self, key) >= 1, f"train.{key}={getattr(self, key)} must be >= 1")
-        _check(self.global_batch_size is None or self.global_batch_size >= 1,
-               f"train.global_batch_size={self.global_batch_size} must be >= 1 or null")
-        _check(self.sample_tokens >= 0, f"train.sample_tokens={self.sample_tokens} must be >= 0")
-        _check(all(n >= 1 for n in self.extra_eval_seq_lens),
-               f"train.extra_eval_seq_lens={self.extra_eval_seq_lens} must hold lengths >= 1")
+        validate_fields(self)
+        check(all(isinstance(n, int) and n >= 1 for n in self.extra_eval_seq_lens),
+              f"train.extra_eval_seq_lens={self.extra_eval_seq_lens} must hold lengths >= 1")
+
+    def micro_batches_per_step(self, world_size: int) -> int:
+        """grad_accum, or what `global_batch_size` implies at this world size."""
+        if self.global_batch_size is None:
+            return self.grad_accum
+        per_micro_step = self.batch_size * world_size
+        check(self.global_batch_size % per_micro_step == 0,
+              f"train.global_batch_size={self.global_batch_size} is not a multiple of "
+              f"train.batch_size={self.batch_size} x {world_size} process(es) = {per_micro_step}; "
+              "change train.global_batch_size or train.batch_size")
+        accum = self.global_batch_size // per_micro_step
+        check(self.grad_accum in (1, accum),
+              f"train.grad_accum={self.grad_accum} contradicts train.global_batch_size="
+              f"{self.global_batch_size} ({accum} micro-steps); leave train.grad_accum=1")
+        return accum
 
 
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
@@ -89,182 +97,161 @@ SCHEDULES = ("cosine", "linear", "constant", "wsd")
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio (cosine, linear, wsd)
-    weight_decay: float = 0.1  # matrices only: not norms, biases or embeddings
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    warmup_steps: int = 30
-    schedule: str = "cosine"
-    decay_fraction: float = 0.2  # wsd: share of max_steps spent decaying at the end
+    config_group: ClassVar[str] = "optim"
+
+    lr: float = bounded(3e-3, gt=0)  # peak learning rate
+    min_lr_ratio: float = bounded(0.1, ge=0, le=1)  # final lr = lr * min_lr_ratio
+    weight_decay: float = bounded(0.1, ge=0)  # matrices only: not norms, biases or embeddings
+    beta1: float = bounded(0.9, ge=0, lt=1)
+    beta2: float = bounded(0.95, ge=0, lt=1)
+    eps: float = bounded(1e-8, gt=0)
+    grad_clip: float = bounded(1.0, ge=0)  # max global grad norm; 0 disables clipping
+    warmup_steps: int = bounded(30, ge=0)
+    schedule: str = bounded("cosine", choices=SCHEDULES)
+    decay_fraction: float = bounded(0.2, gt=0, le=1)  # wsd: share of the schedule spent decaying
+    # The steps the schedule spans. Set it to a finished run's old train.max_steps when extending
+    # that run, to keep training at the decayed learning rate instead of stretching the schedule.
+    schedule_steps: Optional[int] = bounded(None, ge=1, null="train.max_steps")
 
     def __post_init__(self) -> None:
-        _check(self.lr > 0, f"optim.lr={self.lr} must be > 0")
-        _check(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
-        _check(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0")
-        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)")
-        _check(self.eps > 0, f"optim.eps={self.eps} must be > 0")
-        _check(self.grad_clip >= 0, f"optim.grad_clip={self.grad_clip} must be >= 0 (0 disables)")
-        _check(self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps} must be >= 0")
-        _check(self.schedule in SCHEDULES, f"optim.schedule={self.schedule!r} must be one of {SCHEDULES}")
-        _check(0 < self.decay_fraction <= 1, f"optim.decay_fraction={self.decay_fraction} must be in (0, 1]")
-
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DEVICES = ("auto", "cpu", "cuda")
+        validate_fields(self)
 
 
 @dataclass
 class HardwareConfig:
-    device: str = "auto"  # auto: cuda when available, else cpu
-    precision: str = "auto"  # auto: bf16 on a GPU that supports it, else fp32
+    config_group: ClassVar[str] = "hardware"
+
+    device: str = bounded("auto", choices=("auto", "cpu", "cuda"))  # auto: cuda if available
+    precision: str = bounded("auto", choices=("auto", "fp32", "bf16", "fp16"))  # auto: bf16 on GPU
     compile: bool = False  # torch.compile the model (applied from outside the model code)
     distributed: bool = False  # require a torchrun launch (hardware=ddp)
-    backend: Optional[str] = None  # null: nccl on cuda, gloo on cpu
-    timeout_s: int = 300  # collective timeout: a dead peer ends the job instead of hanging it
-    num_threads: Optional[int] = None  # torch intra-op threads on cpu
-    peak_tflops: Optional[float] = None  # for MFU; null: a table for known GPUs, measured on cpu
+    backend: Optional[str] = bounded(None, choices=("nccl", "gloo"), null="nccl on cuda, gloo on cpu")
+    timeout_s: int = bounded(300, ge=1)  # collective timeout: a dead peer ends the job
+    num_threads: Optional[int] = bounded(None, ge=1, null="torch's default")  # cpu intra-op threads
+    peak_tflops: Optional[float] = bounded(None, gt=0, null="a table for GPUs, measured on cpu")
 
     def __post_init__(self) -> None:
-        _check(self.device in DEVICES, f"hardware.device={self.device!r} must be one of {DEVICES}")
-        _check(self.precision in PRECISIONS,
-               f"hardware.precision={self.precision!r} must be one of {PRECISIONS}")
-        _check(self.backend in (None, "nccl", "gloo"),
-               f"hardware.backend={self.backend!r} must be null, 'nccl' or 'gloo'")
-        _check(self.timeout_s >= 1, f"hardware.timeout_s={self.timeout_s} must be >= 1")
-
-
-LOGGER_MODES = ("auto", "offline", "online", "disabled")
+        validate_fields(self)
 
 
 @dataclass
 class LoggerConfig:
-    name: str = "wandb"  # wandb | none
-    mode: str = "auto"  # auto: online when WANDB_API_KEY is set, else offline
+    config_group: ClassVar[str] = "logger"
+
+    name: str = bounded("wandb", choices=("wandb", "none"))
+    mode: str = bounded("auto", choices=("auto", "offline", "online", "disabled"))  # auto: online with a key
     project: str = "h64lm"
     entity: Optional[str] = None
-    group: Optional[str] = None  # null: the experiment name, else the sweep directory's name
+    group: Optional[str] = None  # W&B group; null: experiment_name, else the sweep directory's name
     tags: List[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        _check(self.name in ("wandb", "none"), f"logger.name={self.name!r} must be 'wandb' or 'none'")
-        _check(self.mode in LOGGER_MODES, f"logger.mode={self.mode!r} must be one of {LOGGER_MODES}")
+        validate_fields(self)
 
 
 @dataclass
 class GenConfig:
-    max_new_tokens: int = 64
-    temperature: float = 0.8  # 0 = greedy
-    top_k: Optional[int] = 50
-    top_p: Optional[float] = 0.95
-    repetition_penalty: float = 1.1
-    num_samples: int = 1
-    seed: int = 0
+    config_group: ClassVar[str] = "gen"
+
+    max_new_tokens: int = bounded(64, ge=1)
+    temperature: float = bounded(0.8, ge=0)  # 0 = greedy
+    top_k: Optional[int] = bounded(50, ge=1, null="no top-k filter")
+    top_p: Optional[float] = bounded(0.95, gt=0, le=1, null="no nucleus filter")
+    repetition_penalty: float = bounded(1.1, gt=0)  # 1 = off
+    num_samples: int = bounded(1, ge=1)
+    seed: int = bounded(0, ge=0)
 
     def __post_init__(self) -> None:
-        _check(self.max_new_tokens >= 1, f"gen.max_new_tokens={self.max_new_tokens} must be >= 1")
-        _check(self.temperature >= 0, f"gen.temperature={self.temperature} must be >= 0")
-        _check(self.top_k is None or self.top_k >= 1, f"gen.top_k={self.top_k} must be >= 1 or null")
-        _check(self.top_p is None or 0 < self.top_p <= 1, f"gen.top_p={self.top_p} must be in (0, 1]")
-        _check(self.repetition_penalty > 0,
-               f"gen.repetition_penalty={self.repetition_penalty} must be > 0")
-        _check(self.num_samples >= 1, f"gen.num_samples={self.num_samples} must be >= 1")
+        validate_fields(self)
 
 
 @dataclass
 class RunConfig:
-    mode: str = "train"  # train | eval | generate
+    config_group: ClassVar[str] = ""  # top-level keys: mode, checkpoint, prompt
+
+    mode: str = bounded("train", choices=MODES)
     checkpoint: Optional[str] = None  # eval/generate: a checkpoint file or a run directory
-    prompt: Optional[str] = None  # generate: the prompt (null: train.sample_prompts)
+    prompt: Optional[str] = None  # generate: the prompt ("" = from BOS); null: train.sample_prompts
     experiment_name: Optional[str] = None  # set by experiment presets; the W&B group
-    model: H64LMConfig = MISSING
-    data: DataConfig = MISSING
-    optim: OptimConfig = MISSING
-    hardware: HardwareConfig = MISSING
-    logger: LoggerConfig = MISSING
+    model: H64LMConfig = field(default_factory=H64LMConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     gen: GenConfig = field(default_factory=GenConfig)
 
+    def __post_init__(self) -> None:
+        validate_fields(self)
+        if self.mode == "train":
+            check_positions(self.model, self.data.seq_len, "data.seq_len")
+            for n in self.train.extra_eval_seq_lens:
+                check_positions(self.model, n, "train.extra_eval_seq_lens")
+            if self.model.sliding_window is not None and self.model.sliding_window >= self.data.seq_len:
+                warnings.warn(
+                    f"model.sliding_window={self.model.sliding_window} >= data.seq_len={self.data.seq_len}: "
+                    "the window masks nothing during training (the original H64LM's 2048 vs 1024 mistake)",
+                    stacklevel=2)
+        else:
+            check(self.checkpoint is not None,
+                  f"mode={self.mode} needs checkpoint=PATH (a checkpoint file or a run directory)")
+
+
+def default_run_dir(mode: str, checkpoint: str | None, stamp: str) -> str:
+    """Where a launch writes: a new `outputs/<stamp>` to train; to evaluate or generate, a folder
+    inside the run that trained the checkpoint, where its results are found later."""
+    if mode == "train" or not checkpoint:
+        return f"outputs/{stamp}"
+    path = Path(checkpoint)
+    run_dir = path if path.is_dir() else path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    return str(run_dir / ("evals" if mode == "eval" else "generations") / stamp.replace("/", "_"))
+
 
 def register_configs() -> None:
-    cs = ConfigStore.instance()
-    cs.store(name="base_config", node=RunConfig)
-    cs.store(group="model", name="base_model", node=H64LMConfig)
-    cs.store(group="data", name="base_data", node=DataConfig)
-    cs.store(group="optim", name="base_optim", node=OptimConfig)
-    cs.store(group="hardware", name="base_hardware", node=HardwareConfig)
-    cs.store(group="logger", name="base_logger", node=LoggerConfig)
+    """`base_config` is the schema of conf/config.yaml; every group is typed through it."""
+    ConfigStore.instance().store(name="base_config", node=RunConfig)
+    OmegaConf.register_new_resolver("h64lm_run_dir", default_run_dir, replace=True)
 
 
-T = TypeVar("T")
+_GROUPS = {"model": H64LMConfig, "data": DataConfig, "optim": OptimConfig, "hardware": HardwareConfig,
+           "logger": LoggerConfig, "train": TrainConfig, "gen": GenConfig}
 
 
-def to_dataclass(node: Any, cls: type[T], prefix: str) -> T:
-    """Build a schema dataclass from a config node, rejecting keys the schema lacks.
-
-    This also catches `+model.typo=1`, which Hydra lets through a structured config.
-    Validation in the dataclass's `__post_init__` raises with the key's full name.
-    """
-    values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+def build_run_config(cfg: DictConfig) -> RunConfig:
+    """The composed config as a validated `RunConfig`, or one `ConfigError` naming the key."""
+    unknown = [k for k in cfg if k not in {f.name for f in dataclasses.fields(RunConfig)}]
+    for group, cls in _GROUPS.items():
+        if group in cfg:
+            valid = {f.name for f in dataclasses.fields(cls)}
+            unknown += [f"{group}.{k}" for k in cfg[group] if k not in valid]
     if unknown:
-        raise ConfigError(
-            f"unknown key(s) {', '.join(f'{prefix}.{k}' for k in unknown)}; "
-            f"valid keys of {prefix}: {', '.join(sorted(names))}"
-        )
-    return cls(**values)
+        group = unknown[0].split(".")[0]
+        valid = sorted(f.name for f in dataclasses.fields(_GROUPS.get(group, RunConfig)))
+        raise ConfigError(f"unknown key(s) {', '.join(unknown)}; valid keys of "
+                          f"{group if group in _GROUPS else 'the run'}: {', '.join(valid)}")
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), cfg))
+    except ConfigError:
+        raise
+    except Exception as e:  # OmegaConf's type errors: one line with the key it names
+        raise ConfigError(str(e).splitlines()[0] + f" ({type(e).__name__})") from e
 
 
-def _with_global_batch(train: TrainConfig, world_size: int) -> TrainConfig:
-    """`train.global_batch_size` split over the ranks and micro-batches, or an error."""
-    if train.global_batch_size is None:
-        return train
-    per_micro_step = train.batch_size * world_size
-    _check(train.global_batch_size % per_micro_step == 0,
-           f"train.global_batch_size={train.global_batch_size} is not a multiple of "
-           f"train.batch_size={train.batch_size} x {world_size} process(es) = {per_micro_step}; "
-           "change train.global_batch_size or train.batch_size")
-    accum = train.global_batch_size // per_micro_step
-    _check(train.grad_accum in (1, accum),
-           f"train.grad_accum={train.grad_accum} contradicts train.global_batch_size="
-           f"{train.global_batch_size} ({accum} micro-steps); leave train.grad_accum=1")
-    return dataclasses.replace(train, grad_accum=accum)
+def compose(overrides: list[str], return_hydra_config: bool = False) -> DictConfig:
+    """conf/config.yaml composed with `overrides`, as `python run.py OVERRIDES` would (for
+    notebooks, tests and programs under experiments/)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose("config", overrides=overrides, return_hydra_config=return_hydra_config)
 
 
-def validate_run(cfg: DictConfig) -> dict[str, Any]:
-    """Turn a composed config into typed, validated parts, before anything expensive runs."""
-    _check(cfg.mode in MODES, f"mode={cfg.mode!r} must be one of {MODES}")
-    parts = {
-        "model": to_dataclass(cfg.model, H64LMConfig, "model"),
-        "data": to_dataclass(cfg.data, DataConfig, "data"),
-        "optim": to_dataclass(cfg.optim, OptimConfig, "optim"),
-        "hardware": to_dataclass(cfg.hardware, HardwareConfig, "hardware"),
-        "logger": to_dataclass(cfg.logger, LoggerConfig, "logger"),
-        "train": to_dataclass(cfg.train, TrainConfig, "train"),
-        "gen": to_dataclass(cfg.gen, GenConfig, "gen"),
-    }
-    model, data = parts["model"], parts["data"]
-    if cfg.mode == "train":
-        for key, length in [("data.seq_len", data.seq_len)] + [
-            ("train.extra_eval_seq_lens", n) for n in parts["train"].extra_eval_seq_lens
-        ]:
-            _check(
-                length <= model.max_position_embeddings or "alibi" in model.position_encoding,
-                f"{key}={length} exceeds model.max_position_embeddings="
-                f"{model.max_position_embeddings} with position_encoding={model.position_encoding!r}; "
-                f"lower {key}, raise model.max_position_embeddings, or use an ALiBi encoding",
-            )
-        parts["train"] = _with_global_batch(parts["train"], int(os.environ.get("WORLD_SIZE", "1")))
-        if model.sliding_window is not None and model.sliding_window >= data.seq_len:
-            warnings.warn(
-                f"model.sliding_window={model.sliding_window} >= data.seq_len={data.seq_len}: the "
-                "window masks nothing during training (the original H64LM's 2048 vs 1024 mistake)",
-                stacklevel=2,
-            )
-    if cfg.mode in ("eval", "generate"):
-        _check(cfg.checkpoint is not None,
-               f"mode={cfg.mode} needs checkpoint=PATH (a checkpoint file or a run directory)")
-    return parts
+def run_config_from_yaml(text: str) -> RunConfig:
+    """A RunConfig saved in a checkpoint (`OmegaConf.to_yaml`), validated again."""
+    return build_run_config(OmegaConf.create(text))
+
+
+def run_config_yaml(run: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(run))

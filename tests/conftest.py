@@ -1,11 +1,9 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -16,7 +14,7 @@ SHARED = ROOT.parent / "shared"
 WIKITEXT2_VALID = SHARED / "data" / "wikitext-2" / "valid.txt"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory) -> Path:
     """One token/tokenizer cache for the session, inherited by subprocesses: no test writes to
     ~/.cache, and the corpora are tokenized once."""

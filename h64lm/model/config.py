@@ -1,13 +1,15 @@
 """H64LMConfig: the model's hyperparameters, also the schema of the Hydra `model` config group.
 
-Only types that OmegaConf structured configs accept are used, so the coordinator can register this
-class in Hydra's ConfigStore as `base_model` and a typo such as `model.hiden_size=1` is rejected.
+The defaults are the `tiny` preset (the default run's model); `conf/model/*.yaml` hold only what
+differs from them. Only types that OmegaConf structured configs accept are used.
 """
 
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, ClassVar, List, Optional
 
-__all__ = ["H64LMConfig", "POSITION_ENCODINGS"]
+from h64lm.validation import bounded, check, validate_fields
+
+__all__ = ["H64LMConfig", "POSITION_ENCODINGS", "check_positions"]
 
 POSITION_ENCODINGS = ("rope", "alibi", "rope+alibi")
 _MOE_LAYER_MODES = ("alternate", "all", "none")
@@ -15,77 +17,51 @@ _MOE_LAYER_MODES = ("alternate", "all", "none")
 
 @dataclass
 class H64LMConfig:
-    vocab_size: int = 32000
-    hidden_size: int = 256
-    num_layers: int = 4
-    num_attention_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 768
-    moe_intermediate_size: Optional[int] = None
-    num_experts: int = 8
-    num_experts_per_token: int = 2
+    config_group: ClassVar[str] = "model"
+
+    vocab_size: int = bounded(32000, ge=1)
+    hidden_size: int = bounded(128, ge=1)
+    num_layers: int = bounded(4, ge=1)
+    num_attention_heads: int = bounded(4, ge=1)
+    num_kv_heads: int = bounded(2, ge=1)
+    intermediate_size: int = bounded(384, ge=1)  # dense SwiGLU width
+    moe_intermediate_size: Optional[int] = bounded(192, ge=1, null="= model.intermediate_size")
+    num_experts: int = bounded(8, ge=1)
+    num_experts_per_token: int = bounded(2, ge=1)
     # "alternate" (odd layers sparse, as in the original), "all", "none", or a list of indices.
     # Typed Any because OmegaConf structured configs have no Union[str, List[int]].
     moe_layers: Any = "alternate"
-    num_shared_experts: int = 0
-    router_aux_loss_coef: float = 0.01
-    router_z_loss_coef: float = 0.001
-    capacity_factor: Optional[float] = None
-    max_position_embeddings: int = 1024
-    position_encoding: str = "rope"
-    rope_theta: float = 10000.0
-    sliding_window: Optional[int] = None
-    rms_norm_eps: float = 1e-5
-    tie_word_embeddings: bool = False
-    initializer_range: float = 0.02
-    dropout: float = 0.0
+    num_shared_experts: int = bounded(0, ge=0)  # DeepSeekMoE experts that see every token
+    router_aux_loss_coef: float = bounded(0.01, ge=0)  # Switch load-balancing loss weight
+    router_z_loss_coef: float = bounded(0.001, ge=0)  # router z-loss weight
+    capacity_factor: Optional[float] = bounded(None, gt=0, null="dropless")
+    max_position_embeddings: int = bounded(512, ge=1)
+    position_encoding: str = bounded("rope", choices=POSITION_ENCODINGS)
+    rope_theta: float = bounded(10000.0, gt=0)
+    sliding_window: Optional[int] = bounded(None, ge=1, null="no window")
+    rms_norm_eps: float = bounded(1e-5, gt=0)
+    # Tied by default: at hidden 128 the 32k x 128 table would otherwise be most of the model.
+    tie_word_embeddings: bool = True
+    initializer_range: float = bounded(0.02, gt=0)
+    dropout: float = bounded(0.0, ge=0, lt=1)  # residual dropout
+    # Activation checkpointing of every block. A training technique the trainer applies from
+    # outside the model (h64lm/train/parallel.py); the model itself never reads it.
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        positive = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads",
-                    "num_kv_heads", "intermediate_size", "num_experts", "num_experts_per_token",
-                    "max_position_embeddings")
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"model.{name}={value!r} must be a positive integer")
-        if self.moe_intermediate_size is not None and self.moe_intermediate_size <= 0:
-            raise ValueError(f"model.moe_intermediate_size={self.moe_intermediate_size} must be a "
-                             "positive integer or null (= model.intermediate_size)")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"model.num_attention_heads={self.num_attention_heads} must divide "
-                             f"model.hidden_size={self.hidden_size}")
-        if self.head_dim % 2:
-            raise ValueError(f"model.hidden_size / model.num_attention_heads = {self.head_dim} "
-                             "must be even (rotary embeddings rotate pairs of channels)")
-        if self.num_attention_heads % self.num_kv_heads:
-            raise ValueError(f"model.num_kv_heads={self.num_kv_heads} must divide "
-                             f"model.num_attention_heads={self.num_attention_heads}")
-        if self.num_experts_per_token > self.num_experts:
-            raise ValueError(f"model.num_experts_per_token={self.num_experts_per_token} must be "
-                             f"<= model.num_experts={self.num_experts}")
-        if self.num_shared_experts < 0:
-            raise ValueError(f"model.num_shared_experts={self.num_shared_experts} must be >= 0")
-        if self.position_encoding not in POSITION_ENCODINGS:
-            raise ValueError(f"model.position_encoding={self.position_encoding!r} must be one of "
-                             f"{', '.join(POSITION_ENCODINGS)}")
-        if self.sliding_window is not None and self.sliding_window <= 0:
-            raise ValueError(f"model.sliding_window={self.sliding_window} must be a positive "
-                             "integer or null (no window)")
-        if self.capacity_factor is not None and self.capacity_factor <= 0:
-            raise ValueError(f"model.capacity_factor={self.capacity_factor} must be > 0 or null "
-                             "(dropless)")
-        if self.rope_theta <= 0:
-            raise ValueError(f"model.rope_theta={self.rope_theta} must be > 0")
-        if self.rms_norm_eps <= 0:
-            raise ValueError(f"model.rms_norm_eps={self.rms_norm_eps} must be > 0")
-        if self.initializer_range <= 0:
-            raise ValueError(f"model.initializer_range={self.initializer_range} must be > 0")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
-        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"model.{name}={getattr(self, name)} must be >= 0")
+        validate_fields(self)
+        check(self.hidden_size % self.num_attention_heads == 0,
+              f"model.num_attention_heads={self.num_attention_heads} must divide "
+              f"model.hidden_size={self.hidden_size}")
+        check(self.head_dim % 2 == 0,
+              f"model.hidden_size / model.num_attention_heads = {self.head_dim} must be even "
+              "(rotary embeddings rotate pairs of channels)")
+        check(self.num_attention_heads % self.num_kv_heads == 0,
+              f"model.num_kv_heads={self.num_kv_heads} must divide "
+              f"model.num_attention_heads={self.num_attention_heads}")
+        check(self.num_experts_per_token <= self.num_experts,
+              f"model.num_experts_per_token={self.num_experts_per_token} must be <= "
+              f"model.num_experts={self.num_experts}")
         self.moe_layer_indices()
 
     @property
@@ -108,17 +84,22 @@ class H64LMConfig:
         """The sorted indices of the sparse (MoE) layers that `moe_layers` selects."""
         layers = self.moe_layers
         if isinstance(layers, str):
-            if layers == "alternate":
-                return list(range(1, self.num_layers, 2))
-            if layers == "all":
-                return list(range(self.num_layers))
-            if layers == "none":
-                return []
-            raise ValueError(f"model.moe_layers={layers!r} must be one of "
-                             f"{', '.join(_MOE_LAYER_MODES)} or a list of layer indices")
+            modes = {"alternate": range(1, self.num_layers, 2), "all": range(self.num_layers), "none": []}
+            check(layers in modes, f"model.moe_layers={layers!r} must be one of "
+                  f"{', '.join(_MOE_LAYER_MODES)} or a list of layer indices")
+            return list(modes[layers])
         indices = [int(i) for i in layers]
-        bad = [i for i in indices if not 0 <= i < self.num_layers]
-        if bad or len(set(indices)) != len(indices):
-            raise ValueError(f"model.moe_layers={indices} must list distinct layer indices in "
-                             f"[0, model.num_layers={self.num_layers})")
+        check(all(0 <= i < self.num_layers for i in indices) and len(set(indices)) == len(indices),
+              f"model.moe_layers={indices} must list distinct layer indices in "
+              f"[0, model.num_layers={self.num_layers})")
         return sorted(indices)
+
+
+def check_positions(config: H64LMConfig, length: int, what: str) -> None:
+    """The one rule on sequence lengths: RoPE alone cannot go past the positions it was built for.
+
+    `what` names the setting that produced `length` (data.seq_len, gen.max_new_tokens, ...)."""
+    check(length <= config.max_position_embeddings or config.uses_alibi,
+          f"{what} gives {length} positions, more than model.max_position_embeddings="
+          f"{config.max_position_embeddings} with model.position_encoding=rope (RoPE alone cannot "
+          f"extrapolate); lower {what}, raise model.max_position_embeddings, or use an ALiBi encoding")

@@ -5,6 +5,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .config import check_positions
 from .sampling import apply_repetition_penalty, select_next
 
 __all__ = ["generate", "left_pad"]
@@ -25,20 +26,6 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int = 0,
     return ids, mask
 
 
-def _check_arguments(max_new_tokens: int, temperature: float, top_k: Optional[int],
-                     top_p: Optional[float], repetition_penalty: float) -> None:
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
-    if top_k is not None and top_k <= 0:
-        raise ValueError(f"top_k={top_k} must be a positive integer or None")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p} must be in (0, 1] or None")
-    if repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty={repetition_penalty} must be > 0 (1 = off)")
-
-
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -57,14 +44,9 @@ def generate(
 
     Fewer than max_new_tokens only when every row has produced `eos_token_id`; after its EOS a row
     is filled with `pad_token_id`. temperature=0 is greedy; `generator` makes sampling repeatable.
+    The sampling arguments are validated where they are configured (`GenConfig`).
     """
-    _check_arguments(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
-    config = model.config
-    total = input_ids.shape[1] + max_new_tokens
-    if config.position_encoding == "rope" and total > config.max_position_embeddings:
-        raise ValueError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) = "
-                         f"{total} exceeds model.max_position_embeddings="
-                         f"{config.max_position_embeddings} for position_encoding=rope")
+    check_positions(model.config, input_ids.shape[1] + max_new_tokens, "the prompt + gen.max_new_tokens")
     was_training = model.training
     model.eval()
     padded = attention_mask is not None and not bool(attention_mask.all())

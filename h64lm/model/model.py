@@ -7,12 +7,12 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .alibi import alibi_slopes
 from .block import Block
 from .cache import KVCache
-from .config import H64LMConfig
+from .config import H64LMConfig, check_positions
+from .dtypes import compute_dtype
 from .generate import generate
 from .loss import IGNORE_INDEX, chunked_cross_entropy
 from .mask import attention_bias
@@ -77,11 +77,7 @@ class H64LMForCausalLM(nn.Module):
         T = input_ids.shape[1]
         seen, stored = (cache.seen, cache.length) if cache is not None else (0, 0)
         end = seen + T
-        if cfg.position_encoding == "rope" and end > cfg.max_position_embeddings:
-            raise ValueError(
-                f"sequence of {end} positions exceeds model.max_position_embeddings="
-                f"{cfg.max_position_embeddings}: RoPE alone cannot extrapolate; lower data.seq_len"
-                " (or max_new_tokens) or raise model.max_position_embeddings")
+        check_positions(cfg, end, "the input (cached + new tokens)")
         device = input_ids.device
         key_padding = None
         if attention_mask is not None:
@@ -127,18 +123,12 @@ class H64LMForCausalLM(nn.Module):
         if cache is None and use_cache:
             cache = KVCache(self.config.num_layers, self.config.sliding_window)
         h = self.embed_tokens(input_ids)  # [B, T, hidden]
-        device_type = h.device.type
-        dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
-                 else h.dtype)
+        dtype = compute_dtype(h)
         rotary, bias, is_causal = self._attention_inputs(input_ids, attention_mask, cache, dtype)
 
         stats = []
         for i, layer in enumerate(self.layers):
-            if self.config.gradient_checkpointing and self.training:
-                h, layer_stats = checkpoint(layer, h, rotary, bias, is_causal, cache,
-                                            router_stats, use_reentrant=False)
-            else:
-                h, layer_stats = layer(h, rotary, bias, is_causal, cache, router_stats)
+            h, layer_stats = layer(h, rotary, bias, is_causal, cache, router_stats)
             if layer_stats is not None:
                 stats.append((i, layer_stats))
         if cache is not None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
 from torch import nn
 
 __all__ = [
@@ -35,7 +35,7 @@ __all__ = [
     "resolve_checkpoint_path",
     "load_model_state",
     "save_weights",
-    "load_weights",
+    "load_trusted",
 ]
 
 FORMAT_VERSION = 1
@@ -170,10 +170,12 @@ def _step_files(ckpt_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def find_resume_checkpoint(ckpt_dir: Path, log=print) -> Path | None:
-    """The newest checkpoint in `ckpt_dir` that verifies; says which ones it skipped and why."""
+def find_resume_checkpoint(ckpt_dir: Path, log=print, include_best: bool = False) -> Path | None:
+    """The newest checkpoint in `ckpt_dir` that verifies (`best.pt` last, with `include_best`);
+    says which ones it skipped and why."""
     ckpt_dir = Path(ckpt_dir)
     candidates = [ckpt_dir / "last.pt"] + [p for _, p in _step_files(ckpt_dir)]
+    candidates += [ckpt_dir / "best.pt"] if include_best else []
     for path in candidates:
         if not path.exists():
             continue
@@ -183,6 +185,16 @@ def find_resume_checkpoint(ckpt_dir: Path, log=print) -> Path | None:
         except CheckpointError as e:
             log(f"resume: skipping {path.name}: {e}")
     return None
+
+
+def load_trusted(path: Path, log=print) -> dict[str, Any]:
+    """Load a checkpoint, verified against its checksum file when it has one (a file copied
+    without it still loads, with a warning)."""
+    path = Path(path)
+    verify = _sidecar(path).exists()
+    if not verify:
+        log(f"warning: {path} has no checksum file {_sidecar(path).name}; loading it unverified")
+    return load_checkpoint(path, verify=verify)
 
 
 def resolve_checkpoint_path(path: str | Path) -> Path:
@@ -278,11 +290,10 @@ def save_weights(model: nn.Module, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_model(model, str(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; the other outputs are 0644
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def load_weights(model: nn.Module, path: Path) -> None:
-    load_model(model, str(path))

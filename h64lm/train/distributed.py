@@ -18,7 +18,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from h64lm.config import ConfigError, HardwareConfig
+from h64lm.config import HardwareConfig
+from h64lm.validation import ConfigError
 
 __all__ = [
     "Dist",
@@ -26,7 +27,8 @@ __all__ = [
     "quiet_hydra_on_nonzero_ranks",
     "export_slurm_ranks",
     "broadcast_object",
-    "all_reduce_mean",
+    "PeerFailure",
+    "is_peer_failure",
     "seed_everything",
 ]
 
@@ -51,7 +53,6 @@ def quiet_hydra_on_nonzero_ranks(argv: list[str] | None = None) -> None:
 class Dist:
     rank: int
     world_size: int
-    local_rank: int
     device: torch.device
 
     @property
@@ -103,7 +104,17 @@ def init_distributed(hw: HardwareConfig) -> Dist:
             torch.cuda.set_device(device)
         backend = hw.backend or ("nccl" if device.type == "cuda" else "gloo")
         dist.init_process_group(backend, timeout=timedelta(seconds=hw.timeout_s))
-    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    return Dist(rank=rank, world_size=world_size, device=device)
+
+
+class PeerFailure(RuntimeError):
+    """A collective failed because another rank died; this rank's state is not at fault."""
+
+
+def is_peer_failure(e: RuntimeError) -> bool:
+    text = str(e)
+    return isinstance(e, dist.DistError) or any(
+        s in text for s in ("closed by peer", "reset by peer", "Broken pipe", "timed out", "Timeout"))
 
 
 def broadcast_object(obj: Any, d: Dist) -> Any:
@@ -113,14 +124,6 @@ def broadcast_object(obj: Any, d: Dist) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def all_reduce_mean(t: torch.Tensor, d: Dist) -> torch.Tensor:
-    if d.enabled:
-        t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t /= d.world_size
-    return t
 
 
 def seed_everything(seed: int) -> None:

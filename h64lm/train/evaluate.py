@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -16,14 +17,21 @@ __all__ = ["evaluate", "sample_continuations"]
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, windows: torch.Tensor, batch_size: int, precision: Precision, d: Dist
-) -> tuple[float, float]:
-    """Mean next-token loss (nats/token) and perplexity over `windows[N, T+1]`, split across ranks."""
+    model: nn.Module, windows: torch.Tensor, batch_size: int, precision: Precision, d: Dist,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> tuple[float, float] | None:
+    """Mean next-token loss (nats/token) and perplexity over `windows[N, T+1]`, split across ranks.
+
+    `should_stop` is checked between batches: when it says stop on any rank, every rank returns
+    None (the ranks agree through the one all-reduce that sums the losses anyway)."""
     was_training = model.training
     model.eval()
     shard = windows[d.rank :: d.world_size]
-    total = torch.zeros(2, dtype=torch.float64, device=d.device)  # [sum of token losses, tokens]
+    total = torch.zeros(3, dtype=torch.float64, device=d.device)  # [sum of token losses, tokens, stopped]
     for i in range(0, len(shard), batch_size):
+        if should_stop():
+            total[2] = 1
+            break
         w = shard[i : i + batch_size].to(d.device, non_blocking=True)
         with precision.autocast():
             out = model(w[:, :-1], labels=w[:, 1:], return_logits=False)
@@ -33,6 +41,8 @@ def evaluate(
     if d.enabled:
         dist.all_reduce(total)
     model.train(was_training)
+    if total[2] > 0:
+        return None
     loss = (total[0] / total[1].clamp(min=1)).item()
     return loss, math.exp(min(loss, 50.0))
 
@@ -50,7 +60,11 @@ def sample_continuations(
     repetition_penalty: float = 1.0,
     seed: int = 0,
 ) -> list[str]:
-    """Continue each prompt (batched, left-padded); returns the generated text after each prompt."""
+    """Continue each prompt (batched, left-padded); returns each prompt with its continuation.
+
+    Prompt and continuation are decoded together: decoding them apart would drop the space that
+    sentencepiece's word-start marker stands for ("Hello" + "the" -> "Hellothe"). An empty prompt
+    generates from BOS alone."""
     from h64lm.model import left_pad
 
     was_training = model.training
@@ -71,10 +85,9 @@ def sample_continuations(
         generator=generator,
     )
     model.train(was_training)
-    new_tokens = out[:, input_ids.shape[1] :].tolist()
     texts = []
-    for row in new_tokens:
+    for prompt_ids, row in zip(encoded, out[:, input_ids.shape[1] :].tolist()):
         if tokenizer.eos_id in row:
             row = row[: row.index(tokenizer.eos_id)]
-        texts.append(tokenizer.decode(row))
+        texts.append(tokenizer.decode(prompt_ids[1:] + row))  # [1:]: without BOS
     return texts

@@ -11,16 +11,25 @@ from typing import Any
 __all__ = ["MetricsFile", "History", "plot_run", "read_metrics"]
 
 
-class MetricsFile:
-    """Append-only JSON lines; on resume, records past the resumed step are dropped first, so
-    the file reads as one uninterrupted run."""
+def _parse(line: str) -> dict[str, Any] | None:
+    """One record, or None for a line a killed writer left torn (or any non-record line)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
 
-    def __init__(self, path: Path, resume_step: int | None = None):
+
+class MetricsFile:
+    """Append-only JSON lines. Opened at step k (a resume, or 0 for a fresh run), it first drops
+    the records past k and any line torn by a kill, so the file reads as one uninterrupted run."""
+
+    def __init__(self, path: Path, resume_step: int = 0):
         self.path = Path(path)
-        if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        if self.path.exists():
+            records = [r for r in map(_parse, self.path.read_text().splitlines()) if r is not None]
+            kept = [r for r in records if r.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self._f = open(self.path, "a")
 
     def write(self, record: dict[str, Any]) -> None:
@@ -35,7 +44,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in map(_parse, path.read_text().splitlines()) if r is not None]
 
 
 class History:

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from h64lm.config import LoggerConfig
+from h64lm.validation import check
 
-__all__ = ["WandbSink", "resolve_mode", "flatten", "wandb_group"]
+__all__ = ["WandbSink", "resolve_mode", "check_can_log", "flatten", "wandb_group"]
 
 
 def resolve_mode(cfg: LoggerConfig) -> str:
@@ -21,6 +22,17 @@ def resolve_mode(cfg: LoggerConfig) -> str:
     if cfg.mode == "auto":
         return "online" if os.environ.get("WANDB_API_KEY") else "offline"
     return cfg.mode
+
+
+def check_can_log(cfg: LoggerConfig) -> None:
+    """Before any work: an online W&B run needs credentials (a key or a `wandb login` netrc)."""
+    if resolve_mode(cfg) != "online" or os.environ.get("WANDB_API_KEY"):
+        return
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    host = os.environ.get("WANDB_BASE_URL", "api.wandb.ai").split("//")[-1]
+    check(netrc.is_file() and host in netrc.read_text(errors="replace"),
+          "logger.mode=online needs W&B credentials (WANDB_API_KEY or `wandb login`); use "
+          "logger.mode=offline (and `wandb sync` later) or logger=none")
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

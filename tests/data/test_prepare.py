@@ -149,10 +149,10 @@ def test_undecodable_bytes_replaced_with_warning(tmp_path, tokenizer, kind):
     ({"seq_len": 0}, r"data.seq_len=0 must be >= 1"),
     ({"name": "wikitext"}, r"data.name='wikitext' must be one of"),
     ({"name": "text"}, r"data=text needs data.path="),
-    ({"val_fraction": 1.0}, r"data.val_fraction=1.0 must be in \[0, 1\)"),
-    ({"max_samples": 0}, r"data.max_samples=0 must be >= 1 or null"),
+    ({"val_fraction": 1.0}, r"data.val_fraction=1.0 must be >= 0 and < 1"),
+    ({"max_samples": 0}, r"data.max_samples=0 must be >= 1, or null"),
     ({"txt_split": "lines"}, r"data.txt_split='lines' must be one of"),
-    ({"val_windows": 0}, r"data.val_windows=0 must be >= 1 or null"),
+    ({"val_windows": 0}, r"data.val_windows=0 must be >= 1, or null"),
 ])
 def test_config_errors(kw, match):
     with pytest.raises(ValueError, match=match):

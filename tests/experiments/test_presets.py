@@ -1,30 +1,33 @@
 """Sweep presets: each composes into the expected grid of valid jobs; the SLURM launcher config
 goes through the submitit plugin's own submission path (up to sbatch, which cannot run here)."""
 
+import itertools
 import os
 import stat
 
 import pytest
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 
-from h64lm.config import validate_run
-from h64lm.model import H64LMConfig, active_parameters_per_token, count_parameters
-from tests.helpers import compose_cfg
+from h64lm.model import active_parameters_per_token, count_parameters
+from tests.helpers import compose_cfg, run_config
 
 EXPECTED_JOBS = {"moe_vs_dense": 3, "routing": 2 * 3 * 2 * 2, "positions": 3, "lr": 4}
 
 
 def sweep_jobs(overrides: list[str]) -> list[list[str]]:
     """The jobs `python run.py -m OVERRIDES` launches: the preset's `hydra.sweeper.params`, then
-    the command line (which wins), expanded the way Hydra's basic sweeper does it."""
+    the command line (which wins), expanded into their cartesian product (the basic sweeper's rule),
+    using only Hydra's public override parser."""
     presets = [o for o in overrides if o.startswith("experiment=")]  # compose takes no sweeps
     cfg = compose_cfg(presets, return_hydra_config=True)
     params = [f"{k}={v}" for k, v in (cfg.hydra.sweeper.params or {}).items()]
-    parsed = OverridesParser.create().parse_overrides(params + overrides)
-    batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
-    return [list(job) for batch in batches for job in batch]
+    axes: dict[str, list[str]] = {}  # a later override of the same key replaces the earlier axis
+    for o in OverridesParser.create().parse_overrides(params + overrides):
+        key = o.get_key_element()
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+        axes[key] = [f"{key}={v}" for v in values]
+    return [list(job) for job in itertools.product(*axes.values())]
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_JOBS))
@@ -36,7 +39,7 @@ def test_preset_composes_into_its_grid_of_valid_jobs(name):
         cfg = compose_cfg(job, return_hydra_config=True)
         assert cfg.experiment_name == name  # the W&B group
         assert f"multirun/{name}/" in cfg.hydra.sweep.dir  # sweeps never share a directory
-        validate_run(cfg)  # every key valid, before anything runs
+        run_config(job)  # every key valid, before anything runs
 
 
 def test_a_sweep_axis_can_be_overridden_on_the_command_line():
@@ -52,7 +55,7 @@ def test_moe_vs_dense_arms_have_equal_active_parameters():
     counts = {}
     for job in sweep_jobs(["experiment=moe_vs_dense"]):
         arm = next(o.split("=")[1] for o in job if o.startswith("arm="))
-        m = H64LMConfig(**compose_cfg(job).model)
+        m = run_config(job).model
         counts[arm] = (count_parameters(m), active_parameters_per_token(m), m)
     assert counts["dense"][2].moe_layer_indices() == []
     assert counts["moe16"][2].num_experts == 16 and counts["moe8"][2].num_experts == 8

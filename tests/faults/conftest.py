@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import FAST, compose_cfg, text_corpus
+from tests.helpers import FAST, run_config, text_corpus
 
 # Eight steps, a checkpoint every two: room to kill a run between checkpoints and after evals.
 RUN = ["train.max_steps=8", "train.save_every=2", "train.eval_every=4", "train.keep_last=2"]
@@ -33,5 +33,5 @@ def reference(tmp_path_factory, base_args) -> Path:
     from h64lm.cli import run
 
     run_dir = tmp_path_factory.mktemp("reference") / "run"
-    run(compose_cfg(base_args), run_dir, base_args)
+    run(run_config(base_args), run_dir, base_args)
     return run_dir

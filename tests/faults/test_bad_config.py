@@ -1,29 +1,31 @@
 """Bad configurations fail before the model is built, in one line naming the key to change.
 
 A table of wrong types, typos, impossible shapes and out-of-range values, checked in-process
-through Hydra's composition and `validate_run`; a few go through `python run.py` for the
+through Hydra's composition and `build_run_config`; a few go through `python run.py` for the
 one-line / exit-code contract. (tests/train/test_config.py holds the schema's own unit tests.)
 """
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from hydra.errors import ConfigCompositionException
 
+from experiments.fault_cases import BAD_CONFIGS
 from h64lm.cli import EXIT_BAD_INPUT
-from h64lm.config import validate_run
-from tests.faults.cases import BAD_CONFIGS
+from h64lm.config import build_run_config
 from tests.helpers import FAST, compose_cfg, run_cli
 
 
 def _failure(overrides: list[str]) -> str:
-    """The message a bad configuration fails with, from composition or from `validate_run`."""
+    """The message a bad configuration fails with, from composition or from `build_run_config`."""
     try:
         cfg = compose_cfg(overrides)
     except ConfigCompositionException as e:
         return str(e.__cause__ or e)
     with pytest.raises(ValueError) as e:
-        validate_run(cfg)
+        build_run_config(cfg).train.micro_batches_per_step(int(os.environ.get("WORLD_SIZE", "1")))
     message = str(e.value)
     assert "\n" not in message, message  # one line
     return message
@@ -39,8 +41,8 @@ def test_batch_that_does_not_divide_the_world_size(monkeypatch):
     message = _failure(["train.global_batch_size=6", "train.batch_size=1"])
     assert message.startswith("train.global_batch_size=6 is not a multiple of train.batch_size=1 x 4")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    parts = validate_run(compose_cfg(["train.global_batch_size=8", "train.batch_size=2"]))
-    assert parts["train"].grad_accum == 2  # 8 = 2 per rank x 2 ranks x 2 micro-steps
+    train = build_run_config(compose_cfg(["train.global_batch_size=8", "train.batch_size=2"])).train
+    assert train.micro_batches_per_step(2) == 2  # 8 = 2 per rank x 2 ranks x 2 micro-steps
 
 
 @pytest.mark.parametrize("overrides,line", [

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from experiments.fault_cases import bad_data_cases, write_bad_files
 from h64lm.cli import run
-from tests.faults.cases import bad_data_cases, write_bad_files
-from tests.helpers import FAST, compose_cfg
+from tests.helpers import FAST, run_config
 
 CASES = [c.name for c in bad_data_cases(Path("."), Path("."))]
 
@@ -30,7 +30,7 @@ def test_bad_data_stops_in_one_line_before_the_model(tmp_path, fault_cache, corp
     case = next(c for c in bad_data_cases(tmp_path, corpus) if c.name == name)
     args = FAST + ["data=text"] + case.overrides
     with pytest.raises((ValueError, FileNotFoundError)) as e:
-        run(compose_cfg(args), tmp_path / "run", args)
+        run(run_config(args), tmp_path / "run", args)
     message = str(e.value)
     assert "\n" not in message and message.startswith(case.message_start), message
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.faults.procs import run_losses, start_run
+from experiments.fault_procs import run_losses, start_run
 
 
 @pytest.mark.slow  # ~20 s of two full process starts; experiments/faults.py races three jobs

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from h64lm.cli import run
-from tests.faults.procs import (
+from experiments.fault_procs import (
     TORCHRUN,
     ResumeLog,
     logged_steps,
@@ -20,7 +19,8 @@ from tests.faults.procs import (
     start_run,
     wait_until,
 )
-from tests.helpers import compose_cfg
+from h64lm.cli import run
+from tests.helpers import run_config
 
 DDP = ["train.batch_size=1", "hardware=ddp", "hardware.device=cpu", "hardware.precision=fp32",
        "hardware.timeout_s=30"]
@@ -56,7 +56,7 @@ def test_killed_rank_ends_the_job_which_then_resumes(tmp_path, base_args, refere
     # its last checkpoint left it (the script resumes it under torchrun instead).
     args = base_args + ["train.resume=auto"]
     capsys.readouterr()
-    run(compose_cfg(args), run_dir, args)
+    run(run_config(args), run_dir, args)
     log = ResumeLog(capsys.readouterr().out)
     assert log.step >= 2 and log.skipped == []
     ddp, ref = run_losses(run_dir), run_losses(reference)

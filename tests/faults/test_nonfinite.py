@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
+from experiments.fault_inject import poison_training_forward
 from h64lm.cli import EXIT_DIVERGED, main, run
 from h64lm.train.checkpoint import load_checkpoint
 from h64lm.train.metrics import read_metrics
-from tests.faults.inject import poison_training_forward
-from tests.helpers import compose_cfg
+from tests.helpers import compose_cfg, run_config
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def _same_weights(a, b) -> bool:
 def test_bad_steps_are_skipped_and_counted(tmp_path, base_args, poison):
     poison(loss_steps={3}, grad_steps={6})
     args = base_args + ["train.save_every=1", "train.keep_last=8"]
-    best_val_loss = run(compose_cfg(args), tmp_path, args)
+    best_val_loss = run(run_config(args), tmp_path, args)
     records = {r["step"]: r for r in read_metrics(tmp_path / "metrics.jsonl")}
     assert [records[s]["skipped_steps"] for s in range(1, 9)] == [0, 0, 1, 1, 1, 2, 2, 2]
     assert math.isfinite(records[6]["loss"])  # only its gradients were bad
@@ -50,7 +50,7 @@ def test_too_many_bad_steps_stop_with_last_good_state(tmp_path, base_args, monke
                                                       capsys):
     poison(loss_steps=set(range(3, 100)), value=float("inf"))
     args = base_args + ["train.save_every=1", "train.keep_last=8", "train.max_bad_steps=3"]
-    monkeypatch.setattr("h64lm.cli._hydra_run_info", lambda: (tmp_path, args, None))
+    monkeypatch.setattr("h64lm.cli._hydra_run_info", lambda: (tmp_path, args, None, None))
     with pytest.raises(SystemExit) as stopped:
         main(compose_cfg(args))
     assert stopped.value.code == EXIT_DIVERGED
@@ -68,7 +68,7 @@ def test_fp16_overflow_is_left_to_the_scaler(tmp_path, base_args, poison):
     overflowing = set(range(2, 8))
     poison(grad_steps=overflowing, value=float("inf"))
     args = base_args + ["hardware.precision=fp16", "train.max_bad_steps=3"]
-    run(compose_cfg(args), tmp_path, args)
+    run(run_config(args), tmp_path, args)
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert state["step"] == 8 and state["skipped_steps"] == 0
     assert state["scaler"]["scale"] == 2.0**16 / 2 ** len(overflowing)  # GradScaler's defaults

@@ -14,10 +14,7 @@ import signal
 
 import pytest
 
-from h64lm.cli import main, run
-from h64lm.train.checkpoint import load_checkpoint
-from h64lm.train.loop import Trainer
-from tests.faults.procs import (
+from experiments.fault_procs import (
     ResumeLog,
     differences,
     kill_and_wait,
@@ -25,7 +22,10 @@ from tests.faults.procs import (
     start_run,
     wait_until,
 )
-from tests.helpers import compose_cfg
+from h64lm.cli import main, run
+from h64lm.train.checkpoint import load_checkpoint
+from h64lm.train.loop import Trainer
+from tests.helpers import compose_cfg, run_config
 
 STEP_DELAY = {"H64LM_FAULT_STEP_DELAY": "0.3"}  # slow enough to aim a signal between steps
 
@@ -33,7 +33,7 @@ STEP_DELAY = {"H64LM_FAULT_STEP_DELAY": "0.3"}  # slow enough to aim a signal be
 def _resume(run_dir, base_args, capsys) -> ResumeLog:
     args = base_args + ["train.resume=auto"]
     capsys.readouterr()
-    run(compose_cfg(args), run_dir, args)
+    run(run_config(args), run_dir, args)
     return ResumeLog(capsys.readouterr().out)
 
 
@@ -66,7 +66,7 @@ def test_sigint_saves_and_exits_130(tmp_path, base_args, reference, monkeypatch,
 
     monkeypatch.setattr(Trainer, "train_step", interrupted_step)
     run_dir = tmp_path / "run"
-    monkeypatch.setattr("h64lm.cli._hydra_run_info", lambda: (run_dir, base_args, None))
+    monkeypatch.setattr("h64lm.cli._hydra_run_info", lambda: (run_dir, base_args, None, None))
     with pytest.raises(SystemExit) as stopped:
         main(compose_cfg(base_args))
     assert stopped.value.code == 128 + signal.SIGINT

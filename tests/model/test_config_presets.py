@@ -12,9 +12,8 @@ PRESETS = Path(__file__).resolve().parents[2] / "conf" / "model"
 
 
 def load_preset(name: str) -> H64LMConfig:
-    """Merge a preset onto the structured schema, as Hydra does with `base_model`."""
-    raw = OmegaConf.load(PRESETS / f"{name}.yaml")
-    assert list(raw.pop("defaults")) == ["base_model", "_self_"]
+    """Merge a preset onto the structured schema, as Hydra does through `base_config`."""
+    raw = OmegaConf.load(PRESETS / f"{name}.yaml") or OmegaConf.create({})
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(H64LMConfig), raw))
 
 
@@ -30,7 +29,7 @@ def load_preset(name: str) -> H64LMConfig:
     (dict(moe_layers="odd"), r"model.moe_layers='odd'"),
     (dict(moe_layers=[1, 7]), r"model.moe_layers=\[1, 7\].*model.num_layers=4"),
     (dict(capacity_factor=0.0), r"model.capacity_factor=0.0"),
-    (dict(num_layers=0), r"model.num_layers=0 must be a positive integer"),
+    (dict(num_layers=0), r"model.num_layers=0 must be >= 1"),
     (dict(dropout=1.0), r"model.dropout=1.0"),
     (dict(num_shared_experts=-1), r"model.num_shared_experts=-1"),
     (dict(hidden_size=24, num_attention_heads=8, num_kv_heads=8), r"must be even"),

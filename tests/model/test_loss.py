@@ -51,3 +51,21 @@ def test_labels_are_aligned_not_shifted(small_model):
     logits = model(ids[:, :-1]).logits
     ref = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
     assert ce.item() == pytest.approx(ref.item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("grad_mode", ["no_grad", "inference_mode"])
+def test_evaluation_pays_no_head_backward(grad_mode):
+    """Under no_grad the weights still require grad (needs_input_grad is True), yet only the
+    forward GEMM may run: 2*N*d*V FLOPs, not the 3x that computing the gradients costs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    N, d, V = 64, 16, 53
+    hidden, weight = torch.randn(N, d, requires_grad=True), torch.randn(V, d, requires_grad=True)
+    labels = torch.randint(0, V, (N,))
+    counter = FlopCounterMode(display=False)
+    with getattr(torch, grad_mode)(), counter:
+        chunked_cross_entropy(hidden, weight, labels, chunk=16)
+    assert counter.get_total_flops() == 2 * N * d * V
+    with FlopCounterMode(display=False) as training:  # with grad on, the gradient GEMMs run too
+        chunked_cross_entropy(hidden, weight, labels, chunk=16)
+    assert training.get_total_flops() >= 2 * 2 * N * d * V  # (the counter misses in-place addmm_)

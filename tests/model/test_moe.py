@@ -15,7 +15,7 @@ from h64lm.model.moe import experts as experts_module
 def _layer(seed=0, **overrides):
     torch.manual_seed(seed)
     cfg = H64LMConfig(**{**dict(vocab_size=50, hidden_size=32, num_layers=1, num_attention_heads=4,
-                                num_kv_heads=2, intermediate_size=48, num_experts=6,
+                                num_kv_heads=2, intermediate_size=48, moe_intermediate_size=None, num_experts=6,
                                 num_experts_per_token=2, moe_layers="all"), **overrides})
     layer = MoELayer(cfg)
     for p in layer.parameters():

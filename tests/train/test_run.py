@@ -9,7 +9,7 @@ import yaml
 
 from h64lm.cli import run
 from h64lm.train.metrics import read_metrics
-from tests.helpers import FAST, compose_cfg, run_cli, text_corpus, wandb_offline_records
+from tests.helpers import FAST, run_cli, run_config, text_corpus, wandb_offline_records
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +66,10 @@ def test_resume_from_step_k_is_bit_exact(tmp_path, corpus):
     """The state saved at step 3 continues exactly as the uninterrupted run did (CPU, fp32)."""
     base = FAST + ["data=text", f"data.path={corpus}", "train.keep_last=5"]
     full_dir = tmp_path / "full"
-    run(compose_cfg(base), full_dir, base)
+    run(run_config(base), full_dir, base)
     resumed_dir = tmp_path / "resumed"
     resume = base + [f"train.resume={full_dir / 'checkpoints' / 'step_0000003.pt'}"]
-    run(compose_cfg(resume), resumed_dir, resume)
+    run(run_config(resume), resumed_dir, resume)
     full = {r["step"]: r["loss"] for r in read_metrics(full_dir / "metrics.jsonl")}
     again = {r["step"]: r["loss"] for r in read_metrics(resumed_dir / "metrics.jsonl")}
     assert sorted(again) == [4, 5, 6]
@@ -81,18 +81,18 @@ def test_resume_from_step_k_is_bit_exact(tmp_path, corpus):
 
 def test_existing_checkpoints_are_never_overwritten_without_resume(tmp_path, corpus):
     base = FAST + ["data=text", f"data.path={corpus}", "train.max_steps=3"]
-    run(compose_cfg(base), tmp_path, base)
+    run(run_config(base), tmp_path, base)
     before = (tmp_path / "checkpoints" / "last.pt").read_bytes()
     with pytest.raises(ValueError, match="train.resume=auto"):
-        run(compose_cfg(base), tmp_path, base)
+        run(run_config(base), tmp_path, base)
     assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == before
 
 
 def test_resume_auto_continues_in_its_directory(tmp_path, corpus):
     base = FAST + ["data=text", f"data.path={corpus}"]
-    run(compose_cfg(base + ["train.max_steps=3"]), tmp_path, base)
+    run(run_config(base + ["train.max_steps=3"]), tmp_path, base)
     more = base + ["train.resume=auto"]
-    run(compose_cfg(more), tmp_path, more)
+    run(run_config(more), tmp_path, more)
     steps = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")]
     assert steps == list(range(1, 7))
 
@@ -100,7 +100,7 @@ def test_resume_auto_continues_in_its_directory(tmp_path, corpus):
 def test_eval_and_generate_on_a_saved_run(cli_run, corpus, tmp_path, capsys):
     run_dir, _ = cli_run
     own = ["mode=eval", f"checkpoint={run_dir}", "hardware=cpu", "logger=none"]
-    loss = run(compose_cfg(own), tmp_path / "eval", own)
+    loss = run(run_config(own), tmp_path / "eval", own)
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())
     history = json.loads((run_dir / "training_history.json").read_text())
     assert result["val_loss"] == loss == pytest.approx(history["val_loss"][-1], rel=1e-5)
@@ -108,7 +108,7 @@ def test_eval_and_generate_on_a_saved_run(cli_run, corpus, tmp_path, capsys):
 
     whole = ["mode=eval", f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", "data=text",
              f"data.path={corpus}", "data.seq_len=32", "hardware=cpu", "logger=none"]
-    run(compose_cfg(whole), tmp_path / "eval_file", whole)
+    run(run_config(whole), tmp_path / "eval_file", whole)
     file_result = json.loads((tmp_path / "eval_file" / "eval.json").read_text())
     assert file_result["windows"] > result["windows"]  # the whole file, not the val split
 
@@ -134,7 +134,7 @@ def test_mixed_precision_runs_train_and_lower_the_loss(tmp_path, corpus, precisi
     overrides = FAST + ["data=text", f"data.path={corpus}", f"hardware.precision={precision}",
                         "train.max_steps=4", "train.eval_every=4", "train.save_every=4",
                         "optim.lr=1e-2", "train.sample_tokens=0"]
-    run(compose_cfg(overrides), tmp_path, overrides)
+    run(run_config(overrides), tmp_path, overrides)
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert all(math.isfinite(r["loss"]) for r in records)
     assert records[-1]["loss"] < records[0]["loss"]
@@ -147,9 +147,9 @@ def test_mixed_precision_runs_train_and_lower_the_loss(tmp_path, corpus, precisi
 def test_compiled_training_matches_eager(tmp_path, corpus):
     base = FAST + ["data=text", f"data.path={corpus}", "train.max_steps=2", "train.eval_every=2",
                    "train.save_every=2", "train.sample_tokens=0"]
-    run(compose_cfg(base), tmp_path / "eager", base)
+    run(run_config(base), tmp_path / "eager", base)
     compiled = base + ["hardware.compile=true"]
-    run(compose_cfg(compiled), tmp_path / "compiled", compiled)
+    run(run_config(compiled), tmp_path / "compiled", compiled)
     eager = read_metrics(tmp_path / "eager" / "metrics.jsonl")
     comp = read_metrics(tmp_path / "compiled" / "metrics.jsonl")
     for a, b in zip(eager, comp):

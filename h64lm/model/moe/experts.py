@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..dtypes import compute_dtype
+
 __all__ = ["Experts", "grouped_matmul"]
 
 
@@ -56,9 +58,7 @@ class Experts(nn.Module):
         """x [M, hidden] rows sorted by expert, counts [E] -> [M, hidden] (row m via its expert)."""
         # autocast does not cover _grouped_mm: cast as it would for a linear layer, so bf16
         # autocast runs the bf16 grouped kernel (the only one on CUDA) instead of the loop
-        device_type = x.device.type
-        dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
-                 else x.dtype)
+        dtype = compute_dtype(x)
         w_gate_up, w_down = self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
         offsets = counts.cumsum(0, dtype=torch.int32)  # [E]
         gate, up = grouped_matmul(x.to(dtype), w_gate_up, offsets).chunk(2, dim=-1)

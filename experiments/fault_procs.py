@@ -17,10 +17,15 @@ from pathlib import Path
 
 import torch
 
-from tests.helpers import ROOT
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
 
 __all__ = [
     "COMPARED",
+    "FAST",
+    "SHARED",
+    "text_corpus",
+    "run_cli",
     "INJECT",
     "TORCHRUN",
     "ResumeLog",
@@ -34,9 +39,52 @@ __all__ = [
     "wait_until",
 ]
 
-INJECT = [sys.executable, str(ROOT / "tests" / "faults" / "inject.py")]
+INJECT = [sys.executable, str(ROOT / "experiments" / "fault_inject.py")]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            str(ROOT / "tests" / "faults" / "inject.py")]
+            str(ROOT / "experiments" / "fault_inject.py")]
+# A few-second training run: the tiny model shrunk further, a short local text corpus.
+FAST = [
+    "model=tiny",
+    "model.hidden_size=32",
+    "model.num_layers=2",
+    "model.num_attention_heads=2",
+    "model.num_kv_heads=1",
+    "model.intermediate_size=64",
+    "model.moe_intermediate_size=32",
+    "model.num_experts=4",
+    "data.seq_len=32",
+    "data.val_windows=4",
+    "train.batch_size=2",
+    "train.max_steps=6",
+    "train.eval_every=3",
+    "train.save_every=3",
+    "train.sample_tokens=4",
+    "optim.warmup_steps=2",
+    "hardware=cpu",
+    "logger=none",
+]
+
+
+def text_corpus(tmp_path: Path, paragraphs: int = 400) -> Path:
+    """A local .txt corpus of real-looking English, long enough for many 32-token windows."""
+    wikitext = SHARED / "data" / "wikitext-2" / "valid.txt"
+    path = tmp_path / "corpus.txt"
+    if wikitext.exists():
+        path.write_text(wikitext.read_text()[:120_000])
+    else:
+        words = "the of and in to a was is for on as by with at from his that an it were".split()
+        lines = [" ".join(words[(i * 7 + j) % len(words)] for j in range(60)) for i in range(paragraphs)]
+        path.write_text("\n\n".join(lines))
+    return path
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 300, env: dict | None = None,
+            launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", **(env or {})}
+    cmd = (launcher or [sys.executable]) + [str(ROOT / "run.py")] + args
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
 COMPARED = ("loss", "ce", "aux", "z", "grad_norm", "lr", "tokens")  # the numbers a rerun must match
 
 

@@ -28,12 +28,12 @@ BAD_CONFIGS = [
     (["model.capacity_factor=0"], "model.capacity_factor"),
     (["model.vocab_size=0"], "model.vocab_size"),
     (["optim.lr=0"], "optim.lr"),  # non-positive lr
-    (["optim.beta2=1.0"], "optim.beta1 and optim.beta2"),
+    (["optim.beta2=1.0"], "optim.beta2"),
     (["optim.warmup_steps=-5"], "optim.warmup_steps"),
     (["optim.grad_clip=-1"], "optim.grad_clip"),
     (["hardware.precision=fp64"], "hardware.precision"),  # unknown precision
     (["hardware.device=tpu"], "hardware.device"),
-    (["data.seq_len=1024"], "data.seq_len=1024 exceeds model.max_position_embeddings"),  # no ALiBi
+    (["data.seq_len=1024"], "data.seq_len gives 1024 positions, more than model.max_position_embeddings"),
     (["train.extra_eval_seq_lens=[4096]"], "train.extra_eval_seq_lens"),
     (["data.seq_len=0"], "data.seq_len"),
     (["data=text"], "data.path"),  # text without a file
@@ -44,6 +44,9 @@ BAD_CONFIGS = [
     (["train.global_batch_size=8", "train.batch_size=2", "train.grad_accum=3"], "train.grad_accum"),
     (["logger.name=tensorboard"], "logger.name"),
     (["gen.temperature=-0.5"], "gen.temperature"),
+    (["optim.lr=inf"], "optim.lr=inf must be a finite number"),  # non-finite floats
+    (["train.val_batch_size=-1"], "train.val_batch_size"),  # integer ranges
+    (["hardware.num_threads=-1"], "hardware.num_threads"),
 ]
 
 

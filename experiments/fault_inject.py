@@ -1,4 +1,4 @@
-"""Run `run.py` with a fault hook: `python tests/faults/inject.py run.py [overrides ...]`.
+"""Run `run.py` with a fault hook: `python experiments/fault_inject.py run.py [overrides ...]`.
 
 The hooks only change timing, never numerics, so a run under them trains exactly like a plain
 `python run.py` (that is what lets a killed run be compared with an uninterrupted one):
@@ -21,8 +21,6 @@ import sys
 import time
 from collections.abc import Callable, Collection
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
 
 __all__ = ["install_hooks", "poison_training_forward"]
 
@@ -109,7 +107,6 @@ def install_hooks(env: dict[str, str]) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     script, *args = sys.argv[1:]
     install_hooks(dict(os.environ))
     sys.argv = [script, *args]

@@ -1,0 +1,82 @@
+"""`mode=eval` and `mode=generate`: a trained checkpoint against data or prompts.
+
+Their outputs land beside the run they read (`RUN/evals/<time>/eval.json`,
+`RUN/generations/<time>/generations.txt`, chosen by the `h64lm_run_dir` resolver in
+h64lm/config.py), and the path is printed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from h64lm.config import RunConfig, run_config_from_yaml
+from h64lm.data import DataConfig, check_vocab, load_tokenizer, prepare_corpus, validation_windows
+from h64lm.model import H64LMForCausalLM
+from h64lm.train.checkpoint import load_model_state, load_trusted, resolve_checkpoint_path
+from h64lm.train.distributed import Dist
+from h64lm.train.evaluate import evaluate, sample_continuations
+from h64lm.train.precision import resolve_precision
+
+__all__ = ["load_trained_model", "evaluate_checkpoint", "generate_from_checkpoint"]
+
+
+def load_trained_model(checkpoint: str | Path, device: torch.device) -> tuple[H64LMForCausalLM, RunConfig]:
+    """(model in eval mode, the run config it was trained with) from a checkpoint or run directory."""
+    state = load_trusted(resolve_checkpoint_path(checkpoint))
+    saved = run_config_from_yaml(state["config"])
+    model = H64LMForCausalLM(saved.model)
+    load_model_state(model, state["model"])
+    return model.to(device).eval(), saved
+
+
+def _data_for_eval(run_cfg: RunConfig, saved: RunConfig, overrides: list[str]) -> DataConfig:
+    """The run's own data unless the command line names other data; a `text` file is read whole."""
+    if not any(o.lstrip("+~").startswith("data") for o in overrides):
+        return saved.data
+    data = run_cfg.data
+    if data.name == "text" and data.path and not data.val_path:
+        data = dataclasses.replace(data, val_path=data.path, val_windows=None)
+    return data
+
+
+def evaluate_checkpoint(run_cfg: RunConfig, out_dir: Path, overrides: list[str], d: Dist) -> float:
+    model, saved = load_trained_model(run_cfg.checkpoint, d.device)
+    data = _data_for_eval(run_cfg, saved, overrides)
+    tokenizer = load_tokenizer(data)
+    check_vocab(tokenizer, model.config.vocab_size)
+    windows = validation_windows(prepare_corpus(data, tokenizer).val, data.seq_len, data.val_windows)
+    batch = run_cfg.train.val_batch_size or run_cfg.train.batch_size
+    if d.is_main:
+        print(f"evaluating {run_cfg.checkpoint} on {len(windows)} windows of {data.seq_len} tokens "
+              f"({data.name}), batch {batch}", flush=True)
+    loss, ppl = evaluate(model, windows, batch, resolve_precision(run_cfg.hardware.precision, d.device), d)
+    result = {"checkpoint": str(run_cfg.checkpoint), "data": data.name, "seq_len": data.seq_len,
+              "windows": len(windows), "tokens": len(windows) * data.seq_len, "val_loss": loss, "val_ppl": ppl}
+    if d.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "eval.json").write_text(json.dumps(result, indent=1))
+        print(f"val_loss {loss:.4f}  val_ppl {ppl:.2f}  ({result['tokens']} tokens of {data.name}); "
+              f"written to {out_dir / 'eval.json'}", flush=True)
+    return loss
+
+
+def generate_from_checkpoint(run_cfg: RunConfig, out_dir: Path, d: Dist) -> None:
+    model, saved = load_trained_model(run_cfg.checkpoint, d.device)
+    tokenizer = load_tokenizer(saved.data)
+    gen = run_cfg.gen
+    prompts = [run_cfg.prompt] if run_cfg.prompt is not None else list(run_cfg.train.sample_prompts)
+    texts = []
+    for i in range(gen.num_samples):
+        texts += sample_continuations(
+            model, tokenizer, prompts, gen.max_new_tokens, d.device, temperature=gen.temperature,
+            top_k=gen.top_k, top_p=gen.top_p, repetition_penalty=gen.repetition_penalty, seed=gen.seed + i)
+    if d.is_main:
+        for text in texts:
+            print(text + "\n")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "generations.txt").write_text("\n\n".join(texts) + "\n")
+        print(f"written to {out_dir / 'generations.txt'}", flush=True)
