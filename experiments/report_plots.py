@@ -101,6 +101,7 @@ def _ratio_colorbar(fig: Any, im: Any, ax: Any, m: float) -> None:
     ticks = [2.0**k for k in range(-int(math.log2(m)), int(math.log2(m)) + 1)]
     bar = fig.colorbar(im, ax=ax, ticks=ticks, extend="min")
     bar.ax.set_yticklabels([f"{t:g}" if t >= 1 else f"1/{1 / t:g}" for t in ticks])
+    bar.ax.minorticks_off()  # a log colour bar otherwise draws (and lays out) dozens of ticks
     bar.set_label("load / mean load (1 = balanced)")
 
 

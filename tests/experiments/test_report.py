@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from experiments.report import main as report_main
-from experiments.report import write_report
-from experiments.report_runs import find_run_dirs, read_run, run_state
+from experiments.report import markdown_table, write_report
+from experiments.report_runs import find_run_dirs, read_run, run_state, summarise
 from experiments.report_wandb import build_wandb_report
 from h64lm.train.metrics import read_metrics
 from tests.helpers import FAST, ROOT, run_cli, text_corpus, wandb_offline_records
@@ -317,7 +317,7 @@ def test_shortened_sweeps_warn_naming_runs_and_keys(base_config, tmp_path, capsy
         config = with_keys(base_config, train={"max_steps": steps, "eval_every": every},
                            optim={"warmup_steps": warmup})
         fake_run(sweep / name, config, [f"train.max_steps={steps}"],
-                 make_records(int(name), steps=steps, eval_every=min(every, steps)))
+                 make_records(int(name), steps=steps, eval_every=min(every, steps), layers=()))
     assert report_main([str(sweep)]) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
     assert len(warnings) == 2
@@ -344,7 +344,8 @@ def test_routing_stats_and_downstream_accuracy_columns(base_config, tmp_path):
         records[7]["downstream/arc_easy/acc"] = 0.4
         logged[name] = records
         fake_run(sweep / name, base_config, [f"train.seed={name}"], records)
-    _, table, _, _ = write_report([sweep], sweep)
+    runs = [read_run(d, sweep) for d in find_run_dirs(sweep)]
+    table = markdown_table(runs, [summarise(r) for r in runs], ["train.seed"])
     header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
     for name, line in zip(("0", "1"), table.splitlines()[2:]):
         cells = dict(zip(header, (c.strip() for c in line.strip("|").split("|"))))
