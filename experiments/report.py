@@ -66,7 +66,7 @@ COLUMNS = [  # (row key, header, format)
     ("load_max_over_mean", "expert load max/mean", "{:.3f}"),
     ("dropped", "dropped", "{:.2%}"),
     ("train_flops", "PFLOP", "P"),
-    ("train_seconds", "train s", "{:.0f}"),
+    ("train_seconds", "train s", "{:,.1f}"),
 ]
 # Shown only when some run logged them.
 OPTIONAL_COLUMNS = [(f"router_{stat}", header, "{:.3f}")
@@ -135,7 +135,6 @@ def _plots(runs: list[RunInfo], rows: list[dict[str, Any]], keys: list[str],
                plot_expert_balance(runs, labels, out / "expert_load.png")]
     steps_dir = out / "expert_load_steps"
     for run, row, label in zip(runs, rows, labels):
-        steps_dir.mkdir(exist_ok=True)
         written.append(plot_expert_load_steps(run, label, steps_dir / f"{file_stem(row['run'])}.png"))
     return [p for p in written if p is not None]
 

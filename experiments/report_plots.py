@@ -15,7 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from experiments.report_runs import RunInfo
-from experiments.report_series import BALANCE_TAIL, EMA_BETA, expert_load_ratios
+from experiments.report_series import (
+    BALANCE_TAIL,
+    EMA_BETA,
+    expert_load_ratios,
+    router_tail_mean,
+)
 
 __all__ = [
     "file_stem",
@@ -102,7 +107,7 @@ def _ratio_colorbar(fig: Any, im: Any, ax: Any, m: float) -> None:
     bar = fig.colorbar(im, ax=ax, ticks=ticks, extend="min")
     bar.ax.set_yticklabels([f"{t:g}" if t >= 1 else f"1/{1 / t:g}" for t in ticks])
     bar.ax.minorticks_off()  # a log colour bar otherwise draws (and lays out) dozens of ticks
-    bar.set_label("load / mean load (1 = balanced)")
+    bar.set_label("load / mean (1 = balanced)")
 
 
 def _floor(rows: list[list[float]], m: float) -> list[list[float]]:
@@ -125,19 +130,19 @@ def plot_expert_balance(runs: list[RunInfo], labels: list[str], path: Path) -> P
     for run, label in zip(runs, labels):
         layers, _, ratios = expert_load_ratios(run.records)
         if layers:
-            tables.append((label, layers, _tail_ratio(ratios)))
+            max_over_mean = router_tail_mean(run.records, "load_max_over_mean") or math.nan
+            tables.append((label, layers, _tail_ratio(ratios), max_over_mean))
     if not tables:
         return None
-    norm, m = _ratio_norm([v for _, _, t in tables for row in t for v in row])
+    norm, m = _ratio_norm([v for _, _, t, _ in tables for row in t for v in row])
     plt = _plt()
     fig, axes = plt.subplots(len(tables), 1, squeeze=False,
-                             figsize=(8, 1.2 + 1.0 * sum(len(layers) for _, layers, _ in tables)))
-    for ax, (label, layers, table) in zip(axes[:, 0], tables):
+                             figsize=(8, 1.2 + 1.6 * sum(len(t[1]) for t in tables)))
+    for ax, (label, layers, table, max_over_mean) in zip(axes[:, 0], tables):
         im = ax.imshow(_floor(table, m), aspect="auto", cmap="RdBu_r", norm=norm)
         ax.set_yticks(range(len(layers)), [f"layer {layer}" for layer in layers])
         ax.set_xticks(range(len(table[0])))
-        ax.set_title(f"{label}  (max/mean {statistics.fmean(max(r) for r in table):.2f})",
-                     fontsize=8)
+        ax.set_title(f"{label}  (max/mean {max_over_mean:.2f}, as in the table)", fontsize=8)
         _ratio_colorbar(fig, im, ax, m)
     axes[-1, 0].set_xlabel("expert")
     fig.suptitle(f"expert load / mean load, last {BALANCE_TAIL:.0%} of logged steps")
@@ -150,6 +155,7 @@ def plot_expert_load_steps(run: RunInfo, label: str, path: Path) -> Path | None:
     layers, steps, ratios = expert_load_ratios(run.records)
     if not layers:
         return None
+    path.parent.mkdir(parents=True, exist_ok=True)
     norm, m = _ratio_norm([v for per_step in ratios for step in per_step for v in step])
     plt = _plt()
     fig, axes = plt.subplots(len(layers), 1, squeeze=False, figsize=(9, 0.6 + 2.4 * len(layers)))

@@ -240,7 +240,6 @@ def test_smoothed_loss_flops_and_time_series_match_the_records(base_config, tmp_
         seconds = np.cumsum(step_times)
         assert curve["val_seconds"] == pytest.approx([seconds[r["step"] - 1] for r in evals])
         assert row["train_seconds"] == pytest.approx(seconds[-1])
-    assert report["curves"]["1"]["val_flops"][-1] < report["curves"]["0"]["val_flops"][-1] * 2
     header = (sweep / "report.md").read_text().split("| run |")[1].splitlines()[0]
     assert "PFLOP" in header and "train s" in header
     assert "router entropy" not in header and " acc" not in header  # nobody logged them
@@ -272,7 +271,7 @@ def test_expert_load_heat_map_shows_load_over_mean_on_a_scale_centred_at_1(
         assert norm.vmax >= ratio.max() and norm.vmax / 2 < max(ratio.max(), 2)
         shown = np.asarray(image.get_array())  # [E, steps], zero loads floored at vmin
         assert shown == pytest.approx(np.maximum(ratio.T, norm.vmin))
-    assert any("load / mean load" in ax.get_ylabel() for ax in figures[0].axes)  # colour bars
+    assert any("load / mean" in ax.get_ylabel() for ax in figures[0].axes)  # colour bars
 
     figures.clear()
     plots.plot_expert_balance([run], ["run 0"], tmp_path / "balance.png")
@@ -287,7 +286,7 @@ def test_expert_load_heat_map_shows_load_over_mean_on_a_scale_centred_at_1(
 
 def test_eval_and_generate_folders_are_skipped_not_failed(base_config, tmp_path, capsys):
     sweep = tmp_path / "sweep"
-    fake_run(sweep / "0", base_config, ["optim.lr=1e-3"], make_records(0))
+    fake_run(sweep / "0", base_config, ["optim.lr=1e-3"], make_records(0, layers=()))
     fake_run(sweep / "0" / "evals" / "2026-01-01_10-00-00", {**base_config, "mode": "eval"},
              ["mode=eval"], files=["eval.json"])
     fake_run(sweep / "0" / "generations" / "2026-01-01_10-05-00",
@@ -297,8 +296,8 @@ def test_eval_and_generate_folders_are_skipped_not_failed(base_config, tmp_path,
     fake_run(sweep / "2", no_mode, ["prompt=Hi"], files=["generations.txt"])
     fake_run(sweep / "3", base_config, ["optim.lr=3e-3"])  # a training job that failed at once
     # A training run that a later `mode=eval` reused (its .hydra/config.yaml now says eval).
-    fake_run(sweep / "4", {**base_config, "mode": "eval"}, ["optim.lr=1e-2"], make_records(4),
-             files=["eval.json"])
+    fake_run(sweep / "4", {**base_config, "mode": "eval"}, ["optim.lr=1e-2"],
+             make_records(4, layers=()), files=["eval.json"])
     assert report_main([str(sweep)]) == 0
     said = capsys.readouterr().out
     rows = json.loads((sweep / "report.json").read_text())["rows"]
