@@ -4,9 +4,12 @@
         [--out DIR] [--wandb [--entity E] [--project P]]
 
 Writes into the first sweep directory (or --out): `report.md` (the table), `report.json` (the same
-rows, unrounded), `val_loss.png` (validation loss against tokens, every run on one chart) and
-`expert_load.png` (per run: the share of tokens each expert received in each MoE layer).
-Runs that crashed, failed or are still running are listed with their state, never dropped.
+rows, unrounded, and every plotted series), `loss.png` (smoothed training loss and validation loss
+against tokens), `val_loss_vs_flops.png` and `val_loss_vs_time.png` (validation loss at equal
+training compute / time), `expert_load.png` (per run and MoE layer: each expert's load / mean load
+at the end of training) and `expert_load_steps/<run>.png` (per run, per layer: the same over steps).
+Runs that crashed, failed or are still running are listed with their state, never dropped; eval
+and generate job folders are not runs and are skipped.
 """
 
 from __future__ import annotations
@@ -14,27 +17,34 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
+from experiments.report_plots import (
+    file_stem,
+    plot_expert_balance,
+    plot_expert_load_steps,
+    plot_losses,
+    plot_val_loss_against,
+)
 from experiments.report_runs import (
     BALANCE_TAIL,
     RunInfo,
-    find_run_dirs,
+    flops_per_token_of,
     read_run,
+    scan_sweep,
     summarise,
+    sweep_warnings,
     varying_keys,
 )
+from experiments.report_series import EMA_BETA, ROUTER_SUMMARY_STATS, run_curves
 
 __all__ = [
     "load_runs",
     "main",
     "markdown_table",
-    "plot_expert_load",
-    "plot_val_loss",
     "run_label",
     "write_report",
 ]
@@ -52,15 +62,27 @@ COLUMNS = [  # (row key, header, format)
     ("tokens_per_s", "tokens/s", "{:.0f}"),
     ("load_max_over_mean", "expert load max/mean", "{:.3f}"),
     ("dropped", "dropped", "{:.2%}"),
+    ("train_flops", "PFLOP", "P"),
+    ("train_seconds", "train s", "{:,.1f}"),
 ]
+# Shown only when some run logged them.
+OPTIONAL_COLUMNS = [(f"router_{stat}", header, "{:.3f}")
+                    for stat, header in ROUTER_SUMMARY_STATS.items()]
 
 
-def load_runs(sweep_dirs: list[Path]) -> list[RunInfo]:
-    runs = [read_run(d, Path(s)) for s in sweep_dirs for d in find_run_dirs(Path(s))]
+def load_runs(sweep_dirs: list[Path]) -> tuple[list[RunInfo], list[str]]:
+    """(the training runs, the other job folders skipped, relative to their sweep directory)
+    under the sweep directories."""
+    runs, skipped = [], []
+    for s in map(Path, sweep_dirs):
+        found, other = scan_sweep(s)
+        runs += [read_run(d, s) for d in found]
+        skipped += [str(d.relative_to(s)) for d in other]
     if not runs:
-        raise SystemExit(f"error: no run directories (with .hydra/overrides.yaml) under "
-                         f"{', '.join(map(str, sweep_dirs))}")
-    return runs
+        raise SystemExit(f"error: no training run directories (with .hydra/overrides.yaml) under "
+                         f"{', '.join(map(str, sweep_dirs))} ({len(skipped)} eval/generate or "
+                         "nested job folders skipped)")
+    return runs, skipped
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -68,6 +90,8 @@ def _fmt(value: Any, spec: str) -> str:
         return "—"
     if spec == "M":
         return f"{value / 1e6:.2f}M"
+    if spec == "P":
+        return f"{value / 1e15:.3g}"
     return spec.format(value)
 
 
@@ -78,10 +102,14 @@ def run_label(run: RunInfo, keys: list[str], width: int = 80) -> str:
 
 
 def markdown_table(runs: list[RunInfo], rows: list[dict[str, Any]], keys: list[str]) -> str:
-    extra = sorted({k for row in rows for k in row if k.startswith("final_val_")
-                    and "_len" in k})
-    columns = COLUMNS + [(k, k.removeprefix("final_").replace("_len", " @"),
-                          "{:.2f}" if "ppl" in k else "{:.4f}") for k in extra]
+    present = {k for row in rows for k, v in row.items() if v is not None}
+    optional = [c for c in OPTIONAL_COLUMNS if c[0] in present]
+    tasks = sorted(k for k in present if k.startswith("downstream/"))
+    extra = sorted(k for k in present if k.startswith("final_val_") and "_len" in k)
+    columns = (COLUMNS + optional
+               + [(k, f"{k.split('/')[1]} acc", "{:.3f}") for k in tasks]
+               + [(k, k.removeprefix("final_").replace("_len", " @"),
+                   "{:.2f}" if "ppl" in k else "{:.4f}") for k in extra])
     header = ["run", *keys, *(c[1] for c in columns)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run, row in zip(runs, rows):
@@ -93,74 +121,26 @@ def markdown_table(runs: list[RunInfo], rows: list[dict[str, Any]], keys: list[s
     return "\n".join(lines)
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_val_loss(runs: list[RunInfo], keys: list[str], path: Path) -> Path:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for run in runs:
-        evals = [r for r in run.records if "val_loss" in r]
-        if evals:
-            state = "" if run.state == "finished" else f" ({run.state})"
-            ax.plot([r["tokens"] for r in evals], [r["val_loss"] for r in evals], "o-", ms=3,
-                    label=run_label(run, keys) + state)
-    ax.set(xlabel="training tokens", ylabel="validation loss (nats/token)",
-           title="validation loss against tokens seen")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+def _plots(runs: list[RunInfo], rows: list[dict[str, Any]], keys: list[str],
+           curves: list[dict[str, Any]], out: Path) -> list[Path]:
+    labels = [f"{row['run']}: {run_label(run, keys, 60)}"
+              + ("" if run.state == "finished" else f" ({run.state})")
+              for run, row in zip(runs, rows)]
+    written = [plot_losses(labels, curves, out / "loss.png"),
+               plot_val_loss_against(labels, curves, "flops", out / "val_loss_vs_flops.png"),
+               plot_val_loss_against(labels, curves, "seconds", out / "val_loss_vs_time.png"),
+               plot_expert_balance(runs, labels, out / "expert_load.png")]
+    steps_dir = out / "expert_load_steps"
+    for run, row, label in zip(runs, rows, labels):
+        written.append(plot_expert_load_steps(run, label, steps_dir / f"{file_stem(row['run'])}.png"))
+    return [p for p in written if p is not None]
 
 
-def _mean_load(run: RunInfo) -> tuple[list[str], list[list[float]]] | None:
-    """Per MoE layer, each expert's share of routed tokens averaged over the final steps."""
-    routed = [r for r in run.records if r.get("router")]
-    if not routed:
-        return None
-    tail = routed[-max(1, math.ceil(len(routed) * BALANCE_TAIL)):]
-    layers = sorted(tail[-1]["router"], key=int)
-    load = [[statistics.fmean(r["router"][layer]["load"][e] for r in tail)
-             for e in range(len(tail[-1]["router"][layer]["load"]))] for layer in layers]
-    return layers, load  # load: [layer][expert]
-
-
-def plot_expert_load(runs: list[RunInfo], keys: list[str], path: Path) -> Path | None:
-    """One heatmap per MoE run (rows: MoE layers, columns: experts); None if no run routes."""
-    loads = [(run, _mean_load(run)) for run in runs]
-    loads = [(run, m) for run, m in loads if m is not None]
-    if not loads:
-        return None
-    plt = _plt()
-    fig, axes = plt.subplots(len(loads), 1, figsize=(8, 1.2 + 1.0 * sum(len(m[0]) for _, m in loads)),
-                             squeeze=False)
-    for ax, (run, (layers, load)) in zip(axes[:, 0], loads):
-        even = 1 / len(load[0])
-        im = ax.imshow(load, aspect="auto", cmap="coolwarm", vmin=0, vmax=2 * even)
-        ax.set_yticks(range(len(layers)), [f"layer {layer}" for layer in layers])
-        ax.set_xticks(range(len(load[0])))
-        ax.set_title(run_label(run, keys), fontsize=8)
-        fig.colorbar(im, ax=ax, label=f"even: {even:.3f}")
-    axes[-1, 0].set_xlabel("expert")
-    fig.suptitle(f"expert load, mean of the last {BALANCE_TAIL:.0%} of steps")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def write_report(sweep_dirs: list[Path], out: Path) -> tuple[list[RunInfo], str, list[Path]]:
+def write_report(sweep_dirs: list[Path], out: Path
+                 ) -> tuple[list[RunInfo], str, list[Path], list[str]]:
     """Read the sweeps, write report.md / report.json / plots into `out`; return what was read,
-    the table and the files written."""
-    runs = load_runs(sweep_dirs)
+    the table, the files written and the note lines (warnings, skipped folders)."""
+    runs, skipped = load_runs(sweep_dirs)
     rows = [summarise(r) for r in runs]
     keys = varying_keys([r.overrides for r in runs])
     common = [f"{k}={v}" for k, v in runs[0].overrides.items() if k not in keys]
@@ -169,12 +149,16 @@ def write_report(sweep_dirs: list[Path], out: Path) -> tuple[list[RunInfo], str,
             if run.path != run.sweep:
                 row["run"] = f"{run.sweep.name}/{row['run']}"
     table = markdown_table(runs, rows, keys)
+    curves = [run_curves(run.records, flops_per_token_of(run)) for run in runs]
     out.mkdir(parents=True, exist_ok=True)
-    written = [plot_val_loss(runs, keys, out / "val_loss.png")]
-    expert_plot = plot_expert_load(runs, keys, out / "expert_load.png")
-    written += [expert_plot] if expert_plot else []
+    written = _plots(runs, rows, keys, curves, out)
     names = sorted({r.config.get("experiment_name") or r.sweep.name for r in runs})
     not_done = [row for row in rows if row["state"] != "finished"]
+    notes = sweep_warnings(runs, [row["run"] for row in rows])
+    if skipped:
+        notes.append(f"note: skipped {len(skipped)} non-training job folder(s) (mode=eval / "
+                     "mode=generate outputs, or job folders nested inside a run): "
+                     + ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else "") + ".")
     text = "\n".join([
         f"# Sweep report: {', '.join(names)}",
         "",
@@ -182,6 +166,7 @@ def write_report(sweep_dirs: list[Path], out: Path) -> tuple[list[RunInfo], str,
         "",
         "Common overrides: " + (" ".join(f"`{c}`" for c in common) or "none"),
         "",
+        *(line for note in notes for line in (note, "")),
         table,
         "",
         f"{len(rows)} runs, {len(not_done)} not finished"
@@ -192,15 +177,28 @@ def write_report(sweep_dirs: list[Path], out: Path) -> tuple[list[RunInfo], str,
          "validation loss; *final*: the last evaluation; `val_loss @N`: the last evaluation at "
          "length N (`train.extra_eval_seq_lens`). tokens/s: median over logged steps. "
          "Expert load max/mean (1 = even) and dropped share: mean over MoE layers and the last "
-         f"{BALANCE_TAIL:.0%} of logged steps. Steps of an unfinished run read done/planned."),
+         f"{BALANCE_TAIL:.0%} of logged steps (router entropy and top-1 changed likewise, when "
+         "logged). PFLOP: training FLOPs with active parameters only "
+         "(`h64lm.model.flops_per_token` at `data.seq_len`, times tokens seen). train s: "
+         "training seconds, the sum of logged step times (a step not logged counts as long as "
+         "the next logged one; evaluation excluded). `<task> acc`: the last logged "
+         "`downstream/<task>/acc`. Steps of an unfinished run read done/planned."),
         "",
-        *(f"![{p.stem}]({p.name})" for p in written),
+        f"`loss.png`: training loss smoothed by a bias-corrected EMA (beta = {EMA_BETA} over "
+        "logged steps; raw loss faint) beside validation loss, both against tokens. "
+        "`val_loss_vs_flops.png` / `val_loss_vs_time.png`: validation loss at equal training "
+        "compute / time. `expert_load.png`: load / mean load per expert and MoE layer over the "
+        f"last {BALANCE_TAIL:.0%} of logged steps, log colour scale centred at 1 (blue: "
+        "under-used, red: over-used). `expert_load_steps/<run>.png`: the same per logged step.",
+        "",
+        *(f"![{p.stem}]({p.relative_to(out)})" for p in written),
         "",
     ])
     (out / "report.md").write_text(text)
     (out / "report.json").write_text(json.dumps(
-        {"sweeps": [str(s) for s in sweep_dirs], "varying": keys, "rows": rows}, indent=1))
-    return runs, table, [out / "report.md", out / "report.json", *written]
+        {"sweeps": [str(s) for s in sweep_dirs], "varying": keys, "notes": notes, "rows": rows,
+         "curves": {row["run"]: c for row, c in zip(rows, curves)}}, indent=1))
+    return runs, table, [out / "report.md", out / "report.json", *written], notes
 
 
 def _publish_wandb(runs: list[RunInfo], table: str, args: argparse.Namespace) -> None:
@@ -237,7 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     missing = [str(s) for s in args.sweep_dirs if not s.is_dir()]
     if missing:
         parser.error(f"not a directory: {', '.join(missing)}")
-    runs, table, written = write_report(args.sweep_dirs, args.out or args.sweep_dirs[0])
+    runs, table, written, notes = write_report(args.sweep_dirs, args.out or args.sweep_dirs[0])
+    for note in notes:
+        print(note, file=sys.stderr if note.startswith("warning") else sys.stdout)
     print(table)
     print("\nwrote " + ", ".join(str(p) for p in written))
     if args.wandb:

@@ -1,7 +1,10 @@
 """Read the run directories of one or more sweeps into one summary row per run.
 
-A run directory is any folder holding `.hydra/overrides.yaml` (what Hydra writes for every job).
-Everything else is optional, so a run that crashed early or is still going still gets a row:
+A run directory is a folder holding `.hydra/overrides.yaml` (what Hydra writes for every job) of a
+training job. Folders written by `mode=eval` or `mode=generate` (`eval.json`, `generations.txt`)
+and any Hydra folder nested inside a run (`RUN/evals/<time>/`, `RUN/generations/<time>/`) are not
+runs: they are skipped and counted. Everything else is optional, so a run that crashed early or is
+still going still gets a row:
 `status.json` says how it ended (a "running" run whose process is gone on this host crashed),
 `metrics.jsonl` carries the per-step numbers, `summary.json` exists only after a clean finish.
 """
@@ -9,7 +12,7 @@ Everything else is optional, so a run that crashed early or is still going still
 from __future__ import annotations
 
 import json
-import math
+import operator
 import os
 import socket
 import statistics
@@ -19,19 +22,31 @@ from typing import Any
 
 import yaml
 
+from experiments.report_series import (
+    BALANCE_TAIL,
+    ROUTER_SUMMARY_STATS,
+    downstream_accuracy,
+    router_tail_mean,
+    train_seconds,
+)
+
 __all__ = [
     "BALANCE_TAIL",
     "RunInfo",
     "find_run_dirs",
+    "flops_per_token_of",
     "read_run",
+    "run_mode",
     "run_state",
+    "scan_sweep",
     "summarise",
+    "sweep_warnings",
     "varying_keys",
 ]
 
-# Expert balance and dropped share are averaged over this final fraction of the logged steps:
-# early steps reflect the random router, not what training settles on.
-BALANCE_TAIL = 0.25
+# Files only a training job writes: their presence wins over a later eval/generate job that
+# reused the same directory (and rewrote .hydra/config.yaml with its own mode).
+TRAINING_FILES = ("metrics.jsonl", "status.json", "summary.json")
 
 
 @dataclass
@@ -46,8 +61,23 @@ class RunInfo:
     wandb_id: str | None = None  # the W&B run id, from wandb/offline-run-*-<id> or run-*-<id>
 
 
-def find_run_dirs(sweep_dir: Path) -> list[Path]:
-    """Every run directory under `sweep_dir` (itself included), job folders in numeric order."""
+def run_mode(run_dir: Path) -> str:
+    """train | eval | generate: what the job in `run_dir` did. A job that failed before writing
+    anything but its config counts by the config's `mode` (train when absent)."""
+    if any((run_dir / name).exists() for name in TRAINING_FILES):
+        return "train"
+    mode = (_read_yaml(run_dir / ".hydra" / "config.yaml") or {}).get("mode")
+    if mode:
+        return str(mode)
+    if (run_dir / "eval.json").exists():
+        return "eval"
+    return "generate" if (run_dir / "generations.txt").exists() else "train"
+
+
+def scan_sweep(sweep_dir: Path) -> tuple[list[Path], list[Path]]:
+    """(training run directories, other Hydra job directories) under `sweep_dir` (itself
+    included), job folders in numeric order. "Other": eval/generate jobs and any job folder inside
+    another one (e.g. `RUN/evals/<time>/`)."""
     sweep_dir = Path(sweep_dir)
     found = {p.parent.parent for p in sweep_dir.rglob(".hydra/overrides.yaml")}
 
@@ -55,7 +85,23 @@ def find_run_dirs(sweep_dir: Path) -> list[Path]:
         rel = p.relative_to(sweep_dir).parts
         return tuple((0, int(s), "") if s.isdigit() else (1, 0, s) for s in rel)
 
-    return sorted(found, key=order)
+    runs, other = [], []
+    for d in sorted(found, key=order):
+        nested = any(parent in found for parent in d.parents)
+        (other if nested or run_mode(d) != "train" else runs).append(d)
+    return runs, other
+
+
+def find_run_dirs(sweep_dir: Path) -> list[Path]:
+    """Every training run directory under `sweep_dir` (itself included), in numeric order."""
+    return scan_sweep(sweep_dir)[0]
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text())
+    except (FileNotFoundError, yaml.YAMLError):
+        return None
 
 
 def _read_json(path: Path) -> Any:
@@ -119,8 +165,7 @@ def _parse_overrides(lines: list[str]) -> dict[str, str]:
 def read_run(run_dir: Path, sweep_dir: Path) -> RunInfo:
     run_dir = Path(run_dir)
     overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
-    config_path = run_dir / ".hydra" / "config.yaml"
-    config = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
+    config = _read_yaml(run_dir / ".hydra" / "config.yaml")
     return RunInfo(
         path=run_dir,
         sweep=Path(sweep_dir),
@@ -143,24 +188,36 @@ def varying_keys(mappings: list[dict[str, Any]]) -> list[str]:
                                     for m in mappings}) > 1]
 
 
+def _model_config(run: RunInfo) -> Any:
+    if "model" not in run.config:
+        return None
+    from h64lm.model import H64LMConfig
+
+    return H64LMConfig(**run.config["model"])
+
+
 def _parameters(run: RunInfo) -> tuple[int | None, int | None]:
     if run.summary and "parameters" in run.summary:
         return run.summary["parameters"], run.summary.get("active_parameters")
-    if "model" not in run.config:
+    mcfg = _model_config(run)
+    if mcfg is None:
         return None, None
     # A run that never finished has no summary.json: count from its config instead.
-    from h64lm.model import H64LMConfig, active_parameters_per_token, count_parameters
+    from h64lm.model import active_parameters_per_token, count_parameters
 
-    mcfg = H64LMConfig(**run.config["model"])
     return count_parameters(mcfg), active_parameters_per_token(mcfg)
 
 
-def _router_tail(records: list[dict[str, Any]], key: str) -> float | None:
-    routed = [r for r in records if r.get("router")]
-    if not routed:
+def flops_per_token_of(run: RunInfo) -> float | None:
+    """Training FLOPs per token (active experts only) of the run's model at its `data.seq_len`;
+    None when the config lacks either."""
+    mcfg = _model_config(run)
+    seq_len = run.config.get("data", {}).get("seq_len")
+    if mcfg is None or not seq_len:
         return None
-    tail = routed[-max(1, math.ceil(len(routed) * BALANCE_TAIL)):]
-    return statistics.fmean(layer[key] for r in tail for layer in r["router"].values())
+    from h64lm.model import flops_per_token
+
+    return flops_per_token(mcfg, seq_len)
 
 
 def summarise(run: RunInfo) -> dict[str, Any]:
@@ -170,6 +227,8 @@ def summarise(run: RunInfo) -> dict[str, Any]:
     best = min(evals, key=lambda r: r["val_loss"]) if evals else None
     final = evals[-1] if evals else None
     params, active = _parameters(run)
+    flops = flops_per_token_of(run)
+    row_tokens = run.records[-1]["tokens"] if run.records else 0
     row: dict[str, Any] = {
         "run": str(run.path.relative_to(run.sweep)) if run.path != run.sweep else run.path.name,
         "state": run.state,
@@ -177,16 +236,55 @@ def summarise(run: RunInfo) -> dict[str, Any]:
         "max_steps": run.config.get("train", {}).get("max_steps"),
         "parameters": params,
         "active_parameters": active,
-        "tokens": run.records[-1]["tokens"] if run.records else 0,
+        "tokens": row_tokens,
         "best_val_loss": best["val_loss"] if best else None,
         "best_val_ppl": best["val_ppl"] if best else None,
         "final_val_loss": final["val_loss"] if final else None,
         "final_val_ppl": final["val_ppl"] if final else None,
         "tokens_per_s": (statistics.median(r["tokens_per_s"] for r in run.records)
                          if run.records else None),
-        "load_max_over_mean": _router_tail(run.records, "load_max_over_mean"),
-        "dropped": _router_tail(run.records, "dropped"),
+        "load_max_over_mean": router_tail_mean(run.records, "load_max_over_mean"),
+        "dropped": router_tail_mean(run.records, "dropped"),
+        "train_flops": flops * row_tokens if flops and row_tokens else None,
+        "train_seconds": train_seconds(run.records)[-1] if run.records else None,
     }
+    for stat in ROUTER_SUMMARY_STATS:
+        row[f"router_{stat}"] = router_tail_mean(run.records, stat)
+    for task, acc in sorted(downstream_accuracy(run.records).items()):
+        row[f"downstream/{task}/acc"] = acc
     for key in sorted(k for k in (final or {}) if k.startswith(("val_loss_len", "val_ppl_len"))):
         row[f"final_{key}"] = final[key]
     return row
+
+
+# (left key, comparison, right key, what it does to the comparison and what to change)
+SHORTENED = [
+    ("train.max_steps", "<", "train.eval_every",
+     "validated only at the final step, so each validation curve is one point; lower "
+     "train.eval_every or raise train.max_steps"),
+    ("optim.warmup_steps", ">=", "train.max_steps",
+     "the learning rate never leaves warmup, so the runs compare warmup phases only; lower "
+     "optim.warmup_steps or raise train.max_steps"),
+]
+
+
+def sweep_warnings(runs: list[RunInfo], names: list[str]) -> list[str]:
+    """One line per shortening condition that holds for some runs (`names` is parallel to
+    `runs`), naming the runs, their values and the keys to change."""
+    compare = {"<": operator.lt, ">=": operator.ge}
+
+    def get(run: RunInfo, dotted: str) -> Any:
+        group, key = dotted.split(".")
+        return run.config.get(group, {}).get(key)
+
+    lines = []
+    for left, op, right, effect in SHORTENED:
+        hit = []
+        for run, name in zip(runs, names):
+            a, b = get(run, left), get(run, right)
+            if isinstance(a, int) and isinstance(b, int) and compare[op](a, b):
+                hit.append(f"{name} ({a} {op} {b})")
+        if hit:
+            lines.append(f"warning: {left} {op} {right} in {len(hit)} run(s): {', '.join(hit)}; "
+                         f"{effect}.")
+    return lines
