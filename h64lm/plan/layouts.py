@@ -131,11 +131,11 @@ def plan_layouts(config: H64LMConfig, *, gpus: int, **kwargs) -> List[Layout]:
         eps += [e for e in range(2, gpus + 1) if gpus % e == 0 and config.num_experts % e == 0]
     layouts = [plan_layout(config, gpus=gpus, strategy=s, ep=e, checkpointing=ck, **kwargs)
                for s in strategies for e in eps for ck in (False, True)]
-    return sorted(layouts, key=lambda l: (l.fits is False, l.time_s or 0.0, l.comm_bytes,
-                                          l.total))
+    return sorted(layouts, key=lambda x: (x.fits is False, x.time_s or 0.0, x.comm_bytes,
+                                          x.total))
 
 
 def recommend(layouts: List[Layout]) -> Optional[Layout]:
     """The cheapest layout that fits, or None when none does."""
-    fitting = [l for l in layouts if l.fits]
+    fitting = [x for x in layouts if x.fits]
     return fitting[0] if fitting else None

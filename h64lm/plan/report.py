@@ -46,8 +46,8 @@ def format_plan(layouts: List[Layout], model: str = "model",
         lines.append(f"  {launch_command(best, model)}")
     lines.append("")
     lines.append(f"{'layout':<24}{'GB/GPU':>8}{'fits':>6}{'s/step':>9}{'comm GB':>9}")
-    for l in layouts:
-        fits = "-" if l.fits is None else ("yes" if l.fits else "no")
-        time = "-" if l.time_s is None else f"{l.time_s:.3f}"
-        lines.append(f"{l.name:<24}{_gb(l.total):>8}{fits:>6}{time:>9}{_gb(l.comm_bytes):>9}")
+    for x in layouts:
+        fits = "-" if x.fits is None else ("yes" if x.fits else "no")
+        time = "-" if x.time_s is None else f"{x.time_s:.3f}"
+        lines.append(f"{x.name:<24}{_gb(x.total):>8}{fits:>6}{time:>9}{_gb(x.comm_bytes):>9}")
     return "\n".join(lines)

@@ -20,15 +20,15 @@ def test_too_big_for_one_gpu_is_sharded():
     best = recommend(plan_layouts(CONFIG, gpus=8, gpu_mem_gb=8, **KW))
     assert best is not None and (best.strategy == "fsdp" or best.ep > 1)
     # and it is the cheapest fitting one: nothing that fits is faster
-    fitting = [l for l in plan_layouts(CONFIG, gpus=8, gpu_mem_gb=8, **KW) if l.fits]
-    assert best.time_s == min(l.time_s for l in fitting)
+    fitting = [x for x in plan_layouts(CONFIG, gpus=8, gpu_mem_gb=8, **KW) if x.fits]
+    assert best.time_s == min(x.time_s for x in fitting)
 
 
 def test_ep_only_where_it_divides_experts_and_gpus():
-    eps = {l.ep for l in plan_layouts(CONFIG, gpus=8, **KW)}
+    eps = {x.ep for x in plan_layouts(CONFIG, gpus=8, **KW)}
     assert eps == {1, 2, 4}  # 8 does not divide 12 experts
     dense = H64LMConfig(**{**CONFIG.__dict__, "moe_layers": "none"})
-    assert {l.ep for l in plan_layouts(dense, gpus=8, **KW)} == {1}
+    assert {x.ep for x in plan_layouts(dense, gpus=8, **KW)} == {1}
     with pytest.raises(ValueError, match="ep=8 must divide"):
         plan_layout(CONFIG, gpus=8, ep=8, **KW)
 
@@ -39,11 +39,11 @@ def test_one_gpu_prefers_no_checkpointing_when_it_fits():
 
 
 def test_tokens_flops_and_time_follow_their_formulas():
-    l = plan_layout(CONFIG, gpus=4, grad_accum=3, strategy="fsdp", checkpointing=True, **KW)
+    layout = plan_layout(CONFIG, gpus=4, grad_accum=3, strategy="fsdp", checkpointing=True, **KW)
     tokens = 2 * 1024 * 3 * 4
-    assert l.tokens_per_step == tokens
-    assert l.flops_per_step == pytest.approx(flops_per_token(CONFIG, 1024) * tokens)
-    assert l.time_s == pytest.approx(l.flops_per_step * 4 / 3 / (4 * 989e12 * 0.4))
+    assert layout.tokens_per_step == tokens
+    assert layout.flops_per_step == pytest.approx(flops_per_token(CONFIG, 1024) * tokens)
+    assert layout.time_s == pytest.approx(layout.flops_per_step * 4 / 3 / (4 * 989e12 * 0.4))
 
 
 def test_fsdp_state_shrinks_with_gpus():
