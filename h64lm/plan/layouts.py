@@ -111,9 +111,9 @@ def _comm_bytes(config, state, gpus, strategy, ep, a, tokens, accum, checkpointi
     if strategy == "ddp":
         volume = 2 * (gpus - 1) / gpus * state.grads  # once per step (no_sync while accumulating)
     else:
-        unsharded = state.numel * gpus  # approximately: the padded shards gathered back
         # per micro-batch: gather for forward, again for backward, reduce-scatter the grads
-        volume = accum * (gpus - 1) / gpus * unsharded * (2 * a + 4)
+        # (expert tensors really gather over gpus / ep ranks: (g-1)/g slightly overstates them)
+        volume = accum * (gpus - 1) / gpus * state.unsharded * (2 * a + 4)
     if ep > 1:
         rows = tokens * config.num_experts_per_token * config.hidden_size * a
         passes = 6 if checkpointing else 4  # dispatch + combine, forward and backward

@@ -78,6 +78,7 @@ class StateBytes:
     tensors: int  # parameter tensors (each carries AdamW's step scalar)
     largest_unit: int  # numel of the largest FSDP unit unsharded (a block, or embed+head+norm)
     root_unit: int  # numel of the root unit (embedding, final norm, untied head) unsharded
+    unsharded: int  # numel of this rank's EP-local model, unsharded (what FSDP gathers)
 
 
 def state_bytes(config: H64LMConfig, gpus: int = 1, strategy: str = "ddp",
@@ -98,4 +99,5 @@ def state_bytes(config: H64LMConfig, gpus: int = 1, strategy: str = "ddp",
             root += local
     return StateBytes(params=FP32 * numel, grads=FP32 * numel,
                       optimizer=2 * FP32 * numel + FP32 * tensors, numel=numel, tensors=tensors,
-                      largest_unit=max(list(blocks.values()) + [root]), root_unit=root)
+                      largest_unit=max(list(blocks.values()) + [root]), root_unit=root,
+                      unsharded=sum(blocks.values()) + root)
