@@ -7,10 +7,11 @@ before any text is read, with the key to change in the message.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["SOURCES", "TXT_SPLITS", "DataConfig", "resolve_cache_dir"]
+__all__ = ["SOURCES", "TXT_SPLITS", "DataConfig", "expand_path", "resolve_cache_dir"]
 
 SOURCES = ("wiki_excerpt", "wikitext103", "wikitext2", "text")
 TXT_SPLITS = ("auto", "wikitext", "paragraph", "file")
@@ -52,6 +53,12 @@ class DataConfig:
               f"data.num_proc={self.num_proc} must be >= 1 or null (automatic)")
         check(self.val_windows is None or self.val_windows >= 1,
               f"data.val_windows={self.val_windows} must be >= 1 or null (every window)")
+        # `~` and `$VAR` are expanded here, once, so every later message shows the real path.
+        self.path = expand_path(self.path, "data.path")
+        self.val_path = expand_path(self.val_path, "data.val_path")
+        self.cache_dir = expand_path(self.cache_dir, "data.cache_dir")
+        if self.tokenizer != "mistral":
+            self.tokenizer = expand_path(self.tokenizer, "data.tokenizer")
         if self.name == "text":
             check(self.path is not None, "data=text needs data.path=<file or folder>")
             check(self.val_path is not None or self.val_fraction > 0,
@@ -60,7 +67,20 @@ class DataConfig:
             check(bool(self.hub_config), f"data={self.name} needs data.hub_config")
 
 
+def expand_path(value: str | None, key: str) -> str | None:
+    """`value` with `~` and `$VAR` / `${VAR}` expanded; an unset variable is refused, never kept
+    as literal text (that would silently read or create a folder named `$VAR`)."""
+    if value is None:
+        return None
+    names = [a or b for a, b in re.findall(r"\$(?:(\w+)|\{([^}]*)\})", value)]
+    unset = [name for name in names if name not in os.environ]
+    if unset:
+        raise ValueError(f"{key}={value}: environment variable ${unset[0]} is not set; "
+                         f"set it or write the path out in {key}")
+    return os.path.expanduser(os.path.expandvars(value))
+
+
 def resolve_cache_dir(cfg: DataConfig) -> Path:
     """`data.cache_dir`, else `$H64LM_CACHE_DIR` (tests and CI redirect it), else ~/.cache/h64lm."""
-    chosen = cfg.cache_dir or os.environ.get("H64LM_CACHE_DIR")
-    return Path(chosen).expanduser() if chosen else Path.home() / ".cache" / "h64lm"
+    chosen = cfg.cache_dir or expand_path(os.environ.get("H64LM_CACHE_DIR"), "$H64LM_CACHE_DIR")
+    return Path(chosen) if chosen else Path.home() / ".cache" / "h64lm"
