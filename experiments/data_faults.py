@@ -17,8 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["BAD_ROWS", "CACHE_DAMAGE", "TOKENIZER_DAMAGE", "children", "damage", "finish_preparation",
-           "kill_while_tokenizing", "start_preparation", "workers_left", "write_corpus",
+__all__ = ["BAD_ROWS", "CACHE_DAMAGE", "TOKENIZER_DAMAGE", "bad_rows_trials", "children", "damage",
+           "damaged_cache_trials", "finish_preparation", "kill_while_tokenizing",
+           "killed_preparation_trial", "start_preparation", "workers_left", "write_corpus",
            "write_rows"]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,3 +167,76 @@ def write_rows(path: Path, rows: list[str] | None, docs: list[str]) -> Path:
         rows = [json.dumps({"text": d} if i % 4 else {"title": d}) for i, d in enumerate(docs)]
     path.write_text("\n".join(rows) + "\n")
     return path
+
+
+def killed_preparation_trial(workdir: Path, sig: int) -> tuple[bool, str]:
+    """One kill of a num_proc=2 preparation mid-tokenization, then a new one: (ok, note)."""
+    corpus, cache = write_corpus(workdir / "corpus.jsonl"), workdir / "cache"
+    proc = start_preparation(corpus, cache, 2, workdir / "killed.log")
+    workers = kill_while_tokenizing(proc, cache, 2, sig)
+    left = workers_left(workers, wait_s=3)
+    code, seconds = finish_preparation(corpus, cache, workdir / "again.log", timeout=300)
+    leftovers = [p.name for p in (cache / "corpus").iterdir() if ".tmp-" in p.name]
+    ok = not left and code == 0 and not leftovers
+    return ok, (f"{signal.Signals(sig).name} mid-tokenize: {len(left)} workers left, next "
+                f"preparation {'exit ' + str(code) if code is not None else 'HUNG'} in "
+                f"{seconds:.0f} s, {len(leftovers)} temp folders")
+
+
+def _documents(n: int) -> list[str]:
+    words = "river stone music winter garden engine market history".split()
+    return [f"doc {i}: " + " ".join(words[(i * 7 + k * 3) % 8] for k in range(40)) for i in range(n)]
+
+
+def damaged_cache_trials(workdir: Path) -> list[tuple[bool, str]]:
+    """Each CACHE_DAMAGE / TOKENIZER_DAMAGE case: rebuilt, one `cache:` line, the same data."""
+    import contextlib
+    import io
+
+    import numpy as np
+
+    from h64lm.data import DataConfig, load_tokenizer, prepare_corpus
+
+    path = write_rows(workdir / "docs.jsonl", [json.dumps({"text": d}) for d in _documents(60)], [])
+    cfg = DataConfig(name="text", path=str(path), seq_len=16, cache_dir=str(workdir / "cache"))
+    tokenizer = load_tokenizer(cfg)
+    reference = prepare_corpus(cfg, tokenizer)
+    ids = np.concatenate([reference.train, reference.val]).copy()
+    tok_folder = next(p for p in (workdir / "cache" / "tokenizers").iterdir() if p.is_dir())
+    results = []
+    for name, file, how in CACHE_DAMAGE + TOKENIZER_DAMAGE:
+        folder = reference.path if (name, file, how) in CACHE_DAMAGE else tok_folder
+        damage(folder, file, how)
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            again = prepare_corpus(cfg, load_tokenizer(cfg))
+        lines = [x for x in err.getvalue().splitlines() if x.startswith("cache:")]
+        same = np.array_equal(np.concatenate([again.train, again.val]), ids)
+        ok = len(lines) == 1 and f"{folder} is damaged" in lines[0] and same
+        results.append((ok, name + ("" if ok else f": {lines or 'not noticed'}, same={same}")))
+    return results
+
+
+def bad_rows_trials(workdir: Path) -> list[tuple[bool, str]]:
+    """Each BAD_ROWS case and an unset `$VAR` in data.path: one line, or a count in meta.json."""
+    from h64lm.data import DataConfig, load_tokenizer, prepare_corpus
+
+    results = []
+    for i, (name, rows, expect) in enumerate(BAD_ROWS):
+        path = write_rows(workdir / f"rows{i}.jsonl", rows, _documents(100))
+        try:
+            cfg = DataConfig(name="text", path=str(path), seq_len=16,
+                             cache_dir=str(workdir / "cache"))
+            corpus = prepare_corpus(cfg, load_tokenizer(cfg))
+            outcome = f"skipped: {corpus.meta['skipped']['data.path']['no_text']}"
+        except ValueError as e:
+            outcome = "error: " + str(e) if "\n" not in str(e) else "several lines"
+        ok = outcome.startswith(expect.split(": ", 1)[0]) and expect.split(": ", 1)[1] in outcome
+        results.append((ok, name + ("" if ok else f": {outcome[:80]!r}")))
+    os.environ.pop("H64LM_FAULT_UNSET", None)
+    try:
+        DataConfig(name="text", path="$H64LM_FAULT_UNSET/x.jsonl")
+        results.append((False, "unset $VAR accepted"))
+    except ValueError as e:
+        results.append(("$H64LM_FAULT_UNSET is not set" in str(e), "unset $VAR refused"))
+    return results
