@@ -35,6 +35,7 @@ for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MOD
 
 import torch
 
+from experiments.data_faults import bad_rows_trials, damaged_cache_trials, killed_preparation_trial
 from experiments.fault_cases import BAD_CONFIGS, bad_data_cases, write_bad_files
 from experiments.fault_inject import poison_training_forward
 from experiments.fault_procs import (
@@ -375,6 +376,18 @@ def fault_cache_race(lab: Lab, t: Tally, jobs: int = 3) -> None:
                  f"identical first-step losses")
 
 
+def fault_killed_tokenization(lab: Lab, t: Tally) -> None:
+    for sig in (signal.SIGKILL, signal.SIGTERM):
+        with t.guard(signal.Signals(sig).name):
+            t.trial(*killed_preparation_trial(lab.fresh(f"killed_tokenize_{sig}"), sig))
+
+
+def _tally_all(t: Tally, results: list[tuple[bool, str]], what: str) -> None:
+    for ok, note in results:
+        t.trial(ok, note="" if ok else note)
+    t.notes.insert(0, f"{len(results)} {what}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trials", type=int, default=6, help="SIGKILL trials (>= 5)")
@@ -397,6 +410,11 @@ def main() -> int:
         ("8 bad data", lambda t: fault_bad_data(lab, t)),
         ("9 DDP rank killed", lambda t: fault_ddp_kill(lab, t)),
         ("10 cache race", lambda t: fault_cache_race(lab, t)),
+        ("11 killed tokenization", lambda t: fault_killed_tokenization(lab, t)),
+        ("12 damaged cache", lambda t: _tally_all(
+            t, damaged_cache_trials(lab.fresh("damaged_cache")), "damages rebuilt in one line")),
+        ("13 bad rows / paths", lambda t: _tally_all(
+            t, bad_rows_trials(lab.fresh("bad_rows")), "cases: one line or a count")),
     ]
     tallies = []
     for name, inject in faults:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 from h64lm.validation import bounded, check, validate_fields
 
-__all__ = ["SOURCES", "TXT_SPLITS", "DataConfig", "resolve_cache_dir"]
+__all__ = ["SOURCES", "TXT_SPLITS", "DataConfig", "expand_path", "resolve_cache_dir"]
 
 SOURCES = ("wiki_excerpt", "wikitext103", "wikitext2", "text")
 TXT_SPLITS = ("auto", "wikitext", "paragraph", "file")
@@ -39,6 +40,12 @@ class DataConfig:
     def __post_init__(self) -> None:
         validate_fields(self)
         check(bool(self.tokenizer), "data.tokenizer must be 'mistral' or a tokenizer folder")
+        # `~` and `$VAR` are expanded here, once, so every later message shows the real path.
+        self.path = expand_path(self.path, "data.path")
+        self.val_path = expand_path(self.val_path, "data.val_path")
+        self.cache_dir = expand_path(self.cache_dir, "data.cache_dir")
+        if self.tokenizer != "mistral":
+            self.tokenizer = expand_path(self.tokenizer, "data.tokenizer")
         if self.name == "text":
             check(self.path is not None, "data=text needs data.path=<file or folder>")
             check(self.val_path is not None or self.val_fraction > 0,
@@ -47,7 +54,19 @@ class DataConfig:
             check(bool(self.hub_config), f"data={self.name} needs data.hub_config")
 
 
+def expand_path(value: str | None, key: str) -> str | None:
+    """`value` with `~` and `$VAR` / `${VAR}` expanded; an unset variable is refused, never kept
+    as literal text (that would silently read or create a folder named `$VAR`)."""
+    if value is None:
+        return None
+    names = [a or b for a, b in re.findall(r"\$(?:(\w+)|\{([^}]*)\})", value)]
+    unset = [name for name in names if name not in os.environ]
+    check(not unset, f"{key}={value}: environment variable ${unset[0] if unset else ''} is not set; "
+          f"set it or write the path out in {key}")
+    return os.path.expanduser(os.path.expandvars(value))
+
+
 def resolve_cache_dir(cfg: DataConfig) -> Path:
     """`data.cache_dir`, else `$H64LM_CACHE_DIR` (tests and CI redirect it), else ~/.cache/h64lm."""
-    chosen = cfg.cache_dir or os.environ.get("H64LM_CACHE_DIR")
-    return Path(chosen).expanduser() if chosen else Path.home() / ".cache" / "h64lm"
+    chosen = cfg.cache_dir or expand_path(os.environ.get("H64LM_CACHE_DIR"), "$H64LM_CACHE_DIR")
+    return Path(chosen) if chosen else Path.home() / ".cache" / "h64lm"

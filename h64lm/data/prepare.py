@@ -5,7 +5,11 @@ distinct from EOS), and the documents follow each other with nothing between the
 from this stream cross document boundaries; EOS then BOS tell the model where one ends.
 
 The cache folder `<cache_dir>/corpus/<name>-<fingerprint>/` holds `train.bin`, `val.bin`
-(raw uint16 ids, uint32 when the vocabulary exceeds 65536) and `meta.json`. The fingerprint
+(raw uint16 ids, uint32 when the vocabulary exceeds 65536), `meta.json` and `manifest.json`
+(sizes and CRC-32s, h64lm/data/integrity.py). At every open the `.bin` sizes are checked against
+meta.json's token counts and dtype and the content against the manifest; a damaged folder is
+rebuilt with one line saying why. meta.json also counts the rows skipped for having no text
+(`skipped`), and every run prints that count. The fingerprint
 hashes what determines the ids: the source's identity (files' paths, sizes and mtimes; the
 hub dataset; the split rule) and the tokenizer's full definition. `data.seq_len` is not part of
 it: windows are cut when loading, so one cache serves every window length.
@@ -33,7 +37,7 @@ from h64lm.data.tokenizer import Tokenizer
 
 __all__ = ["FORMAT_VERSION", "Corpus", "corpus_fingerprint", "prepare_corpus"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: manifest.json, meta.json `skipped`
 _SPLITS = ("train", "val")
 _BATCH = 1000  # documents per tokenizer call
 
@@ -110,7 +114,8 @@ def _build(cfg: DataConfig, tokenizer: Tokenizer, num_proc: int | None,
         from datasets import Dataset
 
         started = time.perf_counter()
-        splits = load_documents(cfg, resolve_cache_dir(cfg) / "hf_datasets")
+        skipped: dict = {}
+        splits = load_documents(cfg, resolve_cache_dir(cfg) / "hf_datasets", skipped)
         dtype = _token_dtype(tokenizer)
         counts, docs_counts = {}, {}
         for name, docs in zip(_SPLITS, splits):
@@ -125,7 +130,8 @@ def _build(cfg: DataConfig, tokenizer: Tokenizer, num_proc: int | None,
         meta = {"source": cfg.name, "fingerprint": fingerprint, "dtype": dtype.name,
                 "tokens": counts, "documents": docs_counts, "format": FORMAT_VERSION,
                 "identity": source_identity(cfg), "tokenizer": tokenizer.fingerprint,
-                "vocab_size": tokenizer.vocab_size, "built_by_pid": os.getpid(),
+                "vocab_size": tokenizer.vocab_size, "skipped": skipped,
+                "built_by_pid": os.getpid(),
                 "seconds": round(time.perf_counter() - started, 3)}
         (folder / "meta.json").write_text(json.dumps(meta, indent=1))
     return build
@@ -154,19 +160,62 @@ def _memmap(path: Path, dtype: str) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r")
 
 
+def _read_meta(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / "meta.json").read_text())
+
+
+def _cache_problem(folder: Path, fingerprint: str, dtype: np.dtype) -> str | None:
+    """What is wrong with a finished cache folder beyond its manifest (None: nothing)."""
+    try:
+        meta = _read_meta(folder)
+    except FileNotFoundError:
+        return "meta.json is missing"
+    except ValueError:
+        return "meta.json is not valid JSON"
+    try:
+        if meta["fingerprint"] != fingerprint or meta["format"] != FORMAT_VERSION:
+            return "meta.json describes another corpus"
+        if meta["dtype"] != dtype.name:
+            return f"meta.json says dtype {meta['dtype']}, the tokenizer needs {dtype.name}"
+        for split in _SPLITS:
+            size, tokens = (folder / f"{split}.bin").stat().st_size, meta["tokens"][split]
+            if size != tokens * dtype.itemsize:
+                return (f"{split}.bin has {size} bytes, meta.json says {tokens} tokens of "
+                        f"{dtype.itemsize} bytes")
+    except (KeyError, TypeError):
+        return "meta.json lacks fields"
+    except FileNotFoundError as err:
+        return f"{Path(err.filename).name} is missing"
+    return None
+
+
+def _report_skipped(meta: dict[str, Any]) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:  # one line per run, not per rank
+        return
+    for key, s in meta.get("skipped", {}).items():
+        first = f"; first: {s['first']}" if s.get("first") else ""
+        print(f"{key}: skipped {s['no_text'] + s['empty']} of {s['rows']} rows: {s['no_text']} "
+              f"without data.text_field (missing or null), {s['empty']} blank{first} "
+              f"(counts in {meta['source']} cache meta.json)", flush=True)
+
+
 def prepare_corpus(cfg: DataConfig, tokenizer: Tokenizer,
                    num_proc: int | None = None) -> Corpus:
     """The token ids of `cfg`'s source, tokenized once and reused from the cache afterwards.
 
-    Safe when several processes call it at once: one builds, the others wait and reuse.
+    Safe when several processes call it at once: one builds, the others wait and reuse. A
+    damaged cache folder is rebuilt (see the module docstring).
     """
     fingerprint = corpus_fingerprint(cfg, tokenizer)
     final = resolve_cache_dir(cfg) / "corpus" / f"{cfg.name}-{fingerprint}"
     build = _build(cfg, tokenizer, num_proc or cfg.num_proc, fingerprint)
-    folder, _ = build_once(final, build)
-    meta = json.loads((folder / "meta.json").read_text())
+    dtype = _token_dtype(tokenizer)
+    folder, _ = build_once(final, build,
+                           check=lambda f: _cache_problem(f, fingerprint, dtype))
+    meta = _read_meta(folder)
     corpus = Corpus(train=_memmap(folder / "train.bin", meta["dtype"]),
                     val=_memmap(folder / "val.bin", meta["dtype"]), meta=meta, path=folder)
+    _report_skipped(meta)
     for split in _SPLITS:
         _check_split(cfg, corpus, split)
     return corpus

@@ -64,7 +64,8 @@ def split_by_hash(ds, val_fraction: float, key: str = "text", what: str = "data"
     return ds.select(train), ds.select(val)
 
 
-def _wiki_excerpt(cfg: DataConfig, hf_cache: Path) -> tuple[Documents, Documents]:
+def _wiki_excerpt(cfg: DataConfig, hf_cache: Path,
+                  skipped: dict) -> tuple[Documents, Documents]:
     from datasets import Dataset
 
     articles = list(wiki_articles())[: cfg.max_samples]
@@ -72,11 +73,11 @@ def _wiki_excerpt(cfg: DataConfig, hf_cache: Path) -> tuple[Documents, Documents
     return split_by_hash(ds, cfg.val_fraction, key="title", what="data=wiki_excerpt")
 
 
-def _text(cfg: DataConfig, hf_cache: Path) -> tuple[Documents, Documents]:
-    docs = load_text_files(cfg, find_files(cfg.path, "data.path"), "data.path", hf_cache)
+def _text(cfg: DataConfig, hf_cache: Path, skipped: dict) -> tuple[Documents, Documents]:
+    docs = load_text_files(cfg, find_files(cfg.path, "data.path"), "data.path", hf_cache, skipped)
     if cfg.val_path is not None:
         val = load_text_files(cfg, find_files(cfg.val_path, "data.val_path"), "data.val_path",
-                              hf_cache)
+                              hf_cache, skipped)
         return docs, val
     return split_by_hash(docs, cfg.val_fraction, what=f"data.path={cfg.path}")
 
@@ -118,7 +119,8 @@ def _hub_rows_to_articles(rows: Iterable[str]) -> Iterable[str]:
     yield from split_txt("".join(lines), "file")
 
 
-def _wikitext(cfg: DataConfig, hf_cache: Path) -> tuple[Documents, Documents]:
+def _wikitext(cfg: DataConfig, hf_cache: Path,
+              skipped: dict) -> tuple[Documents, Documents]:
     from datasets import Dataset, load_dataset
 
     offline = _hub_offline_reason()
@@ -146,9 +148,13 @@ _SOURCES = {"wiki_excerpt": _wiki_excerpt, "text": _text,
             "wikitext103": _wikitext, "wikitext2": _wikitext}
 
 
-def load_documents(cfg: DataConfig, hf_cache: Path) -> tuple[Documents, Documents]:
-    """(train, val) documents of `cfg.name`; `hf_cache` holds what `datasets` caches."""
-    return _SOURCES[cfg.name](cfg, hf_cache)
+def load_documents(cfg: DataConfig, hf_cache: Path,
+                   skipped: dict | None = None) -> tuple[Documents, Documents]:
+    """(train, val) documents of `cfg.name`; `hf_cache` holds what `datasets` caches.
+
+    Rows dropped for having no text are counted in `skipped` (by config key, e.g. data.path).
+    """
+    return _SOURCES[cfg.name](cfg, hf_cache, {} if skipped is None else skipped)
 
 
 def source_identity(cfg: DataConfig) -> dict[str, Any]:
