@@ -28,7 +28,7 @@ def load_preset(name: str, overrides: dict) -> H64LMConfig:
     if not path.exists():
         raise ValueError(f"model={name!r} must be one of "
                          f"{', '.join(sorted(p.stem for p in CONF.glob('*.yaml')))}")
-    fields = {k: v for k, v in yaml.safe_load(path.read_text()).items() if k != "defaults"}
+    fields = yaml.safe_load(path.read_text()) or {}  # a preset holds only what differs from the defaults
     return H64LMConfig(**{**fields, **overrides})
 
 

@@ -9,6 +9,7 @@ from h64lm.model import H64LMForCausalLM
 from h64lm.model.config import H64LMConfig
 from h64lm.plan.activations import activation_bytes
 from h64lm.plan.measure import autocast_for, measure_retained, measure_saved
+from h64lm.train.wrap import apply_activation_checkpointing
 
 BASE = dict(vocab_size=512, hidden_size=64, num_layers=2, num_attention_heads=4, num_kv_heads=2,
             intermediate_size=96, moe_intermediate_size=48, num_experts=4, num_shared_experts=1,
@@ -28,6 +29,8 @@ def _setup(overrides, checkpointing, precision):
     config = H64LMConfig(**{**BASE, **overrides, "gradient_checkpointing": checkpointing})
     torch.manual_seed(0)
     model = H64LMForCausalLM(config).train()
+    if checkpointing:  # the trainer applies it from outside the model
+        apply_activation_checkpointing(model)
     x = torch.randint(0, config.vocab_size, (B, T))
 
     def forward():
