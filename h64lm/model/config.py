@@ -4,12 +4,17 @@ Only types that OmegaConf structured configs accept are used, so the coordinator
 class in Hydra's ConfigStore as `base_model` and a typo such as `model.hiden_size=1` is rejected.
 """
 
+import math
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
-__all__ = ["H64LMConfig", "POSITION_ENCODINGS"]
+__all__ = ["H64LMConfig", "POSITION_ENCODINGS", "AUX_LOSS_SCOPES", "ROUTER_SCORES",
+           "CAPACITY_PRIORITIES"]
 
 POSITION_ENCODINGS = ("rope", "alibi", "rope+alibi")
+AUX_LOSS_SCOPES = ("micro_batch", "sequence", "global")
+ROUTER_SCORES = ("softmax", "sigmoid")
+CAPACITY_PRIORITIES = ("token", "choice")
 _MOE_LAYER_MODES = ("alternate", "all", "none")
 
 
@@ -40,6 +45,18 @@ class H64LMConfig:
     initializer_range: float = 0.02
     dropout: float = 0.0
     gradient_checkpointing: bool = False
+    # Switch loss counts from: the micro-batch, each sequence, or the optimizer step's global batch
+    router_aux_loss_scope: str = "micro_batch"
+    # DeepSeek-V3 aux-loss-free balancing: per-expert selection bias step per update (0 = off)
+    router_bias_update_rate: float = 0.0
+    # routing scores: softmax over experts (Mixtral) or per-expert sigmoid (DeepSeek-V3)
+    router_score: str = "softmax"
+    # renormalise the k gate weights to sum to one; null = yes for k > 1, no at k = 1 (Switch)
+    router_norm_topk: Optional[bool] = None
+    # capacity factor in eval() mode (evaluation, generation); null = dropless
+    eval_capacity_factor: Optional[float] = None
+    # which assignments an expert over capacity keeps: earliest tokens, or first choices first
+    capacity_priority: str = "token"
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads",
@@ -86,7 +103,39 @@ class H64LMConfig:
         for name in ("router_aux_loss_coef", "router_z_loss_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"model.{name}={getattr(self, name)} must be >= 0")
+        self._check_routing()
         self.moe_layer_indices()
+
+    def _check_routing(self) -> None:
+        choices = (("router_aux_loss_scope", AUX_LOSS_SCOPES), ("router_score", ROUTER_SCORES),
+                   ("capacity_priority", CAPACITY_PRIORITIES))
+        for name, allowed in choices:
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"model.{name}={getattr(self, name)!r} must be one of "
+                                 f"{', '.join(allowed)}")
+        rate = self.router_bias_update_rate
+        if not (isinstance(rate, (int, float)) and math.isfinite(rate) and rate >= 0):
+            raise ValueError(f"model.router_bias_update_rate={rate!r} must be a finite number "
+                             ">= 0 (0 = off)")
+        for name in ("capacity_factor", "eval_capacity_factor", "router_aux_loss_coef",
+                     "router_z_loss_coef"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"model.{name}={value} must be finite")
+        if self.eval_capacity_factor is not None and self.eval_capacity_factor <= 0:
+            raise ValueError(f"model.eval_capacity_factor={self.eval_capacity_factor} must be > 0 "
+                             "or null (dropless at evaluation)")
+        if self.router_norm_topk not in (None, True, False):
+            raise ValueError(f"model.router_norm_topk={self.router_norm_topk!r} must be true, "
+                             "false or null (= true when model.num_experts_per_token > 1)")
+
+    @property
+    def normalize_topk(self) -> bool:
+        """Renormalise the k gate weights? At k = 1 renormalising gives a weight of p / p = 1,
+        so the LM loss sends no gradient to the router; Switch scales by the raw p instead."""
+        if self.router_norm_topk is None:
+            return self.num_experts_per_token > 1
+        return self.router_norm_topk
 
     @property
     def head_dim(self) -> int:
