@@ -5,9 +5,15 @@ import math
 import pytest
 import torch
 
-from h64lm.model.moe.stats import (load_entropy, load_matrix, load_max_over_mean,
-                                   plot_load_heatmap, router_entropy, routing_snapshot,
-                                   top1_changed)
+from h64lm.model.moe.stats import (
+    load_entropy,
+    load_matrix,
+    load_max_over_mean,
+    plot_load_heatmap,
+    router_entropy,
+    routing_snapshot,
+    top1_changed,
+)
 
 
 def test_pure_metrics_match_formulas():

@@ -3,7 +3,6 @@
 References: the Switch loss of the whole global batch computed in one forward (micro_batch scope
 on the concatenated batch), and the same step split over 1, 2 and 4 gloo processes."""
 
-import os
 
 import pytest
 import torch

@@ -17,8 +17,7 @@ from ..config import H64LMConfig
 from ..mlp import SwiGLU
 from .dispatch import dispatch
 from .experts import Experts
-from .losses import (router_z_loss, switch_load_balancing_loss, switch_loss_global,
-                     switch_loss_per_sequence)
+from .losses import router_z_loss, switch_load_balancing_loss, switch_loss_global, switch_loss_per_sequence
 from .permute import gather_tokens, permute_rows
 from .router import TopKRouter
 
