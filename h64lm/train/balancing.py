@@ -3,10 +3,10 @@
 Global balancing (`model.router_aux_loss_scope=global`; Megatron's global aux loss, Qwen's
 global-batch balancing): f_i must count the whole optimizer step's tokens, all micro-batches on all
 ranks, before any micro-batch's loss is formed. `prepare_global_balance` gets those counts exactly
-with a no-grad counting pass: one extra forward per micro-batch (about a third of a training
-step's compute, more with activation checkpointing off, since no activations are kept) plus one
-all-reduce of layers x E numbers. Nothing cheaper is exact: counts from the previous step or a
-running average change the loss.
+with a no-grad counting pass: one extra forward per micro-batch (a forward is about a third of
+forward + backward, so ~+33% compute per step, ~+25% with activation checkpointing, which already
+runs the forward twice) plus one all-reduce of layers x E + 2 numbers. Nothing cheaper is exact:
+counts from the previous step or a running average change the loss.
 
 Call sequence for one optimizer step (the trainer's side; `raw` is the model without DDP):
 
