@@ -81,6 +81,8 @@ def validate_fields(obj: Any) -> None:
         if kind is float:
             check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
                   f"{key}={value!r} must be a finite number")
+        if kind is bool:
+            check(isinstance(value, bool), f"{key}={value!r} must be true or false")
         if kind is int:
             check(isinstance(value, int) and not isinstance(value, bool), f"{key}={value!r} must be an integer")
         if meta.keys() - {"null"}:

@@ -9,9 +9,13 @@ from typing import Any, ClassVar, List, Optional
 
 from h64lm.validation import bounded, check, validate_fields
 
-__all__ = ["H64LMConfig", "POSITION_ENCODINGS", "check_positions"]
+__all__ = ["H64LMConfig", "POSITION_ENCODINGS", "AUX_LOSS_SCOPES", "ROUTER_SCORES", "CAPACITY_PRIORITIES",
+           "check_positions"]
 
 POSITION_ENCODINGS = ("rope", "alibi", "rope+alibi")
+AUX_LOSS_SCOPES = ("micro_batch", "sequence", "global")
+ROUTER_SCORES = ("softmax", "sigmoid")
+CAPACITY_PRIORITIES = ("token", "choice")
 _MOE_LAYER_MODES = ("alternate", "all", "none")
 
 
@@ -47,6 +51,18 @@ class H64LMConfig:
     # Activation checkpointing of every block. A training technique the trainer applies from
     # outside the model (h64lm/train/parallel.py); the model itself never reads it.
     gradient_checkpointing: bool = False
+    # Switch loss counts from: the micro-batch, each sequence, or the optimizer step's global batch
+    router_aux_loss_scope: str = bounded("micro_batch", choices=AUX_LOSS_SCOPES)
+    # DeepSeek-V3 aux-loss-free balancing: per-expert selection bias step per update (0 = off)
+    router_bias_update_rate: float = bounded(0.0, ge=0)
+    # routing scores: softmax over experts (Mixtral) or per-expert sigmoid (DeepSeek-V3)
+    router_score: str = bounded("softmax", choices=ROUTER_SCORES)
+    # renormalise the k gate weights to sum to one; null = yes for k > 1, no at k = 1 (Switch)
+    router_norm_topk: Optional[bool] = None
+    # capacity factor in eval() mode (evaluation, generation)
+    eval_capacity_factor: Optional[float] = bounded(None, gt=0, null="dropless at evaluation")
+    # which assignments an expert over capacity keeps: earliest tokens, or first choices first (GShard)
+    capacity_priority: str = bounded("token", choices=CAPACITY_PRIORITIES)
 
     def __post_init__(self) -> None:
         validate_fields(self)
@@ -63,6 +79,14 @@ class H64LMConfig:
               f"model.num_experts_per_token={self.num_experts_per_token} must be <= "
               f"model.num_experts={self.num_experts}")
         self.moe_layer_indices()
+
+    @property
+    def normalize_topk(self) -> bool:
+        """Renormalise the k gate weights? At k = 1 renormalising gives a weight of p / p = 1,
+        so the LM loss sends no gradient to the router; Switch scales by the raw p instead."""
+        if self.router_norm_topk is None:
+            return self.num_experts_per_token > 1
+        return self.router_norm_topk
 
     @property
     def head_dim(self) -> int:

@@ -29,7 +29,8 @@ class CausalLMOutput:
     ce: Optional[torch.Tensor] = None
     aux: Optional[torch.Tensor] = None  # mean over MoE layers of the Switch loss (no coefficient)
     z: Optional[torch.Tensor] = None  # mean over MoE layers of the router z-loss (no coefficient)
-    # per MoE layer: {"layer": index, "load": [E] assignment fractions, "dropped": fraction}
+    # per MoE layer: {"layer": index, "load": [E] assignment fractions, "counts": [E] routed
+    # assignments (before any capacity cut), "dropped": fraction}
     router: List[Dict[str, Any]] = field(default_factory=list)
     past_key_values: Optional[KVCache] = None
 
@@ -139,13 +140,17 @@ class H64LMForCausalLM(nn.Module):
         zero = h.new_zeros((), dtype=torch.float32)
         out.aux = torch.stack([s["aux"] for _, s in stats]).mean() if stats else zero
         out.z = torch.stack([s["z"] for _, s in stats]).mean() if stats else zero
-        out.router = [{"layer": i, "load": s["load"], "dropped": s["dropped"]} for i, s in stats]
+        out.router = [{"layer": i, "load": s["load"], "counts": s["counts"],
+                       "dropped": s["dropped"]} for i, s in stats]
         if return_logits:
             out.logits = self.lm_head(h)
         if labels is not None:
             if out.logits is not None:
+                # sum / max(count, 1): a batch whose labels are all ignored gives 0 with zero
+                # gradient (as the chunked path does), not the NaN of 0/0 from reduction="mean"
+                count = (labels != IGNORE_INDEX).sum().clamp(min=1)
                 out.ce = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(),
-                                         ignore_index=IGNORE_INDEX)
+                                         ignore_index=IGNORE_INDEX, reduction="sum") / count
             else:
                 out.ce = chunked_cross_entropy(h.flatten(0, 1), self.lm_head.weight,
                                                labels.flatten())

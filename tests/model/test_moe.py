@@ -28,25 +28,29 @@ def _swiglu(x, w_gate_up, w_down):
     return (F.silu(gate) * up) @ w_down
 
 
-def _naive_moe(layer, x, capacity=None):
+def _naive_moe(layer, x, capacity=None, priority="token"):
     """Each token, one at a time, through each of its top-k experts; an expert serves only its
-    first `capacity` assignments in token order."""
+    first `capacity` assignments, taken in token order ("token") or all first choices in token
+    order, then all second choices ("choice")."""
     tokens = x.reshape(-1, x.shape[-1])
     probs = F.linear(tokens, layer.router.weight).softmax(-1)
+    top = [probs[n].topk(layer.top_k) for n in range(len(tokens))]
     out = torch.zeros_like(tokens)
     served = [0] * layer.num_experts
     dropped = 0
-    for n, token in enumerate(tokens):
-        top_p, top_e = probs[n].topk(layer.top_k)
-        top_p = top_p / top_p.sum()
-        for p, e in zip(top_p, top_e.tolist()):
-            if capacity is not None and served[e] >= capacity:
-                dropped += 1
-                continue
-            served[e] += 1
-            out[n] += p * _swiglu(token, layer.experts.gate_up_proj[e], layer.experts.down_proj[e])
-        if layer.shared is not None:
-            out[n] += layer.shared(token)
+    slots = [(n, j) for n in range(len(tokens)) for j in range(layer.top_k)]
+    if priority == "choice":
+        slots.sort(key=lambda s: (s[1], s[0]))
+    for n, j in slots:
+        p, e = top[n].values[j] / top[n].values.sum(), top[n].indices[j].item()
+        if capacity is not None and served[e] >= capacity:
+            dropped += 1
+            continue
+        served[e] += 1
+        out[n] += p * _swiglu(tokens[n], layer.experts.gate_up_proj[e],
+                              layer.experts.down_proj[e])
+    if layer.shared is not None:
+        out += layer.shared(tokens)
     return out.view_as(x), dropped
 
 
@@ -78,13 +82,17 @@ def test_grouped_and_loop_paths_have_equal_gradients(monkeypatch):
         assert torch.allclose(g_grouped, g_loop, atol=1e-5)
 
 
-def test_capacity_drops_overflow_and_counts_it():
-    layer = _layer(capacity_factor=0.5)
+@pytest.mark.parametrize("priority", ["token", "choice"])
+def test_capacity_drops_overflow_and_counts_it(priority):
+    layer = _layer(capacity_factor=0.5, capacity_priority=priority)
     x = torch.randn(2, 10, 32)
     y, stats = layer(x)
     num_assignments = 2 * 10 * layer.top_k
     capacity = math.ceil(0.5 * num_assignments / layer.num_experts)
-    ref, dropped = _naive_moe(layer, x, capacity=capacity)
+    ref, dropped = _naive_moe(layer, x, capacity=capacity, priority=priority)
+    other, _ = _naive_moe(layer, x, capacity=capacity,
+                          priority="choice" if priority == "token" else "token")
+    assert (ref - other).abs().max().item() > 1e-3  # the two priorities drop different rows
     assert dropped > 0
     assert stats["dropped"].item() == pytest.approx(dropped / num_assignments)
     assert (y - ref).abs().max().item() <= 1e-5

@@ -3,8 +3,11 @@
 The N*k assignments are ordered by expert (stable, so within an expert earlier tokens come
 first); each expert then owns one contiguous slice, and the amount of host-side work does not
 depend on how many experts there are. With a capacity factor c each expert keeps at most
-C = ceil(c * N * k / E) assignments (the earliest tokens, as in Switch Transformer); the rest are
-dropped: they add nothing and the residual stream carries their token unchanged.
+C = ceil(c * N * k / E) assignments; the rest are dropped: they add nothing and the residual
+stream carries their token unchanged. Which assignments an expert keeps (`priority`):
+  token   the earliest tokens in the flattened [B*T] order, any choice (Switch Transformer);
+  choice  first choices before second choices, each in token order (GShard's priority), so a
+          token loses its best expert only when that expert is full of other first choices.
 """
 
 import math
@@ -27,12 +30,17 @@ class Dispatch:
     inverse: Optional[torch.Tensor] = None
 
 
-def dispatch(experts: torch.Tensor, num_experts: int,
-             capacity_factor: Optional[float]) -> Dispatch:
+def dispatch(experts: torch.Tensor, num_experts: int, capacity_factor: Optional[float],
+             priority: str = "token") -> Dispatch:
     """experts [N, k] chosen expert ids -> the kept assignments sorted by expert."""
     num_tokens, top_k = experts.shape
-    flat = experts.reshape(-1)  # [N*k]
-    sorted_expert, assignment = flat.sort(stable=True)
+    flat = experts.reshape(-1)  # [N*k], assignment a = n * k + j
+    if capacity_factor is not None and priority == "choice":
+        # sort the choice-major order (position j * N + n), then map back to a = n * k + j
+        sorted_expert, position = experts.t().reshape(-1).sort(stable=True)
+        assignment = (position % num_tokens) * top_k + position // num_tokens
+    else:
+        sorted_expert, assignment = flat.sort(stable=True)
     routed_counts = torch.bincount(flat, minlength=num_experts)
     counts = routed_counts
     inverse = None
