@@ -25,8 +25,12 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_state_dict, set_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 
 __all__ = ["ShardedCheckpointError", "SaveHandle", "save_sharded", "load_sharded",
            "verify_sharded", "consolidated_state_dict", "save_consolidated"]
@@ -112,7 +116,7 @@ def save_sharded(path: Path, model: nn.Module, optimizer: Optional[torch.optim.O
     if async_save and dist.is_initialized():
         future = dcp.async_save(state, checkpoint_id=str(tmp))
         return SaveHandle(tmp, final, future)
-    dcp.save(state, checkpoint_id=str(tmp))
+    dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
     handle = SaveHandle(tmp, final, None)
     handle.wait()
     return handle
@@ -139,7 +143,7 @@ def load_sharded(path: Path, model: nn.Module,
     path = Path(path)
     verify_sharded(path)
     state = _state(model, optimizer)
-    dcp.load(state, checkpoint_id=str(path))
+    dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     set_state_dict(model, optimizer if optimizer is not None else [],
                    model_state_dict=state["model"], optim_state_dict=state.get("optim", {}))
     own = path / "extras" / f"rank_{_rank()}.pt"

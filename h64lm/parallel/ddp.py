@@ -13,22 +13,23 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+from .mesh import ParallelMesh
 
 __all__ = ["apply_ddp"]
 
 
-def apply_ddp(model: nn.Module, mesh: DeviceMesh) -> DDP:
-    """Wrap a materialised `model` (real weights on its device) -> DDP over `mesh["dp"]`."""
+def apply_ddp(model: nn.Module, mesh: ParallelMesh) -> DDP:
+    """Wrap a materialised `model` (real weights on its device) -> DDP over `mesh.dp`."""
     experts = {n: p for n, p in model.named_parameters() if isinstance(p, DTensor)}
     DDP._set_params_and_buffers_to_ignore_for_model(model, list(experts))
     device = next(model.parameters()).device
-    wrapped = DDP(model, process_group=mesh["dp"].get_group(),
+    wrapped = DDP(model, process_group=mesh.dp.get_group(),
                   device_ids=[device] if device.type == "cuda" else None)
     if experts:
-        edp, world = mesh["edp"], mesh["dp"].size()
+        edp, world = mesh.edp, mesh.dp.size()
 
         def reduce_expert_grad(param: torch.Tensor) -> None:
             grad = param.grad.to_local()

@@ -10,28 +10,28 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Shard
 
 from .expert_parallel import ExpertParallel
+from .mesh import ParallelMesh
 
 __all__ = ["apply_fsdp"]
 
 
-def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype = torch.float32,
+def apply_fsdp(model: nn.Module, mesh: ParallelMesh, param_dtype: torch.dtype = torch.float32,
                reduce_dtype: torch.dtype = torch.float32,
                reshard_after_forward: bool = True) -> nn.Module:
     """Shard `model` (an `H64LMForCausalLM`, possibly with `ExpertParallel` experts) over
-    `mesh["dp"]` (the mesh from `build_mesh`). Master weights and optimizer state stay fp32;
+    `mesh.dp` (from `build_mesh`). Master weights and optimizer state stay fp32;
     `param_dtype` is the gathered compute copy (bf16 on GPU, fp32 on CPU), `reduce_dtype` the
     gradient reduce-scatter dtype. `reshard_after_forward=False` keeps gathered weights from
     forward to backward (ZeRO-2-like: less communication, more memory). -> model (in place)."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    dp = mesh["dp"]
+    dp = mesh.dp
     experts = [m for m in model.modules() if isinstance(m, ExpertParallel)]
     if experts:
-        edp = mesh["edp"]
+        edp = mesh.edp
         for module in experts:
             fully_shard(module, mesh=edp, mp_policy=mp, reshard_after_forward=reshard_after_forward,
                         shard_placement_fn=lambda _param: Shard(1))

@@ -10,11 +10,12 @@ links when ep <= GPUs per node). Three views of it are used:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-__all__ = ["build_mesh", "check_layout"]
+__all__ = ["ParallelMesh", "build_mesh", "check_layout"]
 
 
 def check_layout(world_size: int, ep: int, num_experts: Optional[int] = None) -> None:
@@ -29,12 +30,19 @@ def check_layout(world_size: int, ep: int, num_experts: Optional[int] = None) ->
                          "change hardware.ep or model.num_experts")
 
 
+@dataclass(frozen=True)
+class ParallelMesh:
+    root: DeviceMesh  # [edp, ep]
+    dp: DeviceMesh  # all ranks (root flattened), for non-expert weights
+    ep: DeviceMesh  # the ranks splitting the experts
+    edp: DeviceMesh  # the ranks holding the same experts
+
+
 def build_mesh(world_size: int, ep: int, device_type: str,
-               num_experts: Optional[int] = None) -> DeviceMesh:
-    """-> the [edp, ep] mesh with the flattened all-rank "dp" view registered on it, so
-    `mesh["dp"]`, `mesh["ep"]` and `mesh["edp"]` are all available. Needs an initialised process
-    group of `world_size` ranks (gloo or nccl)."""
+               num_experts: Optional[int] = None) -> ParallelMesh:
+    """-> the [edp, ep] mesh and its three views. Needs an initialised process group of
+    `world_size` ranks (gloo or nccl); `num_experts` (when given) is checked against `ep`."""
     check_layout(world_size, ep, num_experts)
-    mesh = init_device_mesh(device_type, (world_size // ep, ep), mesh_dim_names=("edp", "ep"))
-    mesh._flatten("dp")  # public in spirit: torchtitan builds its dp views the same way
-    return mesh
+    root = init_device_mesh(device_type, (world_size // ep, ep), mesh_dim_names=("edp", "ep"))
+    # the flattened view is kept here: slicing it back out of the root is deprecated
+    return ParallelMesh(root=root, dp=root._flatten("dp"), ep=root["ep"], edp=root["edp"])

@@ -10,15 +10,24 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from h64lm.model import H64LMConfig, H64LMForCausalLM
-from h64lm.parallel import (apply_ddp, apply_expert_parallel, apply_fsdp, build_mesh,
-                            clip_grad_norm_, materialize)
+from h64lm.parallel import (
+    apply_ddp,
+    apply_expert_parallel,
+    apply_fsdp,
+    build_mesh,
+    clip_grad_norm_,
+    load_sharded,
+    materialize,
+    save_consolidated,
+    save_sharded,
+)
 
 SEED = 1234
 GLOBAL_BATCH, SEQ = 4, 16
@@ -46,7 +55,7 @@ def build(cfg: H64LMConfig, strategy: str, ep: int = 1) -> torch.nn.Module:
     if strategy != "single":
         mesh = build_mesh(dist.get_world_size(), ep, "cpu", cfg.num_experts)
         if ep > 1:
-            apply_expert_parallel(model, mesh["ep"])
+            apply_expert_parallel(model, mesh.ep)
     build_real = lambda: H64LMForCausalLM(cfg)  # noqa: E731
     if strategy == "fsdp":
         apply_fsdp(model, mesh, reshard_after_forward=True)
@@ -109,3 +118,35 @@ def train(cfg_overrides: dict, strategy: str, ep: int, steps: int) -> List[Dict[
     model = build(cfg, strategy, ep)
     opt = optimizer(model)
     return [step(model, opt, b) for b in batches(cfg, steps)]
+
+
+def local_forward(cfg_overrides: dict, strategy: str, ep: int, steps: int) -> List[Dict]:
+    """Forward only, this rank's rows of each batch -> its own loss and dropped fraction."""
+    cfg = tiny_config(**cfg_overrides)
+    model = build(cfg, strategy, ep)
+    results = []
+    with torch.no_grad():
+        for batch in batches(cfg, steps):
+            rows = local_rows(batch)
+            out = model(rows[:, :-1], labels=rows[:, 1:])
+            results.append({"loss": out.loss.item(),
+                            "dropped": [r["dropped"].item() for r in out.router]})
+    return results
+
+
+def train_save_resume(cfg_overrides: dict, strategy: str, ep: int, steps: int, path: str,
+                      save_at: Optional[int]) -> List[Dict[str, float]]:
+    """save_at=k: train k steps, save a sharded checkpoint (+ consolidated weights) at `path`.
+    save_at=None: resume from `path` and train to `steps` -> the numbers of the steps run."""
+    cfg = tiny_config(**cfg_overrides)
+    model = build(cfg, strategy, ep)
+    opt = optimizer(model)
+    data = batches(cfg, steps)
+    first = 0
+    if save_at is None:
+        first = load_sharded(Path(path), model, opt)["step"]
+    numbers = [step(model, opt, b) for b in data[first:save_at]]
+    if save_at is not None:
+        save_sharded(Path(path), model, opt, extras={"step": save_at})
+        save_consolidated(model, Path(path).with_suffix(".safetensors"))
+    return numbers
