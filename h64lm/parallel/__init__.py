@@ -16,10 +16,11 @@ from .fsdp import apply_fsdp
 from .grad import clip_grad_norm_
 from .init import materialize
 from .mesh import ParallelMesh, build_mesh, check_layout
+from .setup import STRATEGIES, build_parallel_model
 
 __all__ = [
-    "ParallelMesh", "build_mesh", "check_layout", "apply_fsdp", "apply_ddp", "apply_expert_parallel",
-    "ExpertParallel", "all_to_all", "materialize", "clip_grad_norm_", "save_sharded",
-    "load_sharded", "verify_sharded", "SaveHandle", "ShardedCheckpointError",
-    "consolidated_state_dict", "save_consolidated",
+    "ParallelMesh", "build_mesh", "check_layout", "build_parallel_model", "STRATEGIES",
+    "apply_fsdp", "apply_ddp", "apply_expert_parallel", "ExpertParallel", "all_to_all",
+    "materialize", "clip_grad_norm_", "save_sharded", "load_sharded", "verify_sharded",
+    "SaveHandle", "ShardedCheckpointError", "consolidated_state_dict", "save_consolidated",
 ]

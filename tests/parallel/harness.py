@@ -18,13 +18,10 @@ import torch.multiprocessing as mp
 
 from h64lm.model import H64LMConfig, H64LMForCausalLM
 from h64lm.parallel import (
-    apply_ddp,
-    apply_expert_parallel,
-    apply_fsdp,
     build_mesh,
+    build_parallel_model,
     clip_grad_norm_,
     load_sharded,
-    materialize,
     save_consolidated,
     save_sharded,
 )
@@ -50,19 +47,11 @@ def batches(cfg: H64LMConfig, steps: int, seed: int = 7) -> List[torch.Tensor]:
 
 def build(cfg: H64LMConfig, strategy: str, ep: int = 1) -> torch.nn.Module:
     """strategy: single | fsdp | ddp; meta init + materialise for every layout."""
-    with torch.device("meta"):
-        model = H64LMForCausalLM(cfg)
-    if strategy != "single":
-        mesh = build_mesh(dist.get_world_size(), ep, "cpu", cfg.num_experts)
-        if ep > 1:
-            apply_expert_parallel(model, mesh.ep)
-    build_real = lambda: H64LMForCausalLM(cfg)  # noqa: E731
-    if strategy == "fsdp":
-        apply_fsdp(model, mesh, reshard_after_forward=True)
-    materialize(model, build_real, SEED, torch.device("cpu"))
-    if strategy == "ddp":
-        model = apply_ddp(model, mesh)  # DDP checks real weights, so it comes after
-    return model
+    mesh = (None if strategy == "single"
+            else build_mesh(dist.get_world_size(), ep, "cpu", cfg.num_experts))
+    return build_parallel_model(lambda: H64LMForCausalLM(cfg), mesh,
+                                "ddp" if strategy == "single" else strategy, SEED,
+                                torch.device("cpu"))
 
 
 def local_rows(batch: torch.Tensor) -> torch.Tensor:

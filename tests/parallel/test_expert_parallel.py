@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from tests.parallel.harness import (GLOBAL_BATCH, batches, build, local_forward, spawn,
-                                   tiny_config, train)
+from tests.parallel.harness import GLOBAL_BATCH, batches, build, local_forward, spawn, tiny_config, train
 from tests.parallel.test_fsdp import _assert_same
 
 
