@@ -124,7 +124,7 @@ def local_forward(cfg_overrides: dict, strategy: str, ep: int, steps: int) -> Li
 
 
 def train_save_resume(cfg_overrides: dict, strategy: str, ep: int, steps: int, path: str,
-                      save_at: Optional[int]) -> List[Dict[str, float]]:
+                      save_at: Optional[int], async_save: bool = False) -> List[Dict[str, float]]:
     """save_at=k: train k steps, save a sharded checkpoint (+ consolidated weights) at `path`.
     save_at=None: resume from `path` and train to `steps` -> the numbers of the steps run."""
     cfg = tiny_config(**cfg_overrides)
@@ -136,6 +136,10 @@ def train_save_resume(cfg_overrides: dict, strategy: str, ep: int, steps: int, p
         first = load_sharded(Path(path), model, opt)["step"]
     numbers = [step(model, opt, b) for b in data[first:save_at]]
     if save_at is not None:
-        save_sharded(Path(path), model, opt, extras={"step": save_at})
+        handle = save_sharded(Path(path), model, opt, extras={"step": save_at},
+                              async_save=async_save)
+        if async_save:  # the shards are staged: training could go on while they are written
+            assert not Path(path).exists()  # nothing is in place before wait()
+            handle.wait()
         save_consolidated(model, Path(path).with_suffix(".safetensors"))
     return numbers

@@ -70,3 +70,13 @@ def test_fsdp_ep2_checkpoint_resumes_in_one_process_and_back(tmp_path):
                  str(tmp_path / "from_one"), None)
     for run in runs:
         _assert_numbers_equal(uninterrupted[SAVE_AT:], run)
+
+
+@pytest.mark.slow
+def test_async_save_with_ddp_resumes_in_one_process(tmp_path):
+    uninterrupted = train({}, "single", 1, STEPS)
+    ckpt = tmp_path / "async"
+    spawn(train_save_resume, 2, tmp_path / "run", {}, "ddp", 1, STEPS, str(ckpt), SAVE_AT, True)
+    assert verify_sharded(ckpt)["world_size"] == 2
+    _assert_numbers_equal(uninterrupted[SAVE_AT:],
+                          train_save_resume({}, "single", 1, STEPS, str(ckpt), None))
