@@ -162,14 +162,12 @@ def save_consolidated(model: nn.Module, path: Path) -> None:
     full = consolidated_state_dict(model)
     if _rank() != 0:
         return
-    seen, keep = set(), {}
     module = model.module if hasattr(model, "module") else model  # a DDP wrapper
-    for name, param in module.named_parameters(remove_duplicate=False):
-        if id(param) not in seen:
-            seen.add(id(param))
-            keep[name] = full[name].contiguous()
-    keep.update({k: v.contiguous() for k, v in full.items() if k not in dict(
-        module.named_parameters(remove_duplicate=False))})
+    params = dict(module.named_parameters(remove_duplicate=False))
+    first_name = {id(p): n for n, p in reversed(params.items())}  # a tied tensor's first name
+    keep: Dict[str, torch.Tensor] = {}
+    for key, value in full.items():  # DCP may list a tied tensor under either of its names
+        keep.setdefault(first_name[id(params[key])] if key in params else key, value.contiguous())
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file(keep, str(tmp))

@@ -4,6 +4,7 @@ Every layout (1 process, FSDP, EP, DDP) starts from the same weights: rank 0 bui
 reference model on CPU after `torch.manual_seed(seed)` (exactly what a one-process run does) and
 `set_model_state_dict(broadcast_from_rank0=True)` scatters each parameter's slices to their
 owners, shard by shard. Only rank 0 ever holds a full copy, and only on the host.
+Tied weights (a tied LM head) are tied again after `to_empty`, which would split them.
 Non-persistent buffers (RoPE tables, ALiBi slopes) are no state-dict entries: they are
 broadcast separately (they are small) and copied in.
 """
@@ -25,12 +26,27 @@ def _non_persistent_buffers(model: nn.Module) -> dict:
     return {k: b for k, b in model.named_buffers() if k not in persistent}
 
 
+def _tied_names(model: nn.Module) -> list:
+    """-> (first name, other name) for every parameter reachable under two names."""
+    first, ties = {}, []
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            ties.append((first[id(param)], name))
+        else:
+            first[id(param)] = name
+    return ties
+
+
 def materialize(model: nn.Module, build: Callable[[], nn.Module], seed: int,
                 device: torch.device) -> nn.Module:
     """`model`: built under `torch.device("meta")` and already parallelised. `build()` makes the
     same model for real on CPU (rank 0 calls it once, after `torch.manual_seed(seed)`; the global
     RNG is restored afterwards). -> model, with real weights on `device` (in place)."""
-    model.to_empty(device=device)
+    ties = _tied_names(model)
+    model.to_empty(device=device)  # gives each name its own new tensor: tie them again
+    for first, other in ties:
+        owner, _, attr = other.rpartition(".")
+        setattr(model.get_submodule(owner) if owner else model, attr, model.get_parameter(first))
     distributed = dist.is_initialized() and dist.get_world_size() > 1
     full, buffers = {}, {}
     if not distributed or dist.get_rank() == 0:

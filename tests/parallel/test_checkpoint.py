@@ -7,7 +7,13 @@ import torch
 from safetensors.torch import load_file
 
 from h64lm.model import H64LMForCausalLM
-from h64lm.parallel import ShardedCheckpointError, load_sharded, save_sharded, verify_sharded
+from h64lm.parallel import (
+    ShardedCheckpointError,
+    load_sharded,
+    save_consolidated,
+    save_sharded,
+    verify_sharded,
+)
 from h64lm.train.checkpoint import load_weights
 from tests.parallel.harness import build, optimizer, spawn, tiny_config, train, train_save_resume
 
@@ -80,3 +86,14 @@ def test_async_save_with_ddp_resumes_in_one_process(tmp_path):
     assert verify_sharded(ckpt)["world_size"] == 2
     _assert_numbers_equal(uninterrupted[SAVE_AT:],
                           train_save_resume({}, "single", 1, STEPS, str(ckpt), None))
+
+
+def test_consolidated_weights_load_into_a_plain_tied_model(tmp_path):
+    cfg = tiny_config(tie_word_embeddings=True)
+    model = build(cfg, "single")
+    save_consolidated(model, tmp_path / "best.safetensors")
+    plain = H64LMForCausalLM(cfg)
+    load_weights(plain, tmp_path / "best.safetensors")  # strict: every key accounted for
+    assert "lm_head.weight" not in load_file(str(tmp_path / "best.safetensors"))
+    for (name, a), b in zip(model.state_dict().items(), plain.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
