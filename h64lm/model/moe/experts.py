@@ -12,7 +12,7 @@ from torch import nn
 
 from ..dtypes import compute_dtype
 
-__all__ = ["Experts", "grouped_matmul"]
+__all__ = ["Experts", "grouped_matmul", "swiglu_experts"]
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -56,10 +56,16 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [M, hidden] rows sorted by expert, counts [E] -> [M, hidden] (row m via its expert)."""
-        # autocast does not cover _grouped_mm: cast as it would for a linear layer, so bf16
-        # autocast runs the bf16 grouped kernel (the only one on CUDA) instead of the loop
-        dtype = compute_dtype(x)
-        w_gate_up, w_down = self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
-        offsets = counts.cumsum(0, dtype=torch.int32)  # [E]
-        gate, up = grouped_matmul(x.to(dtype), w_gate_up, offsets).chunk(2, dim=-1)
-        return grouped_matmul(F.silu(gate) * up, w_down, offsets)
+        return swiglu_experts(x, self.gate_up_proj, self.down_proj, counts)
+
+
+def swiglu_experts(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+                   counts: torch.Tensor) -> torch.Tensor:
+    """x [M, hidden] rows sorted by expert, w_gate_up [E, hidden, 2I], w_down [E, I, hidden],
+    counts [E] -> [M, hidden]. Also run by the expert-parallel wrapper on its local experts."""
+    # autocast does not cover _grouped_mm: cast as it would for a linear layer, so bf16
+    # autocast runs the bf16 grouped kernel (the only one on CUDA) instead of the loop
+    dtype = compute_dtype(x)
+    offsets = counts.cumsum(0, dtype=torch.int32)  # [E]
+    gate, up = grouped_matmul(x.to(dtype), w_gate_up.to(dtype), offsets).chunk(2, dim=-1)
+    return grouped_matmul(F.silu(gate) * up, w_down.to(dtype), offsets)

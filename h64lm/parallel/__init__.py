@@ -1,0 +1,26 @@
+"""Parallelism applied from outside the model: device mesh, FSDP2, expert parallelism, DDP,
+meta-device materialisation, cross-mesh gradient clipping and DCP sharded checkpoints."""
+
+from .checkpoint import (
+                         SaveHandle,
+                         ShardedCheckpointError,
+                         consolidated_state_dict,
+                         load_sharded,
+                         save_consolidated,
+                         save_sharded,
+                         verify_sharded,
+)
+from .ddp import apply_ddp
+from .expert_parallel import ExpertParallel, all_to_all, apply_expert_parallel
+from .fsdp import apply_fsdp
+from .grad import clip_grad_norm_
+from .init import materialize
+from .mesh import ParallelMesh, build_mesh, check_layout
+from .setup import STRATEGIES, build_parallel_model
+
+__all__ = [
+    "ParallelMesh", "build_mesh", "check_layout", "build_parallel_model", "STRATEGIES",
+    "apply_fsdp", "apply_ddp", "apply_expert_parallel", "ExpertParallel", "all_to_all",
+    "materialize", "clip_grad_norm_", "save_sharded", "load_sharded", "verify_sharded",
+    "SaveHandle", "ShardedCheckpointError", "consolidated_state_dict", "save_consolidated",
+]
