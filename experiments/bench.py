@@ -54,7 +54,7 @@ from h64lm.model import (
     count_parameters,
     flops_per_token,
 )
-from h64lm.model.hf import to_hf_mixtral
+from h64lm.hf.stock import to_hf_mixtral
 from h64lm.train.mfu import peak_flops
 from h64lm.train.optim import build_optimizer
 
