@@ -44,6 +44,7 @@ from experiments.bench_measure import (
 from experiments.bench_report import render_markdown
 from h64lm.config import OptimConfig
 from h64lm.data.loader import TokenLoader
+from h64lm.hf.stock import to_hf_mixtral
 from h64lm.model import (
     H64LMConfig,
     H64LMForCausalLM,
@@ -51,7 +52,6 @@ from h64lm.model import (
     count_parameters,
     flops_per_token,
 )
-from h64lm.model.hf import to_hf_mixtral
 from h64lm.train.mfu import peak_flops
 from h64lm.train.optim import build_optimizer
 

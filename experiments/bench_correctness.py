@@ -22,8 +22,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from experiments.bench import bench_config
+from h64lm.hf.stock import to_hf_mixtral
 from h64lm.model import H64LMForCausalLM
-from h64lm.model.hf import to_hf_mixtral
 
 # bf16 keeps 8 mantissa bits (~0.4% per rounding); through a few layers the logits drift by a
 # few percent of their norm, while a real bug (wrong cast, lost scale) gives O(1).

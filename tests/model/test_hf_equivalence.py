@@ -1,25 +1,13 @@
-"""Our model against Hugging Face Mixtral (every layer MoE, through `h64lm.model.hf`) and Llama
+"""Our model against Hugging Face Mixtral (every layer MoE, through `h64lm.hf.stock`) and Llama
 (every layer dense), with the same weights copied over: same logits and, for Mixtral, the same
 expert choice for every token."""
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
+from h64lm.hf.stock import to_hf_mixtral, to_hf_stock
 from h64lm.model import H64LMConfig, H64LMForCausalLM
-from h64lm.model.hf import copy_attention_and_norms, to_hf_mixtral
-
-ROPE_THETA = 10000.0
-
-
-def _hf_kwargs(cfg):
-    return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-                num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
-                num_key_value_heads=cfg.num_kv_heads,
-                max_position_embeddings=cfg.max_position_embeddings,
-                rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=False,
-                rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
-
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -52,14 +40,8 @@ def test_matches_mixtral_logits_and_routing(small_model, tied):
 def test_matches_llama_without_moe(small_model):
     ours = small_model(moe_layers="none", position_encoding="rope")
     cfg = ours.config
-    hf = LlamaForCausalLM(LlamaConfig(**_hf_kwargs(cfg), intermediate_size=cfg.intermediate_size,
-                                      attention_bias=False, mlp_bias=False)).eval()
-    copy_attention_and_norms(ours, hf)
-    for block, layer in zip(ours.layers, hf.model.layers):
-        gate, up = block.ffn.gate_up_proj.weight.chunk(2)
-        layer.mlp.gate_proj.weight.copy_(gate)
-        layer.mlp.up_proj.weight.copy_(up)
-        layer.mlp.down_proj.weight.copy_(block.ffn.down_proj.weight)
+    hf = to_hf_stock(ours).eval()
+    assert isinstance(hf, LlamaForCausalLM)
     input_ids = torch.randint(0, cfg.vocab_size, (2, 23))
     diff = (ours(input_ids).logits - hf(input_ids).logits).abs().max().item()
     assert diff <= 1e-4

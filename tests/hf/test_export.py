@@ -1,0 +1,126 @@
+"""export_hf: the folder loads offline through transformers' Auto classes and computes our
+logits (1e-4, fp32) for every position encoding x window x MoE layout x shared experts (in
+memory by default; through the saved folder for all 36 in the slow run, a few here); greedy
+HF `generate()` reproduces ours token for token; sharding and the tokenizer round-trip."""
+
+import itertools
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from h64lm.hf import export_hf, to_hf_model
+from h64lm.model import left_pad
+from tests.hf.tiny import VOCAB, tiny_model
+
+POSITIONS = ("rope", "alibi", "rope+alibi")
+WINDOWS = (None, 5)
+LAYOUTS = ("none", "alternate", "all")
+SHARED = (0, 1)
+
+
+def expected_class(position, window, layout, shared, capacity=None):
+    """The class the variant must export to, stated independently of h64lm.hf.stock."""
+    if position != "rope":
+        return "H64LMHFForCausalLM"
+    if layout == "none":
+        return "LlamaForCausalLM" if window is None else "MistralForCausalLM"
+    if layout == "all" and shared == 0 and capacity is None:
+        return "MixtralForCausalLM"
+    return "H64LMHFForCausalLM"
+
+
+def load(folder):
+    return AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True,
+                                                trust_remote_code=True).eval()
+
+
+VARIANTS = list(itertools.product(POSITIONS, WINDOWS, LAYOUTS, SHARED))
+
+
+@torch.no_grad()
+def check_variant(tmp_path, tokenizer_dir, position, window, layout, shared, via_disk):
+    ours = tiny_model(position_encoding=position, sliding_window=window, moe_layers=layout,
+                      num_shared_experts=shared, num_layers=3)
+    if via_disk:
+        info = export_hf(ours, tokenizer_dir, tmp_path)
+        hf = load(tmp_path)
+        assert info["trust_remote_code"] == (type(hf).__name__ == "H64LMHFForCausalLM")
+    else:  # the module export_hf saves, without the disk round trip
+        hf = to_hf_model(ours).eval()
+    assert type(hf).__name__ == expected_class(position, window, layout, shared)
+    ids = torch.randint(0, VOCAB, (2, 21))
+    ref = ours(ids).logits
+    assert ref.std() > 0.05
+    assert (hf(ids).logits - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("position,window,layout,shared", VARIANTS)
+def test_hf_model_logits_match(tmp_path, position, window, layout, shared):
+    check_variant(tmp_path, None, position, window, layout, shared, via_disk=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("position,window,layout,shared", VARIANTS)
+def test_exported_folder_logits_match(tmp_path, tiny_tokenizer_dir, position, window, layout,
+                                      shared):
+    check_variant(tmp_path, tiny_tokenizer_dir, position, window, layout, shared, via_disk=True)
+
+
+def test_capacity_factor_exports_custom_and_matches(tmp_path, tiny_tokenizer_dir):
+    """A capacity drops tokens, which Mixtral never does: custom format, same drops."""
+    ours = tiny_model(moe_layers="all", capacity_factor=0.5)
+    export_hf(ours, tiny_tokenizer_dir, tmp_path)
+    hf = load(tmp_path)
+    assert type(hf).__name__ == expected_class("rope", None, "all", 0, capacity=0.5)
+    ids = torch.randint(0, VOCAB, (3, 16))
+    with torch.no_grad():
+        out = ours(ids)
+        assert out.router[0]["dropped"] > 0  # the capacity really binds
+        assert (hf(ids).logits - out.logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(moe_layers="all"),  # Mixtral
+    dict(moe_layers="none", sliding_window=4),  # Mistral
+    dict(moe_layers="alternate", position_encoding="alibi", sliding_window=4,
+         num_shared_experts=1),  # custom
+    dict(moe_layers="alternate", position_encoding="rope+alibi", tie_word_embeddings=True),
+])
+def test_hf_greedy_generate_matches_ours(tmp_path, tiny_tokenizer_dir, overrides):
+    ours = tiny_model(**overrides)
+    export_hf(ours, tiny_tokenizer_dir, tmp_path)
+    hf, tok = load(tmp_path), AutoTokenizer.from_pretrained(str(tmp_path))
+    prompts = ["The game was released", "In 1998 the", "It is"]
+    ids, mask = left_pad([tok(p)["input_ids"] for p in prompts], pad_token_id=tok.eos_token_id)
+    expected = ours.generate(ids, 12, temperature=0.0, attention_mask=mask,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+    got = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    assert torch.equal(got, expected)
+
+
+def test_sharding_and_tokenizer_round_trip(tmp_path, tiny_tokenizer_dir):
+    ours = tiny_model(moe_layers="alternate")
+    single = export_hf(ours, tiny_tokenizer_dir, tmp_path / "one")
+    assert "model.safetensors" in single["files"]
+    assert "model.safetensors.index.json" not in single["files"]
+    sharded = export_hf(ours, tiny_tokenizer_dir, tmp_path / "many", max_shard_size="20KB")
+    index = json.loads((tmp_path / "many" / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 1 and shards <= set(sharded["files"])
+    assert {"config.json", "generation_config.json", "tokenizer.json"} <= set(sharded["files"])
+    ids = torch.randint(0, VOCAB, (1, 9))
+    with torch.no_grad():
+        assert torch.allclose(load(tmp_path / "many")(ids).logits, ours(ids).logits, atol=1e-4)
+    text = "Valkyria Chronicles III is a tactical role-playing game."
+    original = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    exported = AutoTokenizer.from_pretrained(str(tmp_path / "many"))
+    assert exported(text)["input_ids"] == original(text)["input_ids"]
+    generation = json.loads((tmp_path / "many" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == original.eos_token_id
+
+
+def test_tokenizer_larger_than_vocab_is_rejected(tmp_path, tiny_tokenizer_dir):
+    with pytest.raises(ValueError, match="model.vocab_size"):
+        export_hf(tiny_model(vocab_size=64), tiny_tokenizer_dir, tmp_path)

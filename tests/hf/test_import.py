@@ -1,0 +1,84 @@
+"""import_hf: folders that transformers builds locally (Mixtral, Llama, Mistral) and our custom
+export become H64LM models with the same logits; unsupported options fail with one line."""
+
+import dataclasses
+
+import pytest
+import torch
+import transformers
+
+from h64lm.hf import export_hf, import_hf, load_hf_model
+from tests.hf.tiny import VOCAB, tiny_model
+
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, intermediate_size=40, max_position_embeddings=64,
+              rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 5000.0})
+
+
+def saved_stock(tmp_path, cls_name, **overrides):
+    config = getattr(transformers, cls_name + "Config")(**{**COMMON, **overrides})
+    torch.manual_seed(0)
+    hf = getattr(transformers, cls_name + "ForCausalLM")(config).eval()
+    with torch.no_grad():  # HF initialises norms to one: randomise them so a mix-up shows
+        for name, p in hf.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    hf.save_pretrained(str(tmp_path))
+    return hf
+
+
+@pytest.mark.parametrize("cls_name,overrides", [
+    ("Mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
+    ("Mixtral", dict(num_local_experts=4, num_experts_per_tok=1, sliding_window=6,
+                     tie_word_embeddings=True)),
+    ("Llama", dict()),
+    ("Mistral", dict(sliding_window=6)),
+])
+@torch.no_grad()
+def test_stock_folder_imports_with_same_logits(tmp_path, cls_name, overrides):
+    hf = saved_stock(tmp_path, cls_name, **overrides)
+    ours = load_hf_model(tmp_path)
+    assert ours.config.rope_theta == 5000.0 and ours.config.rms_norm_eps == 1e-6
+    ids = torch.randint(0, VOCAB, (2, 19))
+    ref = hf(ids).logits
+    assert ref.std() > 0.05
+    assert (ours(ids).logits - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(moe_layers="alternate", position_encoding="alibi", num_shared_experts=1,
+         sliding_window=5, capacity_factor=2.0),
+    dict(moe_layers=[0], tie_word_embeddings=True, position_encoding="rope+alibi"),
+])
+@torch.no_grad()
+def test_custom_export_round_trips(tmp_path, tiny_tokenizer_dir, overrides):
+    ours = tiny_model(**overrides)
+    export_hf(ours, tiny_tokenizer_dir, tmp_path, max_shard_size="30KB")
+    config, state = import_hf(tmp_path)
+    # "alternate" comes back as the list it resolves to; every other field comes back as is
+    assert config.moe_layer_indices() == ours.config.moe_layer_indices()
+    assert dataclasses.replace(config, moe_layers=ours.config.moe_layers) == ours.config
+    back = load_hf_model(tmp_path)
+    ids = torch.randint(0, VOCAB, (2, 15))
+    assert torch.equal(back(ids).logits, ours(ids).logits)
+
+
+@pytest.mark.parametrize("cls_name,overrides,unsupported", [
+    ("Llama", dict(attention_bias=True), "attention_bias"),
+    ("Llama", dict(mlp_bias=True), "mlp_bias"),
+    ("Llama", dict(hidden_act="gelu"), "hidden_act"),
+    ("Llama", dict(rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                    "rope_theta": 10000.0}), "rope_type"),
+    ("Llama", dict(head_dim=16), "head_dim"),
+    ("Qwen2", dict(), "model_type='qwen2'"),
+])
+def test_unsupported_options_fail_with_one_line(tmp_path, cls_name, overrides, unsupported):
+    saved_stock(tmp_path, cls_name, **overrides)
+    with pytest.raises(ValueError, match=unsupported) as err:
+        import_hf(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_folder_is_one_line(tmp_path):
+    with pytest.raises(ValueError, match="config.json"):
+        import_hf(tmp_path / "nope")
