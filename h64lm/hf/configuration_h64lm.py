@@ -17,6 +17,7 @@ class H64LMHFConfig(PretrainedConfig):
                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=768,
                  moe_intermediate_size=768, num_local_experts=8, num_experts_per_tok=2,
                  moe_layer_ids=(), num_shared_experts=0, capacity_factor=None,
+                 eval_capacity_factor=None, norm_topk_prob=True,
                  max_position_embeddings=1024, position_encoding="rope", rope_theta=10000.0,
                  attention_window=None, rms_norm_eps=1e-5, tie_word_embeddings=False,
                  initializer_range=0.02, **kwargs):
@@ -31,7 +32,9 @@ class H64LMHFConfig(PretrainedConfig):
         self.num_experts_per_tok = num_experts_per_tok
         self.moe_layer_ids = list(moe_layer_ids)
         self.num_shared_experts = num_shared_experts
-        self.capacity_factor = capacity_factor
+        self.capacity_factor = capacity_factor  # training mode
+        self.eval_capacity_factor = eval_capacity_factor  # eval mode (None: dropless)
+        self.norm_topk_prob = norm_topk_prob  # renormalise the k gate weights to sum to one
         self.max_position_embeddings = max_position_embeddings
         self.position_encoding = position_encoding  # "rope", "alibi" or "rope+alibi"
         self.rope_theta = rope_theta

@@ -14,7 +14,7 @@ from h64lm.model import H64LMConfig, H64LMForCausalLM
 
 from .stock import stock_architecture, to_hf_stock
 
-__all__ = ["custom_config", "export_hf", "hf_tokenizer", "to_hf_custom", "to_hf_model"]
+__all__ = ["check_exportable", "custom_config", "export_hf", "hf_tokenizer", "to_hf_custom", "to_hf_model"]
 
 CUSTOM = "h64lm"
 
@@ -29,11 +29,23 @@ def custom_config(c: H64LMConfig, **extra):
         intermediate_size=c.intermediate_size, moe_intermediate_size=c.expert_intermediate_size,
         num_local_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_token,
         moe_layer_ids=c.moe_layer_indices(), num_shared_experts=c.num_shared_experts,
-        capacity_factor=c.capacity_factor, max_position_embeddings=c.max_position_embeddings,
+        capacity_factor=c.capacity_factor, eval_capacity_factor=c.eval_capacity_factor,
+        norm_topk_prob=c.normalize_topk, max_position_embeddings=c.max_position_embeddings,
         position_encoding=c.position_encoding, rope_theta=c.rope_theta,
         attention_window=c.sliding_window, rms_norm_eps=c.rms_norm_eps,
         tie_word_embeddings=c.tie_word_embeddings, initializer_range=c.initializer_range,
         **extra)
+
+
+def check_exportable(c: H64LMConfig) -> None:
+    """Routing options no exported format expresses yet fail in one line, before any file is written."""
+    unsupported = [f"model.{k}={v!r}" for k, v, ok in [
+        ("router_score", c.router_score, c.router_score == "softmax"),
+        ("router_bias_update_rate", c.router_bias_update_rate, c.router_bias_update_rate == 0),
+        ("capacity_priority", c.capacity_priority, c.capacity_priority == "token")] if not ok]
+    if unsupported and c.moe_layer_indices():
+        raise ValueError(f"cannot export to Hugging Face format: {', '.join(unsupported)} has no exported "
+                         "equivalent yet (softmax scores, no selection bias and token-order capacity only)")
 
 
 @torch.no_grad()
@@ -41,6 +53,7 @@ def to_hf_custom(model: H64LMForCausalLM):
     """The custom-format transformers model equal to `model` (same device, dtype and mode)."""
     from .modeling_h64lm import H64LMHFForCausalLM
 
+    check_exportable(model.config)
     hf = H64LMHFForCausalLM(custom_config(model.config))
     param = next(model.parameters())
     hf.to(device=param.device, dtype=param.dtype)

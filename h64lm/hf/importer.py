@@ -49,7 +49,7 @@ def _stock_config(hf, architecture: str) -> H64LMConfig:
         vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, num_layers=hf.num_hidden_layers,
         num_attention_heads=hf.num_attention_heads,
         num_kv_heads=hf.num_key_value_heads or hf.num_attention_heads,
-        intermediate_size=hf.intermediate_size,
+        intermediate_size=hf.intermediate_size, moe_intermediate_size=None,
         max_position_embeddings=hf.max_position_embeddings, position_encoding="rope",
         rope_theta=float((hf.rope_parameters or {}).get("rope_theta", 10000.0)),
         sliding_window=getattr(hf, "sliding_window", None), rms_norm_eps=hf.rms_norm_eps,
@@ -58,7 +58,9 @@ def _stock_config(hf, architecture: str) -> H64LMConfig:
     if architecture == "mixtral":
         kwargs.update(moe_layers="all", num_experts=hf.num_local_experts,
                       num_experts_per_token=hf.num_experts_per_tok,
-                      router_aux_loss_coef=hf.router_aux_loss_coef)
+                      router_norm_topk=True,  # Mixtral renormalises at every k
+                      # HF normalises f_i by N (k at balance), ours by N*k (1): ours = k x HF's
+                      router_aux_loss_coef=hf.router_aux_loss_coef * hf.num_experts_per_tok)
     else:
         kwargs.update(moe_layers="none")
     return H64LMConfig(**kwargs)
@@ -73,7 +75,10 @@ def _custom_config(raw: dict) -> H64LMConfig:
         moe_intermediate_size=raw["moe_intermediate_size"],
         num_experts=raw["num_local_experts"], num_experts_per_token=raw["num_experts_per_tok"],
         moe_layers=list(moe) if moe else "none", num_shared_experts=raw["num_shared_experts"],
-        capacity_factor=raw["capacity_factor"],
+        capacity_factor=raw["capacity_factor"], eval_capacity_factor=raw.get("eval_capacity_factor"),
+        # None (our default: renormalise when k > 1) where the folder's choice equals the default
+        router_norm_topk=(None if raw.get("norm_topk_prob", True) == (raw["num_experts_per_tok"] > 1)
+                          else raw.get("norm_topk_prob", True)),
         max_position_embeddings=raw["max_position_embeddings"],
         position_encoding=raw["position_encoding"], rope_theta=raw["rope_theta"],
         sliding_window=raw["attention_window"], rms_norm_eps=raw["rms_norm_eps"],

@@ -90,7 +90,8 @@ class MoE(nn.Module):
     def __init__(self, config):
         super().__init__()
         d, width, E = config.hidden_size, config.moe_intermediate_size, config.num_local_experts
-        self.k, self.E, self.capacity_factor = config.num_experts_per_tok, E, config.capacity_factor
+        self.k, self.E, self.norm = config.num_experts_per_tok, E, config.norm_topk_prob
+        self.capacity = (config.capacity_factor, config.eval_capacity_factor)  # (training, eval)
         self.router = nn.Module()
         self.router.weight = nn.Parameter(torch.empty(E, d))
         self.experts = nn.Module()
@@ -103,10 +104,11 @@ class MoE(nn.Module):
         tokens = x.reshape(-1, x.shape[-1])  # [N, d]
         probs = F.linear(tokens.float(), self.router.weight.float()).softmax(-1)  # fp32 [N, E]
         top_p, experts = probs.topk(self.k, dim=-1)  # [N, k]
-        weights = (top_p / top_p.sum(-1, keepdim=True)).to(x.dtype)
+        weights = (top_p / top_p.sum(-1, keepdim=True) if self.norm else top_p).to(x.dtype)
         keep = torch.ones_like(experts, dtype=torch.bool)
-        if self.capacity_factor is not None:  # each expert keeps its C earliest assignments
-            capacity = math.ceil(self.capacity_factor * experts.numel() / self.E)
+        factor = self.capacity[0] if self.training else self.capacity[1]
+        if factor is not None:  # each expert keeps its C earliest assignments
+            capacity = math.ceil(factor * experts.numel() / self.E)
             one_hot = F.one_hot(experts.reshape(-1), self.E)  # [N*k, E], in token order
             rank = (one_hot.cumsum(0) * one_hot).sum(-1) - 1
             keep = (rank < capacity).view_as(experts)

@@ -34,6 +34,10 @@ def _mixtral_blockers(c: H64LMConfig) -> list:
         blockers.append(f"model.num_shared_experts={c.num_shared_experts} (needs 0)")
     if c.capacity_factor is not None:
         blockers.append(f"model.capacity_factor={c.capacity_factor} (needs null)")
+    if not c.normalize_topk:
+        blockers.append("model.router_norm_topk off (Mixtral renormalises the top-k weights)")
+    if c.router_score != "softmax" or c.router_bias_update_rate:
+        blockers.append("model.router_score / router_bias_update_rate (Mixtral: softmax, no bias)")
     return blockers
 
 

@@ -69,8 +69,9 @@ def test_exported_folder_logits_match(tmp_path, tiny_tokenizer_dir, position, wi
 
 
 def test_capacity_factor_exports_custom_and_matches(tmp_path, tiny_tokenizer_dir):
-    """A capacity drops tokens, which Mixtral never does: custom format, same drops."""
-    ours = tiny_model(moe_layers="all", capacity_factor=0.5)
+    """A capacity drops tokens, which Mixtral never does: custom format, same drops (a capacity at
+    evaluation too, since by default evaluation is dropless)."""
+    ours = tiny_model(moe_layers="all", capacity_factor=0.5, eval_capacity_factor=0.5)
     export_hf(ours, tiny_tokenizer_dir, tmp_path)
     hf = load(tmp_path)
     assert type(hf).__name__ == expected_class("rope", None, "all", 0, capacity=0.5)
@@ -124,3 +125,32 @@ def test_sharding_and_tokenizer_round_trip(tmp_path, tiny_tokenizer_dir):
 def test_tokenizer_larger_than_vocab_is_rejected(tmp_path, tiny_tokenizer_dir):
     with pytest.raises(ValueError, match="model.vocab_size"):
         export_hf(tiny_model(vocab_size=64), tiny_tokenizer_dir, tmp_path)
+
+
+@pytest.mark.parametrize("routing,expected", [
+    (dict(num_experts_per_token=1), "custom"),  # Switch top-1: raw probability, Mixtral cannot say it
+    (dict(router_norm_topk=True, num_experts_per_token=1), "mixtral"),
+])
+def test_top1_routing_exports_exactly(routing, expected):
+    from h64lm.hf import stock_architecture, to_hf_model
+    from h64lm.model import H64LMConfig, H64LMForCausalLM
+
+    cfg = H64LMConfig(vocab_size=64, hidden_size=32, num_layers=2, num_attention_heads=2, num_kv_heads=1,
+                      intermediate_size=48, moe_intermediate_size=24, num_experts=4, moe_layers="all",
+                      **routing)
+    assert (stock_architecture(cfg) or "custom") == expected
+    torch.manual_seed(0)
+    model = H64LMForCausalLM(cfg).eval()
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        assert torch.allclose(to_hf_model(model)(ids).logits, model(ids).logits, atol=1e-4)
+
+
+def test_routing_without_an_exported_form_is_refused_in_one_line():
+    from h64lm.hf import to_hf_model
+    from h64lm.model import H64LMConfig, H64LMForCausalLM
+
+    cfg = H64LMConfig(vocab_size=64, hidden_size=32, num_layers=2, num_attention_heads=2, num_kv_heads=1,
+                      num_experts=4, router_score="sigmoid")
+    with pytest.raises(ValueError, match="model.router_score='sigmoid' has no exported equivalent"):
+        to_hf_model(H64LMForCausalLM(cfg))
