@@ -1,13 +1,17 @@
 """Entry point: `python run.py [group=option ...] [key=value ...]` (see README)."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
+from h64lm.cli import check_command_line
 from h64lm.config import register_configs
 from h64lm.train.distributed import quiet_hydra_on_nonzero_ranks
 
 register_configs()
 quiet_hydra_on_nonzero_ranks()
+check_command_line(sys.argv)
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from h64lm.train.rundir import RunDirLock, adopt_launch_record, discard_launch
 from h64lm.train.wandb_sink import check_can_log
 from h64lm.validation import ConfigError
 
-__all__ = ["main", "run", "EXIT_CODES"]
+__all__ = ["main", "run", "check_command_line", "EXIT_CODES"]
 
 EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_CHECKPOINT, EXIT_PEER = 2, 3, 4, 5
 EXIT_CODES = [
@@ -48,8 +49,23 @@ def _hydra_run_info() -> tuple[Path, list[str], str | None, Path | None]:
     return run_dir, list(hc.overrides.task), sweep_dir, run_dir / hc.output_subdir if hc.output_subdir else None
 
 
+def check_command_line(argv: list[str]) -> None:
+    """Hydra refuses `-m` with `--cfg` by a traceback; say it in one line (exit 2) instead."""
+    flags = {"--multirun": "-m", "-m": "-m", "--cfg": "--cfg", "-c": "--cfg", "--info": "--info"}
+    given = sorted({flags[a] for a in argv[1:] if a in flags})
+    if len(given) > 1:
+        print(f"error: {' and '.join(given)} cannot be combined; to see each job's config, run without -m "
+              "(python run.py --cfg job OVERRIDES)", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
 def main(cfg: DictConfig) -> float | None:
     """Hydra's task function: run, turning expected failures into one line and an exit code."""
+    warnings.formatwarning = _one_line_warning
     run_dir, overrides, sweep_dir, launch_dir = _hydra_run_info()
     run_dir.mkdir(parents=True, exist_ok=True)
     created = not any(p for p in run_dir.rglob("*") if p.is_file() and launch_dir not in p.parents)
@@ -90,11 +106,13 @@ def run(run_cfg: RunConfig, run_dir: Path, overrides: list[str], sweep_dir: str 
             return _train(run_cfg, run_dir, overrides, sweep_dir, launch_dir, d)
         if d.is_main:
             adopt_launch_record(run_dir, launch_dir)
-        from h64lm.modes import evaluate_checkpoint, generate_from_checkpoint
+        from h64lm import modes
 
         if run_cfg.mode == "eval":
-            return evaluate_checkpoint(run_cfg, run_dir, overrides, d)
-        return generate_from_checkpoint(run_cfg, run_dir, d)
+            return modes.evaluate_checkpoint(run_cfg, run_dir, overrides, d)
+        if run_cfg.mode == "export":
+            return str(modes.export_checkpoint(run_cfg, run_dir, d))
+        return modes.generate_from_checkpoint(run_cfg, run_dir, d)
     except RuntimeError as e:
         if d.enabled and is_peer_failure(e):
             raise PeerFailure(

@@ -32,6 +32,7 @@ __all__ = [
     "HardwareConfig",
     "LoggerConfig",
     "GenConfig",
+    "EvalConfig",
     "RunConfig",
     "ConfigError",
     "register_configs",
@@ -44,7 +45,7 @@ __all__ = [
     "MODES",
 ]
 
-MODES = ("train", "eval", "generate")
+MODES = ("train", "eval", "generate", "export")
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
@@ -70,6 +71,14 @@ class TrainConfig:
     sample_prompts: List[str] = field(
         default_factory=lambda: ["The history of", "In 1998, the", "The city is known for"])
     sample_tokens: int = bounded(32, ge=0)  # tokens sampled per prompt at each evaluation; 0: none
+    # Initial weights from another run: a run directory or checkpoint of the same model (continued
+    # pretraining), of a dense model when this one is MoE (sparse upcycling), or hf:DIR (a Hugging
+    # Face Mixtral/Llama/Mistral or exported H64LM folder). Ignored when resuming.
+    init_from: Optional[str] = None
+    init_noise_std: float = bounded(0.0, ge=0)  # upcycling: N(0, std^2) noise on each expert copy
+    # Local downstream tasks (h64lm/eval/local_tasks.py) every N steps, logged as downstream/<task>/acc.
+    downstream_every: Optional[int] = bounded(None, ge=1, null="never during training")
+    downstream_limit: int = bounded(50, ge=1)  # examples per task at each in-loop evaluation
 
     def __post_init__(self) -> None:
         validate_fields(self)
@@ -166,11 +175,27 @@ class GenConfig:
 
 
 @dataclass
+class EvalConfig:
+    config_group: ClassVar[str] = "eval"
+
+    # lm-evaluation-harness tasks for mode=eval: the local ones (built from the data's validation
+    # text, offline) and/or standard ones (hellaswag, arc_easy, piqa, lambada_openai: need the hub).
+    tasks: List[str] = field(default_factory=list)
+    limit: Optional[int] = bounded(None, ge=1, null="every example")  # examples per task
+    num_fewshot: Optional[int] = bounded(None, ge=0, null="the task's default")
+    local_examples: int = bounded(200, ge=1)  # examples written per local task
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
+
+@dataclass
 class RunConfig:
     config_group: ClassVar[str] = ""  # top-level keys: mode, checkpoint, prompt
 
     mode: str = bounded("train", choices=MODES)
-    checkpoint: Optional[str] = None  # eval/generate: a checkpoint file or a run directory
+    checkpoint: Optional[str] = None  # eval/generate/export: a checkpoint file or a run directory
+    out: Optional[str] = None  # export: the Hugging Face folder to write (null: RUN/exports/<time>/hf)
     prompt: Optional[str] = None  # generate: the prompt ("" = from BOS); null: train.sample_prompts
     experiment_name: Optional[str] = None  # set by experiment presets; the W&B group
     model: H64LMConfig = field(default_factory=H64LMConfig)
@@ -180,6 +205,7 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     gen: GenConfig = field(default_factory=GenConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         validate_fields(self)
@@ -187,14 +213,26 @@ class RunConfig:
             check_positions(self.model, self.data.seq_len, "data.seq_len")
             for n in self.train.extra_eval_seq_lens:
                 check_positions(self.model, n, "train.extra_eval_seq_lens")
-            if self.model.sliding_window is not None and self.model.sliding_window >= self.data.seq_len:
-                warnings.warn(
-                    f"model.sliding_window={self.model.sliding_window} >= data.seq_len={self.data.seq_len}: "
-                    "the window masks nothing during training (the original H64LM's 2048 vs 1024 mistake)",
-                    stacklevel=2)
+            for message in self._meaningless_settings():
+                warnings.warn(message, stacklevel=2)
         else:
             check(self.checkpoint is not None,
                   f"mode={self.mode} needs checkpoint=PATH (a checkpoint file or a run directory)")
+
+    def _meaningless_settings(self) -> list[str]:
+        """Settings that are valid but make a training run mean little: one line each at start-up."""
+        m, t, o = self.model, self.train, self.optim
+        found = []
+        if m.sliding_window is not None and m.sliding_window >= self.data.seq_len:
+            found.append(f"model.sliding_window={m.sliding_window} >= data.seq_len={self.data.seq_len}: the window "
+                         "masks nothing during training (the original H64LM's 2048 vs 1024 mistake)")
+        if o.warmup_steps >= t.max_steps:
+            found.append(f"optim.warmup_steps={o.warmup_steps} >= train.max_steps={t.max_steps}: the learning rate "
+                         "never reaches optim.lr and never decays")
+        if t.eval_every > t.max_steps:
+            found.append(f"train.eval_every={t.eval_every} > train.max_steps={t.max_steps}: validation runs only "
+                         "once, at the last step")
+        return found
 
 
 def default_run_dir(mode: str, checkpoint: str | None, stamp: str) -> str:
@@ -204,7 +242,8 @@ def default_run_dir(mode: str, checkpoint: str | None, stamp: str) -> str:
         return f"outputs/{stamp}"
     path = Path(checkpoint)
     run_dir = path if path.is_dir() else path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    return str(run_dir / ("evals" if mode == "eval" else "generations") / stamp.replace("/", "_"))
+    kind = {"eval": "evals", "generate": "generations", "export": "exports"}[mode]
+    return str(run_dir / kind / stamp.replace("/", "_"))
 
 
 def register_configs() -> None:
@@ -214,7 +253,7 @@ def register_configs() -> None:
 
 
 _GROUPS = {"model": H64LMConfig, "data": DataConfig, "optim": OptimConfig, "hardware": HardwareConfig,
-           "logger": LoggerConfig, "train": TrainConfig, "gen": GenConfig}
+           "logger": LoggerConfig, "train": TrainConfig, "gen": GenConfig, "eval": EvalConfig}
 
 
 def build_run_config(cfg: DictConfig) -> RunConfig:

@@ -21,7 +21,7 @@ from h64lm.train.distributed import Dist
 from h64lm.train.evaluate import evaluate, sample_continuations
 from h64lm.train.precision import resolve_precision
 
-__all__ = ["load_trained_model", "evaluate_checkpoint", "generate_from_checkpoint"]
+__all__ = ["load_trained_model", "evaluate_checkpoint", "generate_from_checkpoint", "export_checkpoint"]
 
 
 def load_trained_model(checkpoint: str | Path, device: torch.device) -> tuple[H64LMForCausalLM, RunConfig]:
@@ -48,7 +48,8 @@ def evaluate_checkpoint(run_cfg: RunConfig, out_dir: Path, overrides: list[str],
     data = _data_for_eval(run_cfg, saved, overrides)
     tokenizer = load_tokenizer(data)
     check_vocab(tokenizer, model.config.vocab_size)
-    windows = validation_windows(prepare_corpus(data, tokenizer).val, data.seq_len, data.val_windows)
+    corpus_val = prepare_corpus(data, tokenizer).val
+    windows = validation_windows(corpus_val, data.seq_len, data.val_windows)
     batch = run_cfg.train.val_batch_size or run_cfg.train.batch_size
     if d.is_main:
         print(f"evaluating {run_cfg.checkpoint} on {len(windows)} windows of {data.seq_len} tokens "
@@ -56,6 +57,15 @@ def evaluate_checkpoint(run_cfg: RunConfig, out_dir: Path, overrides: list[str],
     loss, ppl = evaluate(model, windows, batch, resolve_precision(run_cfg.hardware.precision, d.device), d)
     result = {"checkpoint": str(run_cfg.checkpoint), "data": data.name, "seq_len": data.seq_len,
               "windows": len(windows), "tokens": len(windows) * data.seq_len, "val_loss": loss, "val_ppl": ppl}
+    ev = run_cfg.eval
+    if ev.tasks and d.is_main:
+        from h64lm.eval import downstream_metrics
+
+        print(f"lm-evaluation-harness: {', '.join(ev.tasks)}", flush=True)
+        result["tasks"] = downstream_metrics(model, tokenizer, list(ev.tasks), corpus_val, out_dir / "harness",
+                                             str(d.device), batch, ev.limit, ev.num_fewshot, ev.local_examples)
+        for task, metrics in result["tasks"].items():
+            print(f"  {task}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
     if d.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "eval.json").write_text(json.dumps(result, indent=1))
@@ -80,3 +90,17 @@ def generate_from_checkpoint(run_cfg: RunConfig, out_dir: Path, d: Dist) -> None
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "generations.txt").write_text("\n\n".join(texts) + "\n")
         print(f"written to {out_dir / 'generations.txt'}", flush=True)
+
+
+def export_checkpoint(run_cfg: RunConfig, out_dir: Path, d: Dist) -> Path:
+    """A Hugging Face folder (h64lm/hf/export.py) of the checkpoint, with the run's tokenizer."""
+    from h64lm.hf import export_hf
+
+    model, saved = load_trained_model(run_cfg.checkpoint, torch.device("cpu"))
+    out = Path(run_cfg.out) if run_cfg.out else out_dir / "hf"
+    if d.is_main:
+        info = export_hf(model, load_tokenizer(saved.data), out)
+        remote = ", trust_remote_code=True" if info["trust_remote_code"] else ""
+        print(f"exported {run_cfg.checkpoint} as {info['architecture']} to {out}; load it with "
+              f"AutoModelForCausalLM.from_pretrained('{out}'{remote})", flush=True)
+    return out

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import warnings
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -121,3 +122,7 @@ def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
             f"{tokenizer.vocab_size} ids (data.tokenizer); set model.vocab_size>="
             f"{tokenizer.vocab_size} or choose another data.tokenizer"
         )
+    if tokenizer.vocab_size < model_vocab_size:
+        warnings.warn(f"model.vocab_size={model_vocab_size} is larger than the tokenizer's {tokenizer.vocab_size} "
+                      f"ids: {model_vocab_size - tokenizer.vocab_size} embedding rows are never used "
+                      f"(set model.vocab_size={tokenizer.vocab_size} unless you pad it on purpose)", stacklevel=2)

@@ -25,10 +25,13 @@ from tqdm import tqdm
 from h64lm.config import RunConfig, run_config_from_yaml, run_config_yaml
 from h64lm.data import TokenLoader, check_vocab, load_tokenizer, prepare_corpus, validation_windows
 from h64lm.model import H64LMForCausalLM, active_parameters_per_token, count_parameters, flops_per_token
+from h64lm.model.moe import routing_snapshot
+from h64lm.train.balancing import prepare_global_balance, update_router_bias
 from h64lm.train.checkpoint import FORMAT_VERSION, CheckpointManager, load_model_state, save_weights
 from h64lm.train.control import SignalFlag, TrainingDiverged, TrainingStopped, rng_state, set_rng_state
 from h64lm.train.distributed import Dist, seed_everything
 from h64lm.train.evaluate import evaluate, sample_continuations
+from h64lm.train.init_from import initialize_from
 from h64lm.train.metrics import History, MetricsFile, plot_run, read_metrics
 from h64lm.train.mfu import peak_flops
 from h64lm.train.optim import build_optimizer, build_scheduler
@@ -63,6 +66,7 @@ class Trainer:
         check_vocab(self.tokenizer, run.model.vocab_size)
         corpus = prepare_corpus(data, self.tokenizer)
         self.loader = TokenLoader(corpus.train, data.seq_len, t.batch_size, t.seed, d.rank, d.world_size)
+        self.val_tokens = corpus.val
         self.val_windows = {n: validation_windows(corpus.val, n, data.val_windows)
                             for n in [data.seq_len, *t.extra_eval_seq_lens]}
 
@@ -76,6 +80,10 @@ class Trainer:
         self.history, self.wandb_run_id = History(), None
         if resume_state is not None:
             self._restore(resume_state)
+        elif t.init_from:
+            initialize_from(self.model, t.init_from, t.init_noise_std, t.seed, self.log)
+        self.routing_windows = self.val_windows[data.seq_len][:8, :-1]  # fixed tokens for routing stats
+        self.routing: dict[str, Any] | None = None  # the last routing snapshot
         self.train_model = wrap_for_training(self.model, run, d)
 
         self.tokens_per_step = t.batch_size * self.accum * data.seq_len * d.world_size
@@ -138,12 +146,15 @@ class Trainer:
     # ----------------------------------------------------------------------------- one step
     def train_step(self, stop_requested: bool) -> StepStats:
         """Forward/backward over the micro-batches, then one (possibly skipped) update."""
-        d = self.d
+        d, mcfg = self.d, self.run.model
         losses = torch.zeros(4, device=d.device)  # [loss, ce, aux, z], mean over micro-batches
         loads: dict[int, torch.Tensor] = {}
         dropped: dict[int, torch.Tensor] = {}
-        for micro in range(self.accum):
-            x, y = (t.to(d.device, non_blocking=True) for t in self.loader.next_batch())
+        batches = [[t.to(d.device, non_blocking=True) for t in self.loader.next_batch()]
+                   for _ in range(self.accum)]
+        if mcfg.router_aux_loss_scope == "global" and mcfg.moe_layer_indices():
+            prepare_global_balance(self.model, [x for x, _ in batches])  # f_i of the whole step
+        for micro, (x, y) in enumerate(batches):
             with no_sync_unless(micro == self.accum - 1, self.train_model):
                 with self.precision.autocast():
                     out = self.train_model(x, labels=y, return_logits=False)
@@ -167,6 +178,8 @@ class Trainer:
             stats.skipped = stats.nonfinite or not math.isfinite(stats.grad_norm)
             if not stats.skipped:
                 self.optimizer.step()
+        if mcfg.router_bias_update_rate > 0 and not stats.skipped:  # DeepSeek-V3 aux-loss-free balancing
+            update_router_bias(self.model, {i: torch.tensor(r.load) for i, r in stats.router.items()})
         self.optimizer.zero_grad(set_to_none=True)
         stats.lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
@@ -191,6 +204,9 @@ class Trainer:
                 return None
             suffix = "" if n == self.run.data.seq_len else f"_len{n}"
             result[f"val_loss{suffix}"], result[f"val_ppl{suffix}"] = out
+        if self.run.model.moe_layer_indices():
+            self.routing = routing_snapshot(self.model, self.routing_windows.to(self.d.device).split(4),
+                                            previous=self.routing)
         return result
 
     def sample(self) -> dict[str, str]:
@@ -210,6 +226,21 @@ class Trainer:
         for text in texts:
             self.log(f"  sample: {text!r}")
         return dict(zip(prompts, texts))
+
+    def downstream(self) -> dict[str, float]:
+        """The local lm-eval tasks on rank 0 (`train.downstream_every`): {"downstream/<task>/<metric>"}."""
+        if not self.d.is_main or self._stop_requested():
+            return {}
+        from h64lm.eval import LOCAL_TASKS, downstream_metrics
+
+        t = self.run.train
+        metrics = downstream_metrics(self.model, self.tokenizer, list(LOCAL_TASKS), self.val_tokens,
+                                     self.run_dir / "downstream", str(self.d.device),
+                                     t.val_batch_size or t.batch_size, limit=t.downstream_limit)
+        flat = {f"downstream/{task}/{k}": v for task, m in metrics.items() for k, v in m.items()}
+        self.log(f"step {self.step}: " + "  ".join(f"{k.split('/', 1)[1]} {v:.3f}" for k, v in flat.items()
+                                                   if k.endswith(("/acc", "/word_perplexity"))))
+        return flat
 
     # ----------------------------------------------------------------------------- the run
     def _record(self, stats: StepStats, elapsed: float) -> dict[str, Any]:
@@ -238,6 +269,8 @@ class Trainer:
         if ev is None:
             return False
         record.update(ev)
+        if self.routing is not None:
+            record["routing"] = self.routing["layers"]
         finite = [v for v in step_losses if math.isfinite(v)]
         mean_loss = sum(finite) / len(finite) if finite else math.nan
         self.history.add(step=self.step, tokens=self.tokens_seen, train_loss=mean_loss,
@@ -247,6 +280,9 @@ class Trainer:
             self.log(f"step {self.step}: train loss {record['loss']:.4f} (this step), "
                      f"{mean_loss:.4f} (mean since last eval)  val {ev['val_loss']:.4f}  ppl {ev['val_ppl']:.1f}")
         self.sample()
+        if t_down := self.run.train.downstream_every:
+            if self.step % t_down == 0 or self.step == self.run.train.max_steps:
+                record.update(self.downstream())
         return True
 
     def _save_best(self, record: dict[str, Any]) -> None:

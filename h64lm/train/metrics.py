@@ -67,8 +67,8 @@ class History:
 
 
 def plot_run(run_dir: Path, records: list[dict[str, Any]], history: History) -> list[Path]:
-    """`loss.png` (train and validation loss against step) and one expert-load heatmap per MoE
-    layer (`expert_load_layer{L}.png`: the share of routed tokens each expert took, over steps)."""
+    """`loss.png` (train and validation loss against step) and `expert_load.png` (each expert's load
+    over its mean, per MoE layer, over steps, on a log scale centred at 1 = balanced)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,23 +87,9 @@ def plot_run(run_dir: Path, records: list[dict[str, Any]], history: History) -> 
     plt.close(fig)
     written.append(run_dir / "loss.png")
 
-    routed = [r for r in records if r.get("router")]
-    layers = sorted(routed[-1]["router"], key=int) if routed else []
-    for layer in layers:
-        steps = [r["step"] for r in routed]
-        load = [r["router"][layer]["load"] for r in routed]  # [steps][E]
-        n_experts = len(load[0])
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        im = ax.imshow(
-            [[row[e] for row in load] for e in range(n_experts)], aspect="auto", origin="lower",
-            extent=(steps[0], steps[-1], -0.5, n_experts - 0.5), cmap="viridis",
-        )
-        fig.colorbar(im, ax=ax, label=f"share of tokens (even = {1 / n_experts:.3f})")
-        ax.set(xlabel="step", ylabel="expert", title=f"MoE layer {layer}: expert load",
-               yticks=range(n_experts))
-        fig.tight_layout()
-        path = run_dir / f"expert_load_layer{layer}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+    if any(r.get("router") for r in records):  # one heat map: load / mean per expert and layer over steps
+        from h64lm.model.moe import plot_load_heatmap
+
+        plot_load_heatmap(records, run_dir / "expert_load.png")
+        written.append(run_dir / "expert_load.png")
     return written

@@ -142,3 +142,21 @@ def test_defaults_live_in_the_dataclasses():
             values = OmegaConf.load(CONF / group / f"{option}.yaml") or {}
             same = [k for k in values if not OmegaConf.is_missing(values, k) and defaults[group][k] == values[k]]
             assert not same, f"conf/{group}/{option}.yaml restates defaults: {same}"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["optim.warmup_steps=300"], "optim.warmup_steps=300 >= train.max_steps=300"),
+    (["train.eval_every=400"], "train.eval_every=400 > train.max_steps=300"),
+])
+def test_settings_that_make_a_run_meaningless_are_flagged(overrides, message):
+    with pytest.warns(UserWarning, match=message):
+        build_run_config(compose_cfg(overrides))
+
+
+def test_vocab_larger_than_the_tokenizer_is_flagged():
+    from types import SimpleNamespace
+
+    from h64lm.data import check_vocab
+
+    with pytest.warns(UserWarning, match="model.vocab_size=32768 is larger than the tokenizer's 32000 ids"):
+        check_vocab(SimpleNamespace(vocab_size=32000), 32768)
