@@ -59,7 +59,8 @@ def _moe(c: H64LMConfig, N: int, a: int) -> int:
     M = N * k
     router = (F32 * N * d  # router input: the (fp32) norm output
               + 2 * F32 * N * E  # softmax output; logits for the z-loss's logsumexp
-              + I64 * N * k + F32 * N * k + 2 * F32 * N  # top-k ids, weights, their sum, z lse
+              + I64 * N * k + F32 * N  # top-k ids, the z-loss's logsumexp
+              + (F32 * N * k + F32 * N if c.normalize_topk else 0)  # renormalising: top-k probs and their sum
               + F32 * E)  # f_i in the Switch loss
     dispatch = 2 * I64 * M + 4 * E  # expert-order index + inverse, int32 offsets
     experts = _swiglu(M, d, width, a, True) + a * M * d + F32 * M  # + output, gate weight
