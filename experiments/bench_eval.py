@@ -37,7 +37,8 @@ def main() -> None:
     torch.manual_seed(0)
     model = H64LMForCausalLM(H64LMConfig())  # model=tiny, weights require grad as in training
     windows = torch.randint(0, 32000, (args.windows, 257))
-    d, precision = Dist(rank=0, world_size=1, device=torch.device("cpu")), resolve_precision("fp32", torch.device("cpu"))
+    cpu = torch.device("cpu")
+    d, precision = Dist(rank=0, world_size=1, device=cpu), resolve_precision("fp32", cpu)
     new_loss = model_module.chunked_cross_entropy
     times: dict[str, list[float]] = {"old": [], "new": []}
     evaluate(model, windows[:8], 8, precision, d)  # warm-up
