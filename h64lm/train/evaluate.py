@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 from torch import nn
+from tqdm import tqdm
 
 from h64lm.train.distributed import Dist
 from h64lm.train.precision import Precision
@@ -28,7 +29,8 @@ def evaluate(
     model.eval()
     shard = windows[d.rank :: d.world_size]
     total = torch.zeros(3, dtype=torch.float64, device=d.device)  # [sum of token losses, tokens, stopped]
-    for i in range(0, len(shard), batch_size):
+    batches = range(0, len(shard), batch_size)
+    for i in tqdm(batches, desc="validation", leave=False, disable=not d.is_main or len(batches) < 4):
         if should_stop():
             total[2] = 1
             break

@@ -215,6 +215,7 @@ class Trainer:
         if not (self.d.is_main and t.sample_tokens and t.sample_prompts) or self._stop_requested():
             return {}
         prompts = list(t.sample_prompts)
+        self.log(f"step {self.step}: sampling {t.sample_tokens} tokens for {len(prompts)} prompts")
         with self.precision.autocast():
             texts = sample_continuations(
                 self.model, self.tokenizer, prompts, t.sample_tokens, self.d.device,
