@@ -102,6 +102,8 @@ class TrainConfig:
 
 
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
+OPTIMIZERS = ("adamw", "muon")
+MUON_LR_ADJUSTMENTS = ("original", "match_rms_adamw")
 
 
 @dataclass
@@ -121,6 +123,19 @@ class OptimConfig:
     # The steps the schedule spans. Set it to a finished run's old train.max_steps when extending
     # that run, to keep training at the decayed learning rate instead of stretching the schedule.
     schedule_steps: Optional[int] = bounded(None, ge=1, null="train.max_steps")
+    # muon: Muon on the hidden matrices (h64lm/train/muon.py), AdamW with the keys above on
+    # embeddings, LM head, norms and routers; the same schedule scales both peak lrs
+    name: str = bounded("adamw", choices=OPTIMIZERS)
+    muon_lr: float = bounded(0.02, gt=0)  # peak lr of the Muon matrices
+    muon_momentum: float = bounded(0.95, ge=0, lt=1)
+    muon_nesterov: bool = True
+    muon_ns_steps: int = bounded(5, ge=1, le=99)  # Newton-Schulz iterations
+    muon_weight_decay: float = bounded(0.01, ge=0)  # decoupled: W <- (1 - lr * wd) W
+    # update scale per [out, in] matrix: sqrt(max(1, out/in)) (Keller Jordan) or 0.2 sqrt(max(out, in))
+    # (Moonlight, AdamW-sized updates: then muon_lr ~ an AdamW lr)
+    muon_adjust_lr: str = bounded("original", choices=MUON_LR_ADJUSTMENTS)
+    # orthogonalise W_q, W_k, W_v (and W_gate, W_up) separately rather than their fused stack
+    muon_split_fused: bool = True
 
     def __post_init__(self) -> None:
         validate_fields(self)

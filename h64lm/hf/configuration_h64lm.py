@@ -20,7 +20,8 @@ class H64LMHFConfig(PretrainedConfig):
                  eval_capacity_factor=None, norm_topk_prob=True,
                  max_position_embeddings=1024, position_encoding="rope", rope_theta=10000.0,
                  attention_window=None, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                 initializer_range=0.02, **kwargs):
+                 initializer_range=0.02, qk_norm=False, logit_softcap=None,
+                 weight_init="normal", **kwargs):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -41,4 +42,7 @@ class H64LMHFConfig(PretrainedConfig):
         self.attention_window = attention_window  # a query sees keys j with i - j < W
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range
+        self.qk_norm = qk_norm  # RMSNorm of each query/key head before RoPE
+        self.logit_softcap = logit_softcap  # logits <- c tanh(logits / c) (Gemma 2); None: off
+        self.weight_init = weight_init  # how training initialised the weights (h64lm model.init)
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)

@@ -34,7 +34,7 @@ def custom_config(c: H64LMConfig, **extra):
         position_encoding=c.position_encoding, rope_theta=c.rope_theta,
         attention_window=c.sliding_window, rms_norm_eps=c.rms_norm_eps,
         tie_word_embeddings=c.tie_word_embeddings, initializer_range=c.initializer_range,
-        **extra)
+        qk_norm=c.qk_norm, logit_softcap=c.logit_softcap, weight_init=c.init, **extra)
 
 
 def check_exportable(c: H64LMConfig) -> None:

@@ -83,7 +83,8 @@ def _custom_config(raw: dict) -> H64LMConfig:
         position_encoding=raw["position_encoding"], rope_theta=raw["rope_theta"],
         sliding_window=raw["attention_window"], rms_norm_eps=raw["rms_norm_eps"],
         tie_word_embeddings=raw.get("tie_word_embeddings", False),
-        initializer_range=raw["initializer_range"])
+        initializer_range=raw["initializer_range"], qk_norm=raw.get("qk_norm", False),
+        logit_softcap=raw.get("logit_softcap"), init=raw.get("weight_init", "normal"))
 
 
 def _read_safetensors(folder: Path) -> Tensors:

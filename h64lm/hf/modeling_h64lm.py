@@ -71,11 +71,17 @@ class Attention(nn.Module):
         self.D = config.hidden_size // self.H
         self.qkv_proj = nn.Linear(config.hidden_size, (self.H + 2 * self.H_kv) * self.D, bias=False)
         self.o_proj = nn.Linear(self.H * self.D, config.hidden_size, bias=False)
+        self.qk_norm = getattr(config, "qk_norm", False)
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.D, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.D, config.rms_norm_eps)
 
     def forward(self, x, positions, bias, cache, theta):
         B, T, _ = x.shape
         qkv = self.qkv_proj(x).view(B, T, self.H + 2 * self.H_kv, self.D)
         q, k, v = qkv.split((self.H, self.H_kv, self.H_kv), dim=2)
+        if self.qk_norm:  # per head, before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
         if positions is not None:
             q, k = rotary(q, positions, theta), rotary(k, positions, theta)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
@@ -219,6 +225,9 @@ class H64LMHFForCausalLM(H64LMHFPreTrainedModel, GenerationMixin):
         h, cache = self.model(input_ids, attention_mask, cache or past_key_values,
                               bool(use_cache))
         logits = self.lm_head(h)
+        cap = getattr(self.config, "logit_softcap", None)
+        if cap is not None:  # Gemma 2 soft-capping
+            logits = torch.tanh(logits / cap) * cap
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1),

@@ -43,8 +43,8 @@ def _mixtral_blockers(c: H64LMConfig) -> list:
 
 def stock_architecture(c: H64LMConfig) -> Optional[str]:
     """'mixtral', 'mistral', 'llama', or None when only the custom format is exact."""
-    if c.position_encoding != "rope":
-        return None
+    if c.position_encoding != "rope" or c.qk_norm or c.logit_softcap is not None:
+        return None  # none of the three stock classes normalises q/k or caps the logits
     if not c.moe_layer_indices():
         return "mistral" if c.sliding_window is not None else "llama"
     return None if _mixtral_blockers(c) else "mixtral"

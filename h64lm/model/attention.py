@@ -12,6 +12,7 @@ from torch import nn
 
 from .cache import KVCache
 from .config import H64LMConfig
+from .norm import RMSNorm
 from .rope import apply_rotary
 
 __all__ = ["Attention"]
@@ -29,6 +30,11 @@ class Attention(nn.Module):
         # One fused projection for W_q, W_k, W_v: one GEMM instead of three.
         self.qkv_proj = nn.Linear(config.hidden_size, q_dim + 2 * kv_dim, bias=False)
         self.o_proj = nn.Linear(q_dim, config.hidden_size, bias=False)
+        if config.qk_norm:  # per head, over head_dim
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
 
     def forward(
         self,
@@ -43,6 +49,9 @@ class Attention(nn.Module):
         H, H_kv = self.num_heads, self.num_kv_heads
         qkv = self.qkv_proj(x).view(B, T, H + 2 * H_kv, self.head_dim)
         qk, v = qkv.split((H + H_kv, H_kv), dim=2)  # [B, T, H + H_kv, D], [B, T, H_kv, D]
+        if self.q_norm is not None:
+            q, k = qk.split((H, H_kv), dim=2)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=2)
         if rotary is not None:
             qk = apply_rotary(qk, *rotary)  # queries and keys in one pass
         q, k = qk.split((H, H_kv), dim=2)

@@ -10,12 +10,13 @@ from typing import Any, ClassVar, List, Optional
 from h64lm.validation import bounded, check, validate_fields
 
 __all__ = ["H64LMConfig", "POSITION_ENCODINGS", "AUX_LOSS_SCOPES", "ROUTER_SCORES", "CAPACITY_PRIORITIES",
-           "check_positions"]
+           "INITS", "check_positions"]
 
 POSITION_ENCODINGS = ("rope", "alibi", "rope+alibi")
 AUX_LOSS_SCOPES = ("micro_batch", "sequence", "global")
 ROUTER_SCORES = ("softmax", "sigmoid")
 CAPACITY_PRIORITIES = ("token", "choice")
+INITS = ("normal", "small")
 _MOE_LAYER_MODES = ("alternate", "all", "none")
 
 
@@ -63,6 +64,15 @@ class H64LMConfig:
     eval_capacity_factor: Optional[float] = bounded(None, gt=0, null="dropless at evaluation")
     # which assignments an expert over capacity keeps: earliest tokens, or first choices first (GShard)
     capacity_priority: str = bounded("token", choices=CAPACITY_PRIORITIES)
+    # RMSNorm of every query and key head (weights [head_dim], one per projection) before RoPE,
+    # as OLMo 2 / Qwen3: bounds the attention logits, which otherwise grow with the q/k weights
+    qk_norm: bool = False
+    # normal: N(0, initializer_range), residual outputs (o_proj, down_proj) / sqrt(2 num_layers)
+    # (GPT-2). small: std sqrt(2 / (5 hidden)) (Nguyen & Salazar 2019, "SmallInit") and residual
+    # outputs 2 / (num_layers sqrt(hidden)) (GPT-NeoX's wang_init): scales with the width
+    init: str = bounded("normal", choices=INITS)
+    # Gemma 2 soft-capping: logits <- c tanh(logits / c), in the LM head and the chunked loss
+    logit_softcap: Optional[float] = bounded(None, gt=0, null="no capping")
 
     def __post_init__(self) -> None:
         validate_fields(self)

@@ -14,12 +14,12 @@ from .cache import KVCache
 from .config import H64LMConfig, check_positions
 from .dtypes import compute_dtype
 from .generate import generate
-from .loss import IGNORE_INDEX, chunked_cross_entropy
+from .loss import IGNORE_INDEX, chunked_cross_entropy, softcap
 from .mask import attention_bias
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
 
-__all__ = ["H64LMForCausalLM", "CausalLMOutput"]
+__all__ = ["H64LMForCausalLM", "CausalLMOutput", "init_stds"]
 
 
 @dataclass
@@ -33,6 +33,13 @@ class CausalLMOutput:
     # assignments (before any capacity cut), "dropped": fraction}
     router: List[Dict[str, Any]] = field(default_factory=list)
     past_key_values: Optional[KVCache] = None
+
+
+def init_stds(config: H64LMConfig) -> Tuple[float, float]:
+    """(std of every matrix, std of the residual output projections) for `config.init`."""
+    if config.init == "small":  # GPT-NeoX small_init / wang_init
+        return math.sqrt(2 / (5 * config.hidden_size)), 2 / (config.num_layers * math.sqrt(config.hidden_size))
+    return config.initializer_range, config.initializer_range / math.sqrt(2 * config.num_layers)
 
 
 class H64LMForCausalLM(nn.Module):
@@ -58,11 +65,11 @@ class H64LMForCausalLM(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """N(0, initializer_range) for every matrix; residual output projections (o_proj,
-        down_proj) scaled by 1/sqrt(2 * num_layers) as in GPT-2, so the residual stream's variance
-        does not grow with depth. Norm weights stay at one; there are no biases."""
-        std = self.config.initializer_range
-        out_std = std / math.sqrt(2 * self.config.num_layers)
+        """init=normal: N(0, initializer_range) for every matrix; residual output projections
+        (o_proj, down_proj) scaled by 1/sqrt(2 * num_layers) as in GPT-2, so the residual stream's
+        variance does not grow with depth. init=small: see `init_stds`. Norm weights stay at one;
+        there are no biases."""
+        std, out_std = init_stds(self.config)
         for name, param in self.named_parameters():
             if param.dim() < 2:
                 continue
@@ -143,7 +150,7 @@ class H64LMForCausalLM(nn.Module):
         out.router = [{"layer": i, "load": s["load"], "counts": s["counts"],
                        "dropped": s["dropped"]} for i, s in stats]
         if return_logits:
-            out.logits = self.lm_head(h)
+            out.logits = softcap(self.lm_head(h), self.config.logit_softcap)
         if labels is not None:
             if out.logits is not None:
                 # sum / max(count, 1): a batch whose labels are all ignored gives 0 with zero
@@ -153,7 +160,7 @@ class H64LMForCausalLM(nn.Module):
                                          ignore_index=IGNORE_INDEX, reduction="sum") / count
             else:
                 out.ce = chunked_cross_entropy(h.flatten(0, 1), self.lm_head.weight,
-                                               labels.flatten())
+                                               labels.flatten(), softcap=self.config.logit_softcap)
             out.loss = (out.ce + self.config.router_aux_loss_coef * out.aux
                         + self.config.router_z_loss_coef * out.z)
         return out

@@ -100,6 +100,9 @@ class Trainer:
             raise ConfigError(
                 "cannot resume: the checkpoint's model differs in "
                 + ", ".join(f"model.{k} ({saved_model[k]} -> {current[k]})" for k in differing))
+        if saved.optim.name != self.run.optim.name:  # their states hold different tensors
+            raise ConfigError(f"cannot resume: the checkpoint was trained with optim.name={saved.optim.name}, "
+                              f"this run asks for optim.name={self.run.optim.name}; keep the optimizer")
         if saved.train.max_steps != self.run.train.max_steps:
             horizon = self.run.optim.schedule_steps or self.run.train.max_steps
             self.log(f"train.max_steps {saved.train.max_steps} -> {self.run.train.max_steps}: the learning-rate "

@@ -1,4 +1,4 @@
-"""AdamW with decoupled weight decay on matrices only, and the learning-rate schedules."""
+"""AdamW with decoupled weight decay on matrices only (or Muon + AdamW), and the learning-rate schedules."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import torch
 from torch import nn
 
 from h64lm.config import OptimConfig
+from h64lm.train.muon import MuonAdamW, muon_layouts
 
-__all__ = ["build_optimizer", "build_scheduler", "lr_factor", "param_groups"]
+__all__ = ["build_muon", "build_optimizer", "build_scheduler", "lr_factor", "param_groups"]
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, exclude: frozenset = frozenset()) -> list[dict]:
     """Decay weight matrices; leave norms, biases and embedding tables undecayed.
 
     Embeddings are excluded because decay pulls rare tokens' rows to zero (they rarely get a
@@ -21,7 +22,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay, seen = [], [], set()
     for p in model.parameters():
-        if not p.requires_grad or id(p) in seen:
+        if not p.requires_grad or id(p) in seen or id(p) in exclude:
             continue
         seen.add(id(p))
         (decay if p.ndim >= 2 and id(p) not in embedding_params else no_decay).append(p)
@@ -31,7 +32,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    if cfg.name == "muon":
+        return build_muon(model, cfg)
     groups = param_groups(model, cfg.weight_decay)
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     try:
@@ -39,6 +42,17 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
         return torch.optim.AdamW(groups, fused=True, **kwargs)
     except (RuntimeError, TypeError):
         return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+def build_muon(model: nn.Module, cfg: OptimConfig) -> MuonAdamW:
+    """Muon group first (peak lr `muon_lr`), then the AdamW groups of everything else."""
+    layouts = muon_layouts(model, cfg.muon_split_fused)
+    muon = dict(params=list(layouts), use_muon=True, lr=cfg.muon_lr, weight_decay=cfg.muon_weight_decay,
+                momentum=cfg.muon_momentum, nesterov=cfg.muon_nesterov, ns_steps=cfg.muon_ns_steps,
+                adjust_lr=cfg.muon_adjust_lr)
+    rest = [dict(g, use_muon=False, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+            for g in param_groups(model, cfg.weight_decay, frozenset(map(id, layouts)))]
+    return MuonAdamW([g for g in [muon, *rest] if g["params"]], layouts)
 
 
 def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:

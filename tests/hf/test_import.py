@@ -49,6 +49,7 @@ def test_stock_folder_imports_with_same_logits(tmp_path, cls_name, overrides):
     dict(moe_layers="alternate", position_encoding="alibi", num_shared_experts=1,
          sliding_window=5, capacity_factor=2.0),
     dict(moe_layers=[0], tie_word_embeddings=True, position_encoding="rope+alibi"),
+    dict(moe_layers="all", qk_norm=True, logit_softcap=5.0, init="small"),
 ])
 @torch.no_grad()
 def test_custom_export_round_trips(tmp_path, tiny_tokenizer_dir, overrides):
