@@ -105,9 +105,12 @@ class Lab:
         self.reference = self.fresh("reference")
         self.run(self.base, self.reference)
 
-    def fresh(self, name: str) -> Path:
+    def fresh(self, name: str, make: bool = False) -> Path:
+        """`name` under the work folder, emptied: absent (a run's new directory) or, with `make`, empty."""
         path = self.dir / name
         shutil.rmtree(path, ignore_errors=True)
+        if make:
+            path.mkdir(parents=True)
         return path
 
     def run(self, args: list[str], run_dir: Path) -> str:
@@ -381,7 +384,7 @@ def fault_cache_race(lab: Lab, t: Tally, jobs: int = 3) -> None:
 def fault_killed_tokenization(lab: Lab, t: Tally) -> None:
     for sig in (signal.SIGKILL, signal.SIGTERM):
         with t.guard(signal.Signals(sig).name):
-            t.trial(*killed_preparation_trial(lab.fresh(f"killed_tokenize_{sig}"), sig))
+            t.trial(*killed_preparation_trial(lab.fresh(f"killed_tokenize_{sig}", make=True), sig))
 
 
 def _count(t: Tally, label: str, trial: Callable[[], rf.Outcome | list[rf.Outcome]]) -> None:
@@ -444,12 +447,12 @@ def main() -> int:
         ("10 cache race", lambda t: fault_cache_race(lab, t)),
         ("11 killed tokenization", lambda t: fault_killed_tokenization(lab, t)),
         ("12 damaged cache", lambda t: _tally_all(
-            t, damaged_cache_trials(lab.fresh("damaged_cache")), "damages rebuilt in one line")),
+            t, damaged_cache_trials(lab.fresh("damaged_cache", make=True)), "damages rebuilt in one line")),
         ("13 bad rows / paths", lambda t: _tally_all(
-            t, bad_rows_trials(lab.fresh("bad_rows")), "cases: one line or a count")),
+            t, bad_rows_trials(lab.fresh("bad_rows", make=True)), "cases: one line or a count")),
         ("14 one owner per run dir", lambda t: fault_run_owner(lab, t)),
         ("15 resume=auto rules", lambda t: fault_resume_rules(lab, t)),
-        ("16 values that can't work", lambda t: fault_unworkable_values(lab, t)),
+        ("16 unworkable values", lambda t: fault_unworkable_values(lab, t)),
         ("17 stop during eval", lambda t: _count(
             t, "stop in eval", lambda: rf.stop_during_evaluation(lab.dir, lab.base, lab.reference))),
         ("18 provenance", lambda t: fault_provenance(lab, t)),
