@@ -45,6 +45,7 @@ BAD_CONFIGS = [
     (["logger.name=tensorboard"], "logger.name"),
     (["gen.temperature=-0.5"], "gen.temperature"),
     (["optim.lr=inf"], "optim.lr=inf must be a finite number"),  # non-finite floats
+    (["optim.lr=nan"], "optim.lr=nan must be a finite number"),
     (["train.val_batch_size=-1"], "train.val_batch_size"),  # integer ranges
     (["hardware.num_threads=-1"], "hardware.num_threads"),
 ]

@@ -8,6 +8,9 @@ The hooks only change timing, never numerics, so a run under them trains exactly
   H64LM_FAULT_SAVE_MARKER=F    on the first checkpoint write after step H64LM_FAULT_SAVE_AFTER
                                (default 0): write part of the file, create F, then hang, so the
                                process is killed with a half-written checkpoint on disk.
+  H64LM_FAULT_EVAL_DELAY=S     sleep S seconds before every validation batch (a long evaluation).
+  H64LM_FAULT_EVAL_MARKER=F    create F when the first evaluation starts, so a signal can be
+                               aimed into it.
 
 It also works as torchrun's training script (every rank gets the same hooks).
 In-process faults (non-finite losses and gradients) are `poison_training_forward`.
@@ -58,6 +61,24 @@ def _hang_inside_save(marker: Path, after_step: int) -> None:
     checkpoint.save_checkpoint = hanging_save
 
 
+def _slow_evaluation(seconds: float, marker: Path | None) -> None:
+    from h64lm.train import loop
+
+    evaluate = loop.evaluate
+
+    def slow_evaluate(model, windows, batch_size, precision, d, should_stop):
+        if marker is not None and not marker.exists():
+            marker.write_text(f"{os.getpid()} {len(windows)} windows\n")
+
+        def sleep_then_ask() -> bool:
+            time.sleep(seconds)
+            return should_stop()
+
+        return evaluate(model, windows, batch_size, precision, d, sleep_then_ask)
+
+    loop.evaluate = slow_evaluate
+
+
 def poison_training_forward(loss_steps: Collection[int] = (), grad_steps: Collection[int] = (),
                             value: float = float("nan")) -> Callable[[], None]:
     """From now on, training forward number k (1-based; = step k without accumulation) returns a
@@ -104,6 +125,9 @@ def install_hooks(env: dict[str, str]) -> None:
     if env.get("H64LM_FAULT_SAVE_MARKER"):
         _hang_inside_save(Path(env["H64LM_FAULT_SAVE_MARKER"]),
                           int(env.get("H64LM_FAULT_SAVE_AFTER", "0")))
+    if env.get("H64LM_FAULT_EVAL_DELAY") or env.get("H64LM_FAULT_EVAL_MARKER"):
+        marker = env.get("H64LM_FAULT_EVAL_MARKER")
+        _slow_evaluation(float(env.get("H64LM_FAULT_EVAL_DELAY", "0")), Path(marker) if marker else None)
 
 
 if __name__ == "__main__":

@@ -78,9 +78,16 @@ def text_corpus(tmp_path: Path, paragraphs: int = 400) -> Path:
     return path
 
 
+def _child_env(env: dict[str, str] | None) -> dict[str, str]:
+    """The child runs this checkout's code: ROOT leads PYTHONPATH (a relative `PYTHONPATH=.` would
+    name the child's working folder, and the editable install may point at another checkout)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, **(env or {})}
+
+
 def run_cli(args: list[str], cwd: Path, timeout: float = 300, env: dict | None = None,
             launcher: list[str] | None = None) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env = _child_env(env)
     cmd = (launcher or [sys.executable]) + [str(ROOT / "run.py")] + args
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
@@ -91,7 +98,7 @@ COMPARED = ("loss", "ce", "aux", "z", "grad_norm", "lr", "tokens")  # the number
 def start_run(args: list[str], cwd: Path, env: dict[str, str] | None = None,
               launcher: list[str] = INJECT, log_name: str = "proc") -> subprocess.Popen:
     """`run.py args` in the background, its output in `cwd/<log_name>.{out,err}` (no pipe to fill)."""
-    full_env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env = _child_env(env)
     cwd.mkdir(parents=True, exist_ok=True)
     with open(cwd / f"{log_name}.out", "w") as out, open(cwd / f"{log_name}.err", "w") as err:
         return subprocess.Popen(launcher + [str(ROOT / "run.py"), *args], cwd=cwd, env=full_env,

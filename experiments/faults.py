@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,7 @@ for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MOD
 
 import torch
 
+from experiments import run_faults as rf
 from experiments.data_faults import bad_rows_trials, damaged_cache_trials, killed_preparation_trial
 from experiments.fault_cases import BAD_CONFIGS, bad_data_cases, write_bad_files
 from experiments.fault_inject import poison_training_forward
@@ -103,9 +105,12 @@ class Lab:
         self.reference = self.fresh("reference")
         self.run(self.base, self.reference)
 
-    def fresh(self, name: str) -> Path:
+    def fresh(self, name: str, make: bool = False) -> Path:
+        """`name` under the work folder, emptied: absent (a run's new directory) or, with `make`, empty."""
         path = self.dir / name
         shutil.rmtree(path, ignore_errors=True)
+        if make:
+            path.mkdir(parents=True)
         return path
 
     def run(self, args: list[str], run_dir: Path) -> str:
@@ -379,7 +384,37 @@ def fault_cache_race(lab: Lab, t: Tally, jobs: int = 3) -> None:
 def fault_killed_tokenization(lab: Lab, t: Tally) -> None:
     for sig in (signal.SIGKILL, signal.SIGTERM):
         with t.guard(signal.Signals(sig).name):
-            t.trial(*killed_preparation_trial(lab.fresh(f"killed_tokenize_{sig}"), sig))
+            t.trial(*killed_preparation_trial(lab.fresh(f"killed_tokenize_{sig}", make=True), sig))
+
+
+def _count(t: Tally, label: str, trial: Callable[[], rf.Outcome | list[rf.Outcome]]) -> None:
+    """Tally what a run-directory trial (experiments/run_faults.py) returns."""
+    with t.guard(label):
+        result = trial()
+        for outcome in result if isinstance(result, list) else [result]:
+            t.trial(outcome.ok, note=outcome.note, lost=outcome.lost)
+
+
+def fault_run_owner(lab: Lab, t: Tally) -> None:
+    _count(t, "two at once", lambda: rf.two_launches_at_once(lab.dir, lab.base, lab.reference))
+    _count(t, "stale lock", lambda: rf.stale_lock_taken_over(lab.dir, lab.base, lab.reference))
+
+
+def fault_resume_rules(lab: Lab, t: Tally) -> None:
+    for label, trial in [("best.pt only", rf.resume_from_best), ("all corrupt", rf.all_corrupt_refused),
+                         ("torn metrics", rf.torn_metrics_line)]:
+        _count(t, label, lambda trial=trial: trial(lab.dir, lab.base, lab.reference))
+
+
+def fault_unworkable_values(lab: Lab, t: Tally) -> None:
+    _count(t, "bad values", lambda: rf.bad_value_launches(lab.fresh("bad_values")))
+    _count(t, "all NaN", lambda: rf.every_step_nonfinite(lab.dir, lab.base))
+    _count(t, "finished", lambda: rf.finished_resume_refused(lab.dir, lab.base, lab.reference))
+
+
+def fault_provenance(lab: Lab, t: Tally) -> None:
+    """On the directory `fault_run_owner`'s two launches trained (a `python run.py` run)."""
+    _count(t, "provenance", lambda: rf.provenance_trials(lab.dir / "one_owner", lab.base))
 
 
 def _tally_all(t: Tally, results: list[tuple[bool, str]], what: str) -> None:
@@ -412,9 +447,15 @@ def main() -> int:
         ("10 cache race", lambda t: fault_cache_race(lab, t)),
         ("11 killed tokenization", lambda t: fault_killed_tokenization(lab, t)),
         ("12 damaged cache", lambda t: _tally_all(
-            t, damaged_cache_trials(lab.fresh("damaged_cache")), "damages rebuilt in one line")),
+            t, damaged_cache_trials(lab.fresh("damaged_cache", make=True)), "damages rebuilt in one line")),
         ("13 bad rows / paths", lambda t: _tally_all(
-            t, bad_rows_trials(lab.fresh("bad_rows")), "cases: one line or a count")),
+            t, bad_rows_trials(lab.fresh("bad_rows", make=True)), "cases: one line or a count")),
+        ("14 one owner per run dir", lambda t: fault_run_owner(lab, t)),
+        ("15 resume=auto rules", lambda t: fault_resume_rules(lab, t)),
+        ("16 unworkable values", lambda t: fault_unworkable_values(lab, t)),
+        ("17 stop during eval", lambda t: _count(
+            t, "stop in eval", lambda: rf.stop_during_evaluation(lab.dir, lab.base, lab.reference))),
+        ("18 provenance", lambda t: fault_provenance(lab, t)),
     ]
     tallies = []
     for name, inject in faults:

@@ -73,7 +73,7 @@ def main(cfg: DictConfig) -> float | None:
     log_file = open(run_dir / "run.log", "a") if is_main else None
     with Tee(log_file) if log_file else contextlib.nullcontext():
         try:
-            return run(build_run_config(cfg), run_dir, overrides, sweep_dir, launch_dir)
+            return run(_checked(cfg), run_dir, overrides, sweep_dir, launch_dir)
         except TrainingStopped as e:
             print(str(e), file=sys.stderr, flush=True)
             sys.exit(128 + e.signum)
@@ -87,6 +87,16 @@ def main(cfg: DictConfig) -> float | None:
                     print(f"error: {e}", file=sys.stderr, flush=True)
                     sys.exit(code)
             raise
+
+
+def _checked(cfg: DictConfig) -> RunConfig:
+    """The typed config; a value the schema rejects refuses the launch like any other bad input
+    (without the mark, its record would stay in `.hydra/launches` of an existing run)."""
+    try:
+        return build_run_config(cfg)
+    except Exception as e:
+        e.refused = True
+        raise
 
 
 def run(run_cfg: RunConfig, run_dir: Path, overrides: list[str], sweep_dir: str | None = None,
