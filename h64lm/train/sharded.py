@@ -11,8 +11,8 @@ ep=1 keeps the path of h64lm/train/wrap.py. Here:
 - checkpoints are DCP directories (`ShardedCheckpoints`): `step_NNNNNNN/`, `best/`, and `last`
   naming the newest; every rank writes its shards and `extras/rank_R.pt` (the plain data of
   `Trainer.state_dict()`), optionally in the background (`train.async_save`);
-- a one-process checkpoint file resumes here through `load_file_state` (full state on rank 0,
-  scattered to the shards), and a sharded directory resumes in one process through DCP's
+- a one-process checkpoint file resumes here through `load_file_state` (each rank keeps its
+  slices of the full state), and a sharded directory resumes in one process through DCP's
   no-dist load (`load_sharded` on a plain model).
 """
 
@@ -82,18 +82,16 @@ def build_sharded_model(run: RunConfig, d: Dist, precision: Precision) -> tuple[
 def load_file_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
                     run: RunConfig) -> None:
     """Collective: a one-process checkpoint file's model and optimizer state into the sharded
-    `model` / `optimizer`. Rank 0 loads it into a plain CPU model and optimizer to name the
-    optimizer state by parameter (the file indexes it by position), and DCP scatters the slices."""
-    model_sd: dict = {}
-    optim_sd: dict = {}
-    if dist.get_rank() == 0:
-        plain = H64LMForCausalLM(run.model)
-        load_model_state(plain, state["model"])
-        plain_opt = build_optimizer(plain, run.optim, torch.device("cpu"))
-        plain_opt.load_state_dict(state["optimizer"])
-        model_sd, optim_sd = get_state_dict(plain, plain_opt)
+    `model` / `optimizer`. Each rank (every rank has read the file) loads it into a plain CPU model
+    and optimizer to name the optimizer state by parameter (the file indexes it by position), and
+    keeps its own slices of the full tensors."""
+    plain = H64LMForCausalLM(run.model)
+    load_model_state(plain, state["model"])
+    plain_opt = build_optimizer(plain, run.optim, torch.device("cpu"))
+    plain_opt.load_state_dict(state["optimizer"])
+    model_sd, optim_sd = get_state_dict(plain, plain_opt)
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
-                   options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+                   options=StateDictOptions(full_state_dict=True))
 
 
 def _link_tree(src: Path, dst: Path) -> None:
