@@ -1,4 +1,4 @@
-"""What `python run.py` does with a composed config: train, eval or generate.
+"""What `python run.py` does with a composed config: train, eval, generate or plan.
 
 Exit codes: 0 done; 2 bad configuration or input (one line on stderr says which option to
 change); 3 training diverged (NaN/Inf, last good state saved); 4 a checkpoint could not be
@@ -73,7 +73,8 @@ def main(cfg: DictConfig) -> float | None:
     log_file = open(run_dir / "run.log", "a") if is_main else None
     with Tee(log_file) if log_file else contextlib.nullcontext():
         try:
-            return run(_checked(cfg), run_dir, overrides, sweep_dir, launch_dir)
+            model_name = HydraConfig.get().runtime.choices.get("model") or "model"
+            return run(_checked(cfg), run_dir, overrides, sweep_dir, launch_dir, model_name)
         except TrainingStopped as e:
             print(str(e), file=sys.stderr, flush=True)
             sys.exit(128 + e.signum)
@@ -100,9 +101,14 @@ def _checked(cfg: DictConfig) -> RunConfig:
 
 
 def run(run_cfg: RunConfig, run_dir: Path, overrides: list[str], sweep_dir: str | None = None,
-        launch_dir: Path | None = None) -> Any:
+        launch_dir: Path | None = None, model_name: str = "model") -> Any:
     """One run without Hydra's runtime (tests call this directly). An exception raised before
     training starts is marked `refused`: the launch then leaves the run directory as it was."""
+    if run_cfg.mode == "plan":  # arithmetic only: no processes, devices or data
+        from h64lm.modes import plan_layouts_for
+
+        plan_layouts_for(run_cfg, model_name, overrides, run_dir)
+        return None
     try:
         if run_cfg.mode == "train":
             check_can_log(run_cfg.logger)

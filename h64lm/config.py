@@ -43,9 +43,10 @@ __all__ = [
     "run_config_from_yaml",
     "run_config_yaml",
     "MODES",
+    "PlanConfig",
 ]
 
-MODES = ("train", "eval", "generate", "export")
+MODES = ("train", "eval", "generate", "export", "plan")
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
@@ -65,6 +66,8 @@ class TrainConfig:
     log_every: int = bounded(1, ge=1)  # steps between metrics.jsonl / W&B records
     seed: int = bounded(1234, ge=0)  # weights, data order, sampling
     resume: Optional[str] = None  # null | auto | a checkpoint file | a run directory
+    # fsdp / ep > 1: stage the sharded checkpoint in host memory and write it in the background
+    async_save: bool = False
     max_bad_steps: int = bounded(5, ge=1)  # consecutive non-finite steps before the run stops
     val_batch_size: Optional[int] = bounded(None, ge=1, null="train.batch_size")
     extra_eval_seq_lens: List[int] = field(default_factory=list)  # also validate at these lengths
@@ -153,6 +156,30 @@ class HardwareConfig:
     timeout_s: int = bounded(300, ge=1)  # collective timeout: a dead peer ends the job
     num_threads: Optional[int] = bounded(None, ge=1, null="torch's default")  # cpu intra-op threads
     peak_tflops: Optional[float] = bounded(None, gt=0, null="a table for GPUs, measured on cpu")
+    # Several processes only (h64lm/parallel): ddp replicates the weights, fsdp shards weights,
+    # gradients and optimizer state (FSDP2); ep splits each MoE layer's experts over ep ranks.
+    strategy: str = bounded("ddp", choices=("ddp", "fsdp"))
+    ep: int = bounded(1, ge=1)  # must divide the world size and model.num_experts
+    reshard_after_forward: bool = True  # fsdp: free gathered weights after forward (less memory)
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+        check(not (self.strategy == "fsdp" and self.precision == "fp16"),
+              "hardware.precision=fp16 is not supported with hardware.strategy=fsdp; use bf16")
+
+
+@dataclass
+class PlanConfig:
+    """`mode=plan`: the GPUs to plan the composed model/data/train config for (h64lm/plan)."""
+
+    config_group: ClassVar[str] = "plan"
+
+    gpus: int = bounded(8, ge=1)
+    gpus_per_node: int = bounded(8, ge=1)  # for the launch command: torchrun per node
+    gpu_mem_gb: float = bounded(80.0, gt=0)  # H100 SXM
+    peak_tflops: float = bounded(989.0, gt=0)  # dense bf16 peak per GPU (H100 SXM)
+    mfu: float = bounded(0.4, gt=0, le=1)  # fraction of peak the job reaches
+    headroom: float = bounded(0.1, ge=0, lt=1)  # memory kept free: CUDA context, NCCL, fragmentation
 
     def __post_init__(self) -> None:
         validate_fields(self)
@@ -221,9 +248,15 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     gen: GenConfig = field(default_factory=GenConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
     def __post_init__(self) -> None:
         validate_fields(self)
+        ep = self.hardware.ep
+        check(self.model.num_experts % ep == 0,
+              f"hardware.ep={ep} must divide model.num_experts={self.model.num_experts}; change hardware.ep")
+        if self.mode == "plan":
+            return
         if self.mode == "train":
             check_positions(self.model, self.data.seq_len, "data.seq_len")
             for n in self.train.extra_eval_seq_lens:
@@ -252,7 +285,10 @@ class RunConfig:
 
 def default_run_dir(mode: str, checkpoint: str | None, stamp: str) -> str:
     """Where a launch writes: a new `outputs/<stamp>` to train; to evaluate or generate, a folder
-    inside the run that trained the checkpoint, where its results are found later."""
+    inside the run that trained the checkpoint, where its results are found later; a plan under
+    outputs/plans/."""
+    if mode == "plan":
+        return f"outputs/plans/{stamp}"
     if mode == "train" or not checkpoint:
         return f"outputs/{stamp}"
     path = Path(checkpoint)
@@ -268,7 +304,8 @@ def register_configs() -> None:
 
 
 _GROUPS = {"model": H64LMConfig, "data": DataConfig, "optim": OptimConfig, "hardware": HardwareConfig,
-           "logger": LoggerConfig, "train": TrainConfig, "gen": GenConfig, "eval": EvalConfig}
+           "logger": LoggerConfig, "train": TrainConfig, "gen": GenConfig, "eval": EvalConfig,
+           "plan": PlanConfig}
 
 
 def build_run_config(cfg: DictConfig) -> RunConfig:

@@ -1,4 +1,5 @@
-"""`mode=eval` and `mode=generate`: a trained checkpoint against data or prompts.
+"""`mode=eval` and `mode=generate`: a trained checkpoint against data or prompts; `mode=plan`: the
+memory and time of every parallel layout of the composed config (h64lm/plan).
 
 Their outputs land beside the run they read (`RUN/evals/<time>/eval.json`,
 `RUN/generations/<time>/generations.txt`, chosen by the `h64lm_run_dir` resolver in
@@ -16,20 +17,28 @@ import torch
 from h64lm.config import RunConfig, run_config_from_yaml
 from h64lm.data import DataConfig, check_vocab, load_tokenizer, prepare_corpus, validation_windows
 from h64lm.model import H64LMForCausalLM
-from h64lm.train.checkpoint import load_model_state, load_trusted, resolve_checkpoint_path
+from h64lm.parallel import load_sharded
+from h64lm.train.checkpoint import load_model_state, resolve_checkpoint_path
 from h64lm.train.distributed import Dist
 from h64lm.train.evaluate import evaluate, sample_continuations
 from h64lm.train.precision import resolve_precision
+from h64lm.train.resume import load_checkpoint_state
 
-__all__ = ["load_trained_model", "evaluate_checkpoint", "generate_from_checkpoint", "export_checkpoint"]
+__all__ = ["load_trained_model", "evaluate_checkpoint", "generate_from_checkpoint", "export_checkpoint",
+           "plan_layouts_for"]
 
 
 def load_trained_model(checkpoint: str | Path, device: torch.device) -> tuple[H64LMForCausalLM, RunConfig]:
-    """(model in eval mode, the run config it was trained with) from a checkpoint or run directory."""
-    state = load_trusted(resolve_checkpoint_path(checkpoint))
+    """(model in eval mode, the run config it was trained with) from a checkpoint file, a sharded
+    checkpoint directory (any layout: its weights are gathered into this plain model), or a run
+    directory."""
+    state = load_checkpoint_state(resolve_checkpoint_path(checkpoint))
     saved = run_config_from_yaml(state["config"])
     model = H64LMForCausalLM(saved.model)
-    load_model_state(model, state["model"])
+    if "sharded_path" in state:
+        load_sharded(Path(state["sharded_path"]), model)
+    else:
+        load_model_state(model, state["model"])
     return model.to(device).eval(), saved
 
 
@@ -104,3 +113,38 @@ def export_checkpoint(run_cfg: RunConfig, out_dir: Path, d: Dist) -> Path:
         print(f"exported {run_cfg.checkpoint} as {info['architecture']} to {out}; load it with "
               f"AutoModelForCausalLM.from_pretrained('{out}'{remote})", flush=True)
     return out
+
+
+def _launch_overrides(overrides: list[str]) -> list[str]:
+    """The command line's keys that the planned run keeps (not the plan's own, the mode, the
+    model preset, or the hardware keys that the layout sets)."""
+    dropped = ("mode=", "plan.", "model=", "hardware", "model.gradient_checkpointing=")
+    return [o for o in overrides if not o.lstrip("+~").startswith(dropped)]
+
+
+def plan_layouts_for(run_cfg: RunConfig, model_name: str, overrides: list[str], out_dir: Path) -> str:
+    """`mode=plan`: every layout of the composed model/data/train config on `plan.gpus` GPUs,
+    the cheapest that fits, and its torchrun and SLURM commands; printed and written to
+    `out_dir/plan.txt` (outputs/plans/<time>/). -> the text."""
+    from h64lm.plan import format_plan, launch_command, plan_layouts, recommend
+
+    p, t = run_cfg.plan, run_cfg.train
+    layouts = plan_layouts(
+        run_cfg.model, gpus=p.gpus, seq_len=run_cfg.data.seq_len, micro_batch=t.batch_size,
+        grad_accum=t.micro_batches_per_step(p.gpus),
+        precision="fp32" if run_cfg.hardware.precision == "fp32" else "bf16",
+        peak_tflops=p.peak_tflops, mfu=p.mfu, gpu_mem_gb=p.gpu_mem_gb, headroom=p.headroom)
+    text = format_plan(layouts, model_name, p.gpu_mem_gb)
+    best = recommend(layouts)
+    if best is not None:
+        extra = " ".join(_launch_overrides(overrides))
+        torchrun = launch_command(best, model_name, p.gpus_per_node) + (f" {extra}" if extra else "")
+        per_node = min(p.gpus, p.gpus_per_node)
+        slurm = (f"python run.py -m hydra/launcher=slurm hydra.launcher.nodes={p.gpus // per_node} "
+                 f"hydra.launcher.tasks_per_node={per_node} hydra.launcher.gpus_per_node={per_node} "
+                 + torchrun.split(" run.py ", 1)[1])
+        text += f"\n\nlaunch ({p.gpus} GPU(s)):\n  {torchrun}\n  SLURM: {slurm}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "plan.txt").write_text(text + "\n")
+    print(text, flush=True)
+    return text

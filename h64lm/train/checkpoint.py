@@ -7,6 +7,11 @@ which falls back to the newest older checkpoint that verifies.
 
 Layout in `RUN_DIR/checkpoints/`: `step_NNNNNNN.pt` (the last `train.keep_last` kept), `last.pt`
 (a hard link to the newest step file), `best.pt` (lowest validation loss).
+
+Runs under FSDP / expert parallelism save sharded directories instead (h64lm/parallel/checkpoint.py,
+h64lm/train/sharded.py): `step_NNNNNNN/`, `best/`, and `last`, a one-line file naming the newest
+step directory. A run that changes layout on resume may hold both kinds; the step entries of both
+count towards `keep_last`, and whichever of `last.pt` / `last` exists names the newest save.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import io
 import os
 import pickle
 import re
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -23,6 +29,8 @@ from typing import Any, BinaryIO
 import torch
 from safetensors.torch import save_model
 from torch import nn
+
+from h64lm.parallel.checkpoint import ShardedCheckpointError, verify_sharded
 
 __all__ = [
     "FORMAT_VERSION",
@@ -36,10 +44,13 @@ __all__ = [
     "load_model_state",
     "save_weights",
     "load_trusted",
+    "is_sharded_checkpoint",
+    "step_entries",
+    "remove_entry",
 ]
 
 FORMAT_VERSION = 1
-_STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+_STEP_ENTRY = re.compile(r"^step_(\d+)(\.pt)?$")
 
 
 class CheckpointError(RuntimeError):
@@ -121,9 +132,21 @@ def _file_sha256(path: Path) -> str:
     return sha.hexdigest()
 
 
+def is_sharded_checkpoint(path: Path) -> bool:
+    """A DCP checkpoint directory (complete or not), as opposed to a run directory."""
+    return Path(path).is_dir() and (Path(path) / "extras").is_dir()
+
+
 def verify_checkpoint(path: Path) -> None:
-    """Raise CheckpointError unless `path` matches the checksum saved beside it."""
+    """Raise CheckpointError unless `path` matches the checksum saved beside it (a sharded
+    directory: unless its completion marker matches its index)."""
     path = Path(path)
+    if is_sharded_checkpoint(path):
+        try:
+            verify_sharded(path)
+        except (ShardedCheckpointError, OSError, ValueError) as e:
+            raise CheckpointError(str(e)) from e
+        return
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     sidecar = _sidecar(path)
@@ -164,18 +187,34 @@ def load_checkpoint(path: Path, verify: bool = True) -> dict[str, Any]:
     return state
 
 
-def _step_files(ckpt_dir: Path) -> list[tuple[int, Path]]:
-    matches = ((_STEP_FILE.match(p.name), p) for p in ckpt_dir.glob("step_*.pt"))
-    found = [(int(m.group(1)), p) for m, p in matches if m]
+def step_entries(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every step file and sharded step directory, newest first."""
+    matches = ((_STEP_ENTRY.match(p.name), p) for p in Path(ckpt_dir).glob("step_*"))
+    found = [(int(m.group(1)), p) for m, p in matches if m and (p.is_dir() == (m.group(2) is None))]
     return sorted(found, reverse=True)
 
 
+def remove_entry(path: Path) -> None:
+    """Delete a checkpoint file with its checksum, or a sharded directory."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+        _sidecar(path).unlink(missing_ok=True)
+
+
+def _last_pointer(ckpt_dir: Path) -> list[Path]:
+    """The step directory that `last` names (sharded runs), if any."""
+    pointer = ckpt_dir / "last"
+    return [ckpt_dir / pointer.read_text().strip()] if pointer.is_file() else []
+
+
 def find_resume_checkpoint(ckpt_dir: Path, log=print, include_best: bool = False) -> Path | None:
-    """The newest checkpoint in `ckpt_dir` that verifies (`best.pt` last, with `include_best`);
-    says which ones it skipped and why."""
+    """The newest checkpoint in `ckpt_dir` that verifies (`best.pt` / `best/` last, with
+    `include_best`); says which ones it skipped and why."""
     ckpt_dir = Path(ckpt_dir)
-    candidates = [ckpt_dir / "last.pt"] + [p for _, p in _step_files(ckpt_dir)]
-    candidates += [ckpt_dir / "best.pt"] if include_best else []
+    candidates = [ckpt_dir / "last.pt", *_last_pointer(ckpt_dir)] + [p for _, p in step_entries(ckpt_dir)]
+    candidates += [ckpt_dir / "best.pt", ckpt_dir / "best"] if include_best else []
     for path in candidates:
         if not path.exists():
             continue
@@ -198,9 +237,9 @@ def load_trusted(path: Path, log=print) -> dict[str, Any]:
 
 
 def resolve_checkpoint_path(path: str | Path) -> Path:
-    """A checkpoint file, or a run directory (its newest valid checkpoint)."""
+    """A checkpoint file or sharded directory, or a run directory (its newest valid checkpoint)."""
     p = Path(path)
-    if p.is_dir():
+    if p.is_dir() and not is_sharded_checkpoint(p):
         ckpt_dir = p / "checkpoints" if (p / "checkpoints").is_dir() else p
         found = find_resume_checkpoint(ckpt_dir)
         if found is None:
@@ -237,9 +276,9 @@ class CheckpointManager:
         path = self.step_path(step)
         save_checkpoint(state, path)
         _link(path, self.dir / "last.pt")
-        for _, old in _step_files(self.dir)[self.keep_last:]:
-            old.unlink(missing_ok=True)
-            _sidecar(old).unlink(missing_ok=True)
+        (self.dir / "last").unlink(missing_ok=True)  # a sharded run's pointer: last.pt is newer
+        for _, old in step_entries(self.dir)[self.keep_last:]:
+            remove_entry(old)
         # Half-written files of a killed process (one run directory has one writer): a preempted
         # 7B run would otherwise leave tens of GB behind per kill.
         for stale in self.dir.glob(".*.tmp-*"):
@@ -253,6 +292,7 @@ class CheckpointManager:
             _link(self.step_path(step), best)
         else:
             save_checkpoint(state, best)
+        remove_entry(self.dir / "best")  # a sharded run's best, now older
         return best
 
 

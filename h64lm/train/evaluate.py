@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from h64lm.train.distributed import Dist
@@ -24,20 +25,31 @@ def evaluate(
     """Mean next-token loss (nats/token) and perplexity over `windows[N, T+1]`, split across ranks.
 
     `should_stop` is checked between batches: when it says stop on any rank, every rank returns
-    None (the ranks agree through the one all-reduce that sums the losses anyway)."""
+    None (the ranks agree through the one all-reduce that sums the losses anyway).
+
+    Sharded weights (FSDP / expert parallelism: DTensor parameters) make every forward a
+    collective, so there every rank runs the same number of batches (a rank out of windows
+    repeats one, counted as 0 tokens) and the ranks agree on stopping before each batch."""
     was_training = model.training
     model.eval()
     shard = windows[d.rank :: d.world_size]
+    lockstep = d.enabled and any(isinstance(p, DTensor) for p in model.parameters())
+    per_rank = -(-len(windows) // d.world_size) if lockstep else len(shard)  # the most any rank holds
     total = torch.zeros(3, dtype=torch.float64, device=d.device)  # [sum of token losses, tokens, stopped]
-    batches = range(0, len(shard), batch_size)
+    batches = range(0, per_rank, batch_size)
     for i in tqdm(batches, desc="validation", leave=False, disable=not d.is_main or len(batches) < 4):
-        if should_stop():
+        stop = should_stop()
+        if lockstep:
+            flag = torch.tensor(float(stop), device=d.device)
+            dist.all_reduce(flag)
+            stop = bool(flag > 0)
+        if stop:
             total[2] = 1
             break
-        w = shard[i : i + batch_size].to(d.device, non_blocking=True)
+        w = (shard[i : i + batch_size] if i < len(shard) else windows[:1]).to(d.device, non_blocking=True)
         with precision.autocast():
             out = model(w[:, :-1], labels=w[:, 1:], return_logits=False)
-        n = w[:, 1:].numel()
+        n = w[:, 1:].numel() if i < len(shard) else 0
         total[0] += out.ce.double() * n
         total[1] += n
     if d.enabled:

@@ -8,6 +8,7 @@ from a checkpoint, so stopping at step k and resuming reproduces the uninterrupt
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -26,6 +27,7 @@ from h64lm.config import RunConfig, run_config_from_yaml, run_config_yaml
 from h64lm.data import TokenLoader, check_vocab, load_tokenizer, prepare_corpus, validation_windows
 from h64lm.model import H64LMForCausalLM, active_parameters_per_token, count_parameters, flops_per_token
 from h64lm.model.moe import routing_snapshot
+from h64lm.parallel import clip_grad_norm_, load_sharded, save_consolidated
 from h64lm.train.balancing import prepare_global_balance, update_router_bias
 from h64lm.train.checkpoint import FORMAT_VERSION, CheckpointManager, load_model_state, save_weights
 from h64lm.train.control import SignalFlag, TrainingDiverged, TrainingStopped, rng_state, set_rng_state
@@ -37,10 +39,17 @@ from h64lm.train.mfu import peak_flops
 from h64lm.train.optim import build_optimizer, build_scheduler
 from h64lm.train.precision import resolve_precision
 from h64lm.train.resume import find_resume_state
+from h64lm.train.sharded import (
+    ShardedCheckpoints,
+    build_sharded_model,
+    check_parallel_layout,
+    is_sharded,
+    load_file_state,
+)
 from h64lm.train.step import StepStats, no_sync_unless, reduce_stats
 from h64lm.train.wandb_sink import WandbSink, wandb_group
 from h64lm.train.wrap import wrap_for_training
-from h64lm.validation import ConfigError
+from h64lm.validation import ConfigError, check
 
 __all__ = ["Trainer"]
 
@@ -59,6 +68,8 @@ class Trainer:
         self.log = log or (tqdm.write if d.is_main else (lambda *a, **k: None))
         t, data = run.train, run.data
         self.accum = t.micro_batches_per_step(d.world_size)
+        check_parallel_layout(run, d.world_size)
+        self.sharded = is_sharded(run, d.world_size)  # FSDP and/or expert parallelism
         resume_state = find_resume_state(t.resume, self.run_dir, t.max_steps, self.log)
 
         seed_everything(t.seed)
@@ -70,8 +81,13 @@ class Trainer:
         self.val_windows = {n: validation_windows(corpus.val, n, data.val_windows)
                             for n in [data.seq_len, *t.extra_eval_seq_lens]}
 
-        self.model = H64LMForCausalLM(run.model).to(d.device)
         self.precision = resolve_precision(run.hardware.precision, d.device)
+        if self.sharded:
+            self.model, self.train_model, fsdp_bf16 = build_sharded_model(run, d, self.precision)
+            self.precision = dataclasses.replace(self.precision, autocast_enabled=not fsdp_bf16)
+            self.sharded_checkpoints = ShardedCheckpoints(self.run_dir, t.keep_last, d)
+        else:
+            self.model = H64LMForCausalLM(run.model).to(d.device)
         self.optimizer = build_optimizer(self.model, run.optim, d.device)
         self.scheduler = build_scheduler(self.optimizer, run.optim, t.max_steps)
         self.scaler = self.precision.grad_scaler()
@@ -81,10 +97,13 @@ class Trainer:
         if resume_state is not None:
             self._restore(resume_state)
         elif t.init_from:
+            check(not self.sharded, "train.init_from is applied in one process: initialise there, then continue "
+                  "with hardware.strategy=fsdp / hardware.ep through train.resume")
             initialize_from(self.model, t.init_from, t.init_noise_std, t.seed, self.log)
         self.routing_windows = self.val_windows[data.seq_len][:8, :-1]  # fixed tokens for routing stats
         self.routing: dict[str, Any] | None = None  # the last routing snapshot
-        self.train_model = wrap_for_training(self.model, run, d)
+        if not self.sharded:
+            self.train_model = wrap_for_training(self.model, run, d)
 
         self.tokens_per_step = t.batch_size * self.accum * data.seq_len * d.world_size
         self.flops_per_token = flops_per_token(run.model, data.seq_len)
@@ -109,8 +128,13 @@ class Trainer:
                      f"schedule now spans {horizon} steps (lr at step {state['step']}: "
                      f"{self.scheduler.lr_lambdas[0](state['step']) * self.run.optim.lr:.3g}); "
                      f"optim.schedule_steps={saved.train.max_steps} would keep the decayed schedule instead")
-        load_model_state(self.model, state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "sharded_path" in state:  # a sharded directory, whatever layout saved it
+            state = {**state, **load_sharded(Path(state["sharded_path"]), self.model, self.optimizer)}
+        elif self.sharded:  # a one-process file
+            load_file_state(self.model, self.optimizer, state, self.run)
+        else:
+            load_model_state(self.model, state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.loader.load_state_dict(state["loader"])
@@ -121,12 +145,14 @@ class Trainer:
         self.wandb_run_id = state.get("wandb_run_id")
 
     def state_dict(self) -> dict[str, Any]:
+        return {**self.extras(), "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def extras(self) -> dict[str, Any]:
+        """Everything a checkpoint holds besides the model and optimizer state (plain data)."""
         return {
             "format_version": FORMAT_VERSION,
             "step": self.step,
             "tokens_seen": self.tokens_seen,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "loader": self.loader.state_dict(),
@@ -138,8 +164,14 @@ class Trainer:
             "wandb_run_id": self.wandb_run_id,
         }
 
-    def save(self) -> Path:
-        """Rank 0 writes the step checkpoint; every rank returns its path."""
+    def save(self, final: bool = True) -> Path:
+        """Rank 0 writes the step checkpoint (sharded: every rank writes its shards, in the
+        background with train.async_save unless `final`); every rank returns its path."""
+        if self.sharded:
+            background = self.run.train.async_save and not final
+            path = self.sharded_checkpoints.save(self.model, self.optimizer, self.extras(), self.step, background)
+            self.log(f"step {self.step}: {'saving' if background else 'saved'} {path.name}/")
+            return path
         if not self.d.is_main:
             return self.checkpoints.step_path(self.step)
         path = self.checkpoints.save(self.state_dict(), self.step)
@@ -169,8 +201,10 @@ class Trainer:
         stats = reduce_stats(losses, loads, dropped, stop_requested, d.world_size)
 
         self.scaler.unscale_(self.optimizer)
-        clip = self.run.optim.grad_clip if self.run.optim.grad_clip > 0 else math.inf
-        stats.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        # Sharded gradients live on several meshes; this sums squares where they are sharded. It
+        # also serves one process: torch's fp32 CPU norm of a 32k-row embedding gradient is off by
+        # ~1e-5 relative from the float64 value, this sum of squares by ~1e-7.
+        stats.grad_norm = float(clip_grad_norm_(self.model.parameters(), self.run.optim.grad_clip))
         if self.precision.name == "fp16":
             # The scaler skips updates whose gradients overflowed and lowers its scale: routine in
             # fp16, not a bad step. A non-finite loss is.
@@ -196,6 +230,14 @@ class Trainer:
     def _stop_requested(self) -> bool:
         return self.signals is not None and bool(self.signals.signum)
 
+    def _any_stop_requested(self) -> bool:
+        """Whether a stop was requested; on every rank alike when the ranks must act in step."""
+        if not self.sharded:
+            return self._stop_requested()
+        flag = torch.tensor(float(self._stop_requested()), device=self.d.device)
+        torch.distributed.all_reduce(flag)
+        return bool(flag > 0)
+
     def evaluate(self) -> dict[str, float] | None:
         """Validation loss at the training length (and `train.extra_eval_seq_lens`); None when a
         stop signal interrupted it (checked between batches, so a stop never waits for it)."""
@@ -215,7 +257,10 @@ class Trainer:
     def sample(self) -> dict[str, str]:
         """Continuations of `train.sample_prompts`, appended to samples.txt and printed (rank 0)."""
         t, g = self.run.train, self.run.gen
-        if not (self.d.is_main and t.sample_tokens and t.sample_prompts) or self._stop_requested():
+        # sharded weights: every rank generates in step (same prompts and seed), rank 0 writes
+        if not ((self.d.is_main or self.sharded) and t.sample_tokens and t.sample_prompts):
+            return {}
+        if self._any_stop_requested():
             return {}
         prompts = list(t.sample_prompts)
         self.log(f"step {self.step}: sampling {t.sample_tokens} tokens for {len(prompts)} prompts")
@@ -224,6 +269,8 @@ class Trainer:
                 self.model, self.tokenizer, prompts, t.sample_tokens, self.d.device,
                 temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
                 repetition_penalty=g.repetition_penalty, seed=g.seed)
+        if not self.d.is_main:
+            return {}
         with open(self.run_dir / "samples.txt", "a") as f:
             f.write(f"## step {self.step}\n")
             f.writelines(f"{text!r}\n" for text in texts)
@@ -290,7 +337,12 @@ class Trainer:
         return True
 
     def _save_best(self, record: dict[str, Any]) -> None:
-        if self.d.is_main and record["val_loss"] <= self.history.best_val_loss():
+        if record["val_loss"] > self.history.best_val_loss():
+            return
+        if self.sharded:  # collective: every rank writes its shards
+            self.sharded_checkpoints.save_best(self.model, self.optimizer, self.extras(), self.step)
+            save_consolidated(self.model, self.run_dir / "best_model.safetensors")
+        elif self.d.is_main:
             self.checkpoints.save_best(self.state_dict(), self.step)
             save_weights(self.model, self.run_dir / "best_model.safetensors")
 
@@ -325,10 +377,11 @@ class Trainer:
                         metrics.write(record)
                         sink.log({k: v for k, v in record.items() if k != "step"}, step=self.step)
                     if self.step % t.save_every == 0 or self.step == t.max_steps or stop:
-                        saved = self.save()
+                        saved = self.save(final=stop or self.step == t.max_steps)
                     if "val_loss" in record:
                         self._save_best(record)
                     if stop:
+                        self._finish_saves()
                         if d.enabled:  # peers must not exit while rank 0 is still writing
                             torch.distributed.barrier()
                         raise TrainingStopped(self.signals.signum or signal.SIGTERM, saved)
@@ -336,6 +389,7 @@ class Trainer:
                 raise TrainingDiverged(
                     f"no step of this run had a finite loss and gradients ({self.step} skipped); nothing was "
                     "learned. Lower optim.lr or check the data, then train again")
+            self._finish_saves()
             exit_code, state = 0, "finished"
             return self._finish(sink)
         except TrainingStopped:
@@ -351,11 +405,16 @@ class Trainer:
                 metrics.close()
             sink.finish(exit_code=exit_code)
 
+    def _finish_saves(self) -> None:
+        if self.sharded:
+            self.sharded_checkpoints.wait()
+
     def _announce(self) -> None:
         n_total, n_active = count_parameters(self.model), active_parameters_per_token(self.run.model)
         self.log(f"model: {n_total / 1e6:.2f}M parameters, {n_active / 1e6:.2f}M active per token; "
                  f"{self.tokens_per_step} tokens per step on {self.d.world_size} process(es), "
-                 f"{self.precision.name} on {self.d.device.type}")
+                 f"{self.precision.name} on {self.d.device.type}"
+                 + (f", {self.run.hardware.strategy} ep={self.run.hardware.ep}" if self.sharded else ""))
 
     def _open_sink(self) -> WandbSink:
         if not self.d.is_main:

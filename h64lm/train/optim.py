@@ -6,6 +6,7 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from h64lm.config import OptimConfig
 from h64lm.train.muon import MuonAdamW, muon_layouts
@@ -37,6 +38,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
         return build_muon(model, cfg)
     groups = param_groups(model, cfg.weight_decay)
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if len({isinstance(p, DTensor) for p in model.parameters()}) > 1:
+        # DDP + expert parallelism: DTensor experts beside plain tensors, which the fused and
+        # foreach kernels refuse to mix in one call; one update per tensor instead.
+        return torch.optim.AdamW(groups, foreach=False, **kwargs)
     try:
         # One fused kernel per step instead of a chain of per-tensor ops.
         return torch.optim.AdamW(groups, fused=True, **kwargs)

@@ -18,13 +18,15 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 class Precision:
     name: str  # fp32 | bf16 | fp16
     device_type: str
+    # False where FSDP's MixedPrecisionPolicy computes in `dtype` itself (h64lm/train/sharded.py)
+    autocast_enabled: bool = True
 
     @property
     def dtype(self) -> torch.dtype:
         return _DTYPES[self.name]
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.name == "fp32":
+        if self.name == "fp32" or not self.autocast_enabled:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device_type, dtype=self.dtype)
 
