@@ -59,6 +59,13 @@ def check_command_line(argv: list[str]) -> None:
         sys.exit(EXIT_BAD_INPUT)
 
 
+def _model_choice() -> str:
+    """The `model=` option chosen on the command line (named in mode=plan's launch commands)."""
+    if not HydraConfig.initialized():
+        return "model"
+    return HydraConfig.get().runtime.choices.get("model") or "model"
+
+
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
@@ -73,7 +80,7 @@ def main(cfg: DictConfig) -> float | None:
     log_file = open(run_dir / "run.log", "a") if is_main else None
     with Tee(log_file) if log_file else contextlib.nullcontext():
         try:
-            model_name = HydraConfig.get().runtime.choices.get("model") or "model"
+            model_name = _model_choice()
             return run(_checked(cfg), run_dir, overrides, sweep_dir, launch_dir, model_name)
         except TrainingStopped as e:
             print(str(e), file=sys.stderr, flush=True)
