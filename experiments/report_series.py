@@ -79,6 +79,11 @@ def router_layers(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
     trainer writes (`{"router": {"1": {"load": [...]}}}`) and flat keys (`"router.1.entropy"`),
     as a W&B-style flattened record would hold them."""
     layers = {k: dict(v) for k, v in (record.get("router") or {}).items()}
+    # evaluation steps also carry the routing snapshot (`routing`): its statistics join the
+    # training ones without replacing them (the training load stays the training load)
+    for layer, stats in (record.get("routing") or {}).items():
+        for name, value in stats.items():
+            layers.setdefault(layer, {}).setdefault("entropy" if name == "router_entropy" else name, value)
     for key, value in record.items():
         parts = key.split(".")
         if len(parts) == 3 and parts[0] == "router" and parts[1].isdigit():

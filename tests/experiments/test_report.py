@@ -355,3 +355,14 @@ def test_routing_stats_and_downstream_accuracy_columns(base_config, tmp_path):
         assert cells["top-1 changed"] == f"{changed:.3f}"
         assert cells["hellaswag acc"] == f"{0.30 + int(name) / 10:.3f}"  # the last logged value
         assert cells["arc_easy acc"] == "0.400"
+
+
+def test_routing_snapshot_joins_the_router_stats_without_replacing_the_training_load():
+    from experiments.report_series import router_layers
+
+    record = {"router": {"1": {"load": [0.5, 0.5], "load_max_over_mean": 1.0}},
+              "routing": {"1": {"load": [0.9, 0.1], "load_max_over_mean": 1.8, "router_entropy": 0.4,
+                                "top1_changed": 0.25}}}
+    layer = router_layers(record)["1"]
+    assert layer["load"] == [0.5, 0.5] and layer["load_max_over_mean"] == 1.0
+    assert layer["entropy"] == 0.4 and layer["top1_changed"] == 0.25
