@@ -6,7 +6,8 @@ one LambdaLR over every group (each group keeps its own peak lr), one GradScaler
 The Muon update is torch.optim.Muon's, step for step (torch/optim/_muon.py, torch >= 2.9):
     B <- mu B + (1 - mu) G                      (lerp form)
     U = (1 - mu) G + mu B  (nesterov) or B
-    O = NS5(U)                                   quintic Newton-Schulz in bf16 on the wide orientation
+    O = NS5(U)                                   quintic Newton-Schulz on the wide orientation, in bf16
+                                                 (`ns_dtype`: fp32 is ~4x faster on a CPU)
     W <- (1 - lr wd) W - adjust(lr, A, B) O      adjust: sqrt(max(1, A/B)) or 0.2 sqrt(max(A, B))
 It is applied to each *matrix* of a parameter separately, through views (`matrices`):
 - stacked experts [E, in, out] are E matrices: each expert is its own linear map, and one
@@ -17,24 +18,34 @@ It is applied to each *matrix* of a parameter separately, through views (`matric
   norm below one, and the smaller K/V blocks of GQA get a share set by Q's.
 Every matrix is viewed in nn.Linear's [out, in] orientation, so an expert's lr adjustment is the
 one a Linear layer of the same shape gets. torch.optim.Muon itself takes whole 2-D parameters only;
-tests/train/test_muon.py checks this update against it matrix by matrix, bit for bit.
+tests/train/test_muon.py checks this update against it matrix by matrix (bit for bit for a matrix
+alone; batched, to bf16 rounding).
+Matrices of one shape (a layer's experts, the layers' W_o...) go through Newton-Schulz as one
+batch: one bmm chain instead of a few hundred small matmuls per step.
+Sharded parameters (DTensors): experts split over expert-parallel ranks are whole matrices on
+their owner, which updates them locally; FSDP's row shards are gathered, each rank orthogonalises
+the full matrix and keeps its rows (the Newton-Schulz work is repeated on every rank).
 """
 
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.optim.adamw import adamw
 
-__all__ = ["Matrix", "MuonAdamW", "matrices", "muon_layouts", "newton_schulz", "NS_COEFFICIENTS"]
+__all__ = ["Matrix", "MuonAdamW", "matrices", "muon_layouts", "newton_schulz", "NS_COEFFICIENTS", "NS_DTYPES"]
 
 # Keller Jordan's quintic coefficients (also torch.optim.Muon's defaults)
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_EPS = 1e-7
+# `optim.muon_ns_dtype`: bf16 as torch.optim.Muon (tensor cores on GPU); fp32 is ~4x faster on CPUs
+NS_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -60,6 +71,7 @@ def muon_layouts(model: nn.Module, split_fused: bool) -> dict[nn.Parameter, Matr
     from h64lm.model.attention import Attention
     from h64lm.model.mlp import SwiGLU
     from h64lm.model.moe.experts import Experts
+    from h64lm.parallel.expert_parallel import ExpertParallel  # experts split over ranks, same names
 
     layouts: dict[nn.Parameter, Matrix] = {}
     for module in model.modules():
@@ -71,7 +83,7 @@ def muon_layouts(model: nn.Module, split_fused: bool) -> dict[nn.Parameter, Matr
             width = module.down_proj.weight.shape[1]
             layouts[module.gate_up_proj.weight] = Matrix(out_splits=(width, width) if split_fused else None)
             layouts[module.down_proj.weight] = Matrix()
-        elif isinstance(module, Experts):
+        elif isinstance(module, (Experts, ExpertParallel)):
             width = module.down_proj.shape[1]
             layouts[module.gate_up_proj] = Matrix(True, (width, width) if split_fused else None)
             layouts[module.down_proj] = Matrix(True)
@@ -79,19 +91,32 @@ def muon_layouts(model: nn.Module, split_fused: bool) -> dict[nn.Parameter, Matr
 
 
 def newton_schulz(G: Tensor, steps: int, coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
-                  eps: float = NS_EPS) -> Tensor:
-    """G [A, B] -> ~U V^T of G's SVD, in bf16 (singular values land in about [0.5, 1.5])."""
+                  eps: float = NS_EPS, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """G [..., A, B] -> ~U V^T of each matrix's SVD in `dtype` (singular values in about [0.5, 1.5]).
+
+    A batch [N, A, B] of same-shape matrices is orthogonalised at once (bmm); each matrix gets the
+    result it gets alone up to the matmul kernels' rounding (bmm and mm may sum in other orders)."""
     a, b, c = coefficients
-    X = G.to(torch.bfloat16, copy=True)
-    tall = G.size(0) > G.size(1)
+    X = G.to(dtype, copy=True)
+    tall = G.size(-2) > G.size(-1)
     if tall:  # iterate on the wide orientation: the Gram matrix is the smaller one
-        X = X.T
-    X.div_(X.norm().clamp(min=eps))  # spectral norm <= Frobenius norm <= 1
+        X = X.mT
+    X.div_(torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True).clamp(min=eps))  # spectral <= 1
+    mm = torch.addmm if X.dim() == 2 else torch.baddbmm
     for _ in range(steps):
-        gram = X @ X.T
-        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # b A + c A^2
-        X = torch.addmm(X, poly, X, beta=a)  # a X + (b A + c A^2) X
-    return X.T if tall else X
+        gram = X @ X.mT
+        poly = mm(gram, gram, gram, beta=b, alpha=c)  # b A + c A^2
+        X = mm(X, poly, X, beta=a)  # a X + (b A + c A^2) X
+    return X.mT if tall else X
+
+
+def _local_or_full(p: DTensor, U: DTensor, layout: Matrix) -> tuple[Tensor, Optional[Tensor]]:
+    """A sharded parameter's update input -> (U, W) to orthogonalise in place. Stacked experts split
+    only along the expert dim (expert parallelism) hold whole matrices: their local shards. Anything
+    else (FSDP's row shards) is gathered: (full U, None), every rank orthogonalises the full matrix."""
+    if layout.stacked and all(isinstance(pl, Shard) and pl.dim == 0 for pl in p.placements):
+        return U.to_local(), p.to_local()
+    return U.full_tensor(), None
 
 
 def _lr_scale(adjust: str, rows: int, cols: int) -> float:
@@ -123,20 +148,40 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def _muon(self, group: dict) -> None:
         lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+        by_shape: dict[torch.Size, list[tuple[Tensor, Tensor]]] = defaultdict(list)  # -> (W, U)
+        gathered: list[tuple[Tensor, Tensor]] = []  # (DTensor parameter, full update buffer)
         for p in group["params"]:
             if p.grad is None:
                 continue
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
-            layout = self.layouts[p]
-            for W, G, B in zip(matrices(p, layout), matrices(p.grad, layout),
-                               matrices(state["momentum_buffer"], layout)):
-                B.lerp_(G, 1 - mu)
-                U = G.lerp(B, mu) if group["nesterov"] else B
-                ortho = newton_schulz(U, group["ns_steps"])
-                W.mul_(1 - lr * wd)
-                W.add_(ortho, alpha=-lr * _lr_scale(group["adjust_lr"], *W.shape))
+            B = state["momentum_buffer"]
+            B.lerp_(p.grad, 1 - mu)
+            U = p.grad.lerp(B, mu) if group["nesterov"] else B
+            W = p
+            if isinstance(p, DTensor):
+                U, W = _local_or_full(p, U, self.layouts[p])
+                if W is None:  # this rank's rows of a sharded matrix: update the full one, keep a slice
+                    W = torch.zeros_like(U)
+                    gathered.append((p, W))
+            for W_i, U_i in zip(matrices(W, self.layouts[p]), matrices(U, self.layouts[p])):
+                by_shape[U_i.shape].append((W_i, U_i))
+        dtype = NS_DTYPES[group["ns_dtype"]]
+        for (rows, cols), pairs in by_shape.items():
+            Ws = [W_i for W_i, _ in pairs]
+            if len(pairs) == 1:  # the 2-D path is torch.optim.Muon's own arithmetic
+                ortho = [newton_schulz(pairs[0][1], group["ns_steps"], dtype=dtype)]
+            else:
+                ortho = newton_schulz(torch.stack([U_i for _, U_i in pairs]), group["ns_steps"],
+                                      dtype=dtype).unbind(0)
+            scale = lr * _lr_scale(group["adjust_lr"], rows, cols)
+            for W_i, O_i in zip(Ws, ortho):
+                W_i.mul_(1 - lr * wd)
+                W_i.add_(O_i, alpha=-scale)
+        for p, full in gathered:  # full holds -scale O of every matrix: add this rank's rows
+            local = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
+            p.to_local().mul_(1 - lr * wd).add_(local)
 
     def _adamw(self, group: dict) -> None:
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
@@ -155,6 +200,8 @@ class MuonAdamW(torch.optim.Optimizer):
             steps.append(state["step"])
         if params:
             beta1, beta2 = group["betas"]
-            adamw(params, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=True, amsgrad=False,
+            # DTensors beside plain tensors (DDP + expert parallelism): foreach kernels refuse the mix
+            foreach = len({isinstance(p, DTensor) for p in params}) == 1
+            adamw(params, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=foreach, amsgrad=False,
                   beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
                   eps=group["eps"], maximize=False)

@@ -35,7 +35,7 @@ def param_groups(model: nn.Module, weight_decay: float, exclude: frozenset = fro
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
     if cfg.name == "muon":
-        return build_muon(model, cfg)
+        return build_muon(model, cfg, device)
     groups = param_groups(model, cfg.weight_decay)
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     if len({isinstance(p, DTensor) for p in model.parameters()}) > 1:
@@ -49,12 +49,13 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
         return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
-def build_muon(model: nn.Module, cfg: OptimConfig) -> MuonAdamW:
+def build_muon(model: nn.Module, cfg: OptimConfig, device: torch.device) -> MuonAdamW:
     """Muon group first (peak lr `muon_lr`), then the AdamW groups of everything else."""
     layouts = muon_layouts(model, cfg.muon_split_fused)
+    ns_dtype = cfg.muon_ns_dtype if cfg.muon_ns_dtype != "auto" else "bf16" if device.type == "cuda" else "fp32"
     muon = dict(params=list(layouts), use_muon=True, lr=cfg.muon_lr, weight_decay=cfg.muon_weight_decay,
                 momentum=cfg.muon_momentum, nesterov=cfg.muon_nesterov, ns_steps=cfg.muon_ns_steps,
-                adjust_lr=cfg.muon_adjust_lr)
+                adjust_lr=cfg.muon_adjust_lr, ns_dtype=ns_dtype)
     rest = [dict(g, use_muon=False, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
             for g in param_groups(model, cfg.weight_decay, frozenset(map(id, layouts)))]
     return MuonAdamW([g for g in [muon, *rest] if g["params"]], layouts)

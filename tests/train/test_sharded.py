@@ -69,3 +69,16 @@ def test_checkpoints_resume_across_layouts(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(next((tmp_path / "b" / "evals").glob("*/eval.json")).read_text())
     assert result["val_loss"] == pytest.approx(uninterrupted[-1]["val_loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_muon_under_fsdp_and_expert_parallel_matches_one_process(tmp_path):
+    """Muon on sharded matrices: FSDP's row shards are gathered and orthogonalised whole, expert-
+    parallel experts are updated by their owner; saved at 2-rank FSDP + EP=2, resumed in one process."""
+    muon = ["optim=muon", "optim.muon_ns_dtype=fp32"]
+    one = _train(tmp_path, "one", muon)
+    _assert_same(one, _train(tmp_path, "fsdp", muon, two=True), [1, 2, 3, 4, 5])
+    _assert_same(one, _train(tmp_path, "ddp_ep2", muon + ["hardware.strategy=ddp", "hardware.ep=2"], two=True),
+                 [1, 2, 3, 4, 5])
+    _train(tmp_path, "a", muon + ["train.max_steps=3", "hardware.ep=2"], two=True)
+    _assert_same(one, _train(tmp_path, "a", muon + ["train.resume=auto"])[-2:], [4, 5])
