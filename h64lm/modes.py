@@ -132,7 +132,7 @@ def plan_layouts_for(run_cfg: RunConfig, model_name: str, overrides: list[str], 
     layouts = plan_layouts(
         run_cfg.model, gpus=p.gpus, seq_len=run_cfg.data.seq_len, micro_batch=t.batch_size,
         grad_accum=t.micro_batches_per_step(p.gpus),
-        precision="fp32" if run_cfg.hardware.precision == "fp32" else "bf16",
+        precision="fp32" if run_cfg.hardware.precision == "fp32" else "bf16", optim=run_cfg.optim.name,
         peak_tflops=p.peak_tflops, mfu=p.mfu, gpu_mem_gb=p.gpu_mem_gb, headroom=p.headroom)
     text = format_plan(layouts, model_name, p.gpu_mem_gb)
     best = recommend(layouts)

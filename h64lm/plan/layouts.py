@@ -1,12 +1,15 @@
 """Layouts (strategy x EP degree x activation checkpointing) of one training job, their per-GPU
 memory, tokens, FLOPs and time per step, and the cheapest layout that fits a GPU.
 
-Per-GPU memory = state (fp32 params, grads, AdamW moments; params.py)
+Per-GPU memory = state (fp32 params, grads, AdamW moments or Muon's momentum; params.py)
                + buffers: DDP keeps a gradient-sized bucket copy (PyTorch's default
                  gradient_as_bucket_view=False); bf16 DDP keeps autocast's bf16 copy of every
                  matrix weight through forward; FSDP2 holds two units unsharded in the compute
                  dtype (the running block and the prefetched one) plus the root unit
                  (embedding, head, final norm) and one unit's unsharded fp32 gradients
+               + with Muon, the optimizer step's workspace (an estimate, not measured): the
+                 Newton-Schulz batch and ~3 products of its size in fp32, and under FSDP the
+                 largest Muon matrix gathered whole with its update
                + activations of one micro-batch (activations.py; with checkpointing one block's
                  recomputed tensors on top) + the cross-entropy's [256, V] fp32 chunk twice
 It fits when that is <= gpu_mem * (1 - headroom): the headroom covers the CUDA context, NCCL
@@ -25,6 +28,7 @@ from typing import List, Optional
 
 from h64lm.model.config import H64LMConfig
 from h64lm.model.flops import flops_per_token
+from h64lm.train.muon import NS_BATCH_NUMEL
 
 from .activations import PRECISIONS, activation_bytes
 from .params import check_layout, state_bytes
@@ -63,7 +67,7 @@ class Layout:
 
 
 def plan_layout(config: H64LMConfig, *, seq_len: int, micro_batch: int, grad_accum: int = 1,
-                gpus: int = 1, strategy: str = "ddp", ep: int = 1, precision: str = "bf16",
+                gpus: int = 1, strategy: str = "ddp", ep: int = 1, precision: str = "bf16", optim: str = "adamw",
                 checkpointing: bool = False, peak_tflops: Optional[float] = None,
                 mfu: Optional[float] = None, gpu_mem_gb: Optional[float] = None,
                 headroom: float = DEFAULT_HEADROOM) -> Layout:
@@ -77,7 +81,7 @@ def plan_layout(config: H64LMConfig, *, seq_len: int, micro_batch: int, grad_acc
         raise ValueError(f"mfu={mfu} must be in (0, 1]")
     if not 0 <= headroom < 1:
         raise ValueError(f"headroom={headroom} must be in [0, 1)")
-    state = state_bytes(config, gpus, strategy, ep)
+    state = state_bytes(config, gpus, strategy, ep, optim)
     a = PRECISIONS[precision]
     if strategy == "ddp":
         buffers = state.grads if gpus > 1 else 0  # the reducer's bucket copy of the gradients
@@ -85,6 +89,10 @@ def plan_layout(config: H64LMConfig, *, seq_len: int, micro_batch: int, grad_acc
             buffers += a * (state.numel - state.root_unit)
     else:
         buffers = a * (2 * state.largest_unit + state.root_unit) + 4 * state.largest_unit
+    if optim == "muon":
+        buffers += 4 * 4 * max(state.largest_muon, min(NS_BATCH_NUMEL, state.numel))
+        if strategy == "fsdp":
+            buffers += 2 * 4 * state.largest_muon
     act = activation_bytes(config, micro_batch, seq_len, precision, checkpointing)
     activations = act.peak + 2 * 4 * CE_CHUNK * config.vocab_size
 

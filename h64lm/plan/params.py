@@ -1,5 +1,6 @@
-"""Per-rank bytes of parameters, gradients and AdamW state, counted tensor by tensor from the real
-module structure (built on the `meta` device, so a 7B model costs no memory).
+"""Per-rank bytes of parameters, gradients and optimizer state (AdamW, or Muon + AdamW), counted
+tensor by tensor from the real module structure (built on the `meta` device, so a 7B model costs
+no memory).
 
 Sharding rules (what each rank keeps between steps):
   - expert parallelism (EP degree `ep`): the stacked expert tensors [E, ...] are split on dim 0,
@@ -23,8 +24,8 @@ from h64lm.model import H64LMForCausalLM
 from h64lm.model.config import H64LMConfig
 from h64lm.model.moe.experts import Experts
 
-__all__ = ["STRATEGIES", "StateBytes", "meta_model", "parameter_shapes", "state_bytes",
-           "check_layout"]
+__all__ = ["STRATEGIES", "StateBytes", "meta_model", "muon_parameter_names", "parameter_shapes",
+           "state_bytes", "check_layout"]
 
 STRATEGIES = ("ddp", "fsdp")
 FP32 = 4  # master weights, gradients and AdamW moments are fp32 in both precisions
@@ -73,23 +74,40 @@ class StateBytes:
     """Per-rank bytes that live for the whole run (the largest rank)."""
     params: int  # fp32 master weights (numel * 4)
     grads: int  # fp32 gradients after backward
-    optimizer: int  # AdamW: exp_avg + exp_avg_sq (fp32) + one fp32 `step` scalar per tensor
+    optimizer: int  # AdamW: exp_avg + exp_avg_sq (fp32) + a `step` scalar per tensor; Muon: one buffer
     numel: int  # parameters held by this rank
     tensors: int  # parameter tensors (each carries AdamW's step scalar)
     largest_unit: int  # numel of the largest FSDP unit unsharded (a block, or embed+head+norm)
     root_unit: int  # numel of the root unit (embedding, final norm, untied head) unsharded
     unsharded: int  # numel of this rank's EP-local model, unsharded (what FSDP gathers)
+    largest_muon: int  # numel of the largest Muon-updated tensor, unsharded (0 with AdamW)
+
+
+def muon_parameter_names(config: H64LMConfig) -> set[str]:
+    """The parameters `optim=muon` updates with Muon (the trainer's own selection); the rest take AdamW."""
+    from h64lm.train.muon import muon_layouts
+
+    model = meta_model(config)
+    muon = set(muon_layouts(model, split_fused=True))
+    return {name for name, p in model.named_parameters() if p in muon}
 
 
 def state_bytes(config: H64LMConfig, gpus: int = 1, strategy: str = "ddp",
-                ep: int = 1) -> StateBytes:
-    """Parameters, gradients and AdamW state held by one rank between steps."""
+                ep: int = 1, optim: str = "adamw") -> StateBytes:
+    """Parameters, gradients and optimizer state (`optim`: adamw or muon) held by one rank between steps."""
     check_layout(config, gpus, strategy, ep)
-    numel = tensors = root = 0
+    muon = muon_parameter_names(config) if optim == "muon" else set()
+    numel = tensors = root = optimizer = largest_muon = 0
     blocks: dict[str, int] = {}
     for name, shape, is_expert in parameter_shapes(config):
-        numel += _local_numel(shape, is_expert, gpus, strategy, ep)
+        local_numel = _local_numel(shape, is_expert, gpus, strategy, ep)
+        numel += local_numel
         tensors += 1
+        if name in muon:  # Muon's momentum buffer
+            optimizer += FP32 * local_numel
+            largest_muon = max(largest_muon, math.prod(shape))
+        else:  # AdamW's two moments and its step count
+            optimizer += 2 * FP32 * local_numel + FP32
         # unsharded (EP-local) size of the FSDP unit the tensor belongs to: one per block + root
         local = math.prod(shape) // (ep if is_expert else 1)
         if name.startswith("layers."):
@@ -98,6 +116,6 @@ def state_bytes(config: H64LMConfig, gpus: int = 1, strategy: str = "ddp",
         else:
             root += local
     return StateBytes(params=FP32 * numel, grads=FP32 * numel,
-                      optimizer=2 * FP32 * numel + FP32 * tensors, numel=numel, tensors=tensors,
+                      optimizer=optimizer, numel=numel, tensors=tensors,
                       largest_unit=max(list(blocks.values()) + [root]), root_unit=root,
-                      unsharded=sum(blocks.values()) + root)
+                      unsharded=sum(blocks.values()) + root, largest_muon=largest_muon)

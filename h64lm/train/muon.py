@@ -39,13 +39,17 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.optim.adamw import adamw
 
-__all__ = ["Matrix", "MuonAdamW", "matrices", "muon_layouts", "newton_schulz", "NS_COEFFICIENTS", "NS_DTYPES"]
+__all__ = ["Matrix", "MuonAdamW", "matrices", "muon_layouts", "newton_schulz", "NS_BATCH_NUMEL", "NS_COEFFICIENTS",
+           "NS_DTYPES"]
 
 # Keller Jordan's quintic coefficients (also torch.optim.Muon's defaults)
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_EPS = 1e-7
 # `optim.muon_ns_dtype`: bf16 as torch.optim.Muon (tensor cores on GPU); fp32 is ~4x faster on CPUs
 NS_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# Elements per batched Newton-Schulz call: bounds its workspace (the stacked inputs and ~3 products
+# of their size) to ~0.5 GiB in fp32 whatever the model; a larger matrix goes alone.
+NS_BATCH_NUMEL = 1 << 25
 
 
 @dataclass(frozen=True)
@@ -169,16 +173,18 @@ class MuonAdamW(torch.optim.Optimizer):
                 by_shape[U_i.shape].append((W_i, U_i))
         dtype = NS_DTYPES[group["ns_dtype"]]
         for (rows, cols), pairs in by_shape.items():
-            Ws = [W_i for W_i, _ in pairs]
-            if len(pairs) == 1:  # the 2-D path is torch.optim.Muon's own arithmetic
-                ortho = [newton_schulz(pairs[0][1], group["ns_steps"], dtype=dtype)]
-            else:
-                ortho = newton_schulz(torch.stack([U_i for _, U_i in pairs]), group["ns_steps"],
-                                      dtype=dtype).unbind(0)
             scale = lr * _lr_scale(group["adjust_lr"], rows, cols)
-            for W_i, O_i in zip(Ws, ortho):
-                W_i.mul_(1 - lr * wd)
-                W_i.add_(O_i, alpha=-scale)
+            per_batch = max(1, NS_BATCH_NUMEL // (rows * cols))
+            for start in range(0, len(pairs), per_batch):
+                batch = pairs[start:start + per_batch]
+                if len(batch) == 1:  # the 2-D path is torch.optim.Muon's own arithmetic
+                    ortho = [newton_schulz(batch[0][1], group["ns_steps"], dtype=dtype)]
+                else:
+                    ortho = newton_schulz(torch.stack([U_i for _, U_i in batch]), group["ns_steps"],
+                                          dtype=dtype).unbind(0)
+                for (W_i, _), O_i in zip(batch, ortho):
+                    W_i.mul_(1 - lr * wd)
+                    W_i.add_(O_i, alpha=-scale)
         for p, full in gathered:  # full holds -scale O of every matrix: add this rank's rows
             local = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
             p.to_local().mul_(1 - lr * wd).add_(local)

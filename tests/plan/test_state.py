@@ -1,15 +1,16 @@
-"""Parameter, gradient and AdamW bytes: the planner's counts equal the measured ones exactly."""
+"""Parameter, gradient and optimizer (AdamW, Muon) bytes: the planner's counts equal the measured ones exactly."""
 
 import math
 
 import pytest
 import torch
 
+from h64lm.config import OptimConfig
 from h64lm.model import H64LMForCausalLM
 from h64lm.model.config import H64LMConfig
 from h64lm.plan.measure import measure_state
 from h64lm.plan.params import parameter_shapes, state_bytes
-from h64lm.train.optim import param_groups
+from h64lm.train.optim import build_optimizer, param_groups
 
 SMALL = dict(vocab_size=256, hidden_size=32, num_layers=3, num_attention_heads=4, num_kv_heads=2,
              intermediate_size=64, moe_intermediate_size=24, num_experts=4,
@@ -38,6 +39,21 @@ def test_state_bytes_equal_measured(name, fused):
     planned = state_bytes(config)
     assert (planned.params, planned.grads, planned.optimizer) == (
         measured["params"], measured["grads"], measured["optimizer"])
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_muon_state_bytes_equal_measured(name):
+    """optim=muon: one momentum buffer per Muon matrix, AdamW's moments + step on the rest."""
+    config = H64LMConfig(**SMALL, **CONFIGS[name])
+    torch.manual_seed(0)
+    model = H64LMForCausalLM(config)
+    optimizer = build_optimizer(model, OptimConfig(name="muon"), torch.device("cpu"))
+    x = torch.randint(0, config.vocab_size, (2, 16))
+    measured = measure_state(model, optimizer, lambda: model(x, labels=x, return_logits=False).loss)
+    planned, adamw = state_bytes(config, optim="muon"), state_bytes(config)
+    assert (planned.params, planned.grads, planned.optimizer) == (
+        measured["params"], measured["grads"], measured["optimizer"])
+    assert planned.optimizer < adamw.optimizer
 
 
 def test_tied_head_counted_once():

@@ -9,6 +9,7 @@ import torch
 from h64lm.config import ConfigError, OptimConfig
 from h64lm.model import H64LMConfig, H64LMForCausalLM
 from h64lm.model.moe.experts import Experts
+from h64lm.train import muon
 from h64lm.train.muon import NS_DTYPES, Matrix, MuonAdamW, matrices, newton_schulz
 from h64lm.train.optim import build_optimizer
 
@@ -59,6 +60,23 @@ def test_each_expert_matrix_gets_torch_muons_update_of_that_matrix_alone(split, 
             torch.testing.assert_close(got, expect, rtol=0, atol=1e-5, msg=name)
             count += 1
         assert count == E * (2 if split and name == "gate_up_proj" else 1)
+
+
+def test_a_matrix_over_the_batch_budget_goes_alone_bit_for_bit(monkeypatch):
+    """NS_BATCH_NUMEL caps a batched call's size (memory on large models); below one matrix, every
+    matrix takes torch.optim.Muon's own 2-D path and its update is torch's exactly."""
+    monkeypatch.setattr(muon, "NS_BATCH_NUMEL", 1)
+    torch.manual_seed(6)
+    w = torch.nn.Parameter(torch.randn(4, 8, 24) * 0.1)  # 4 experts, [in 8, out 24] each
+    start = w.detach().clone()
+    opt = MuonAdamW([_muon_group([w])], {w: Matrix(True)})
+    grads = [torch.randn_like(w) for _ in range(2)]
+    for g in grads:
+        w.grad = g.clone()
+        opt.step()
+    for e in range(4):
+        expect = _reference_steps(start[e].T, [g[e].T for g in grads])
+        assert torch.equal(w.detach()[e].T, expect), e
 
 
 def test_stacked_experts_are_not_orthogonalised_as_one_matrix():
