@@ -82,7 +82,7 @@ def build_pair(cfg: H64LMConfig, device: torch.device, compile_models: bool, see
     torch.manual_seed(seed)
     ours = H64LMForCausalLM(cfg).to(device).train()
     hf = to_hf_mixtral(ours).train()
-    optim = OptimConfig()
+    optim = OptimConfig(name="adamw")  # muon_layouts knows only our modules; AdamW for both
     opts = build_optimizer(ours, optim, device), build_optimizer(hf, optim, device)
     if compile_models:
         ours, hf = torch.compile(ours), torch.compile(hf)

@@ -33,7 +33,7 @@ def _arm(overrides: str, tokens: torch.Tensor):
     optimizer = build_optimizer(model, run.optim, torch.device("cpu"))
 
     def step() -> None:
-        model(tokens, labels=tokens).loss.backward()
+        model(tokens, labels=tokens, return_logits=False).loss.backward()  # as the trainer
         torch.nn.utils.clip_grad_norm_(model.parameters(), run.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

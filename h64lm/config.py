@@ -126,9 +126,10 @@ class OptimConfig:
     # The steps the schedule spans. Set it to a finished run's old train.max_steps when extending
     # that run, to keep training at the decayed learning rate instead of stretching the schedule.
     schedule_steps: Optional[int] = bounded(None, ge=1, null="train.max_steps")
-    # muon: Muon on the hidden matrices (h64lm/train/muon.py), AdamW with the keys above on
-    # embeddings, LM head, norms and routers; the same schedule scales both peak lrs
-    name: str = bounded("adamw", choices=OPTIMIZERS)
+    # muon (default; README "Learning efficiency"): Muon on the hidden matrices (h64lm/train/muon.py),
+    # AdamW with the keys above on embeddings, LM head, norms and routers; the same schedule scales
+    # both peak lrs. adamw: AdamW on everything.
+    name: str = bounded("muon", choices=OPTIMIZERS)
     muon_lr: float = bounded(0.02, gt=0)  # peak lr of the Muon matrices
     muon_momentum: float = bounded(0.95, ge=0, lt=1)
     muon_nesterov: bool = True

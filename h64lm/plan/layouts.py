@@ -89,9 +89,9 @@ def plan_layout(config: H64LMConfig, *, seq_len: int, micro_batch: int, grad_acc
             buffers += a * (state.numel - state.root_unit)
     else:
         buffers = a * (2 * state.largest_unit + state.root_unit) + 4 * state.largest_unit
-    if optim == "muon":
-        buffers += 4 * 4 * max(state.largest_muon, min(NS_BATCH_NUMEL, state.numel))
-        if strategy == "fsdp":
+    if optim == "muon":  # one Newton-Schulz call: its stacked input and ~3 products of that size
+        buffers += 4 * 4 * max(state.largest_matrix, min(NS_BATCH_NUMEL, state.muon_numel))
+        if strategy == "fsdp":  # the largest tensor gathered whole, and its update
             buffers += 2 * 4 * state.largest_muon
     act = activation_bytes(config, micro_batch, seq_len, precision, checkpointing)
     activations = act.peak + 2 * 4 * CE_CHUNK * config.vocab_size

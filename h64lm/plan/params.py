@@ -80,7 +80,9 @@ class StateBytes:
     largest_unit: int  # numel of the largest FSDP unit unsharded (a block, or embed+head+norm)
     root_unit: int  # numel of the root unit (embedding, final norm, untied head) unsharded
     unsharded: int  # numel of this rank's EP-local model, unsharded (what FSDP gathers)
-    largest_muon: int  # numel of the largest Muon-updated tensor, unsharded (0 with AdamW)
+    largest_muon: int  # numel of the largest Muon tensor as the step gathers it (EP-local; 0: AdamW)
+    largest_matrix: int  # numel of the largest single matrix Muon orthogonalises (one expert's)
+    muon_numel: int  # numel of all Muon tensors as gathered: bounds one batched Newton-Schulz call
 
 
 def muon_parameter_names(config: H64LMConfig) -> set[str]:
@@ -97,7 +99,7 @@ def state_bytes(config: H64LMConfig, gpus: int = 1, strategy: str = "ddp",
     """Parameters, gradients and optimizer state (`optim`: adamw or muon) held by one rank between steps."""
     check_layout(config, gpus, strategy, ep)
     muon = muon_parameter_names(config) if optim == "muon" else set()
-    numel = tensors = root = optimizer = largest_muon = 0
+    numel = tensors = root = optimizer = largest_muon = largest_matrix = muon_numel = 0
     blocks: dict[str, int] = {}
     for name, shape, is_expert in parameter_shapes(config):
         local_numel = _local_numel(shape, is_expert, gpus, strategy, ep)
@@ -105,7 +107,9 @@ def state_bytes(config: H64LMConfig, gpus: int = 1, strategy: str = "ddp",
         tensors += 1
         if name in muon:  # Muon's momentum buffer
             optimizer += FP32 * local_numel
-            largest_muon = max(largest_muon, math.prod(shape))
+            gathered = math.prod(shape) // (ep if is_expert else 1)
+            largest_muon, muon_numel = max(largest_muon, gathered), muon_numel + gathered
+            largest_matrix = max(largest_matrix, math.prod(shape[1:]) if is_expert else math.prod(shape))
         else:  # AdamW's two moments and its step count
             optimizer += 2 * FP32 * local_numel + FP32
         # unsharded (EP-local) size of the FSDP unit the tensor belongs to: one per block + root
@@ -118,4 +122,5 @@ def state_bytes(config: H64LMConfig, gpus: int = 1, strategy: str = "ddp",
     return StateBytes(params=FP32 * numel, grads=FP32 * numel,
                       optimizer=optimizer, numel=numel, tensors=tensors,
                       largest_unit=max(list(blocks.values()) + [root]), root_unit=root,
-                      unsharded=sum(blocks.values()) + root, largest_muon=largest_muon)
+                      unsharded=sum(blocks.values()) + root, largest_muon=largest_muon,
+                      largest_matrix=largest_matrix, muon_numel=muon_numel)

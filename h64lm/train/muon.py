@@ -23,8 +23,9 @@ alone; batched, to bf16 rounding).
 Matrices of one shape (a layer's experts, the layers' W_o...) go through Newton-Schulz as one
 batch: one bmm chain instead of a few hundred small matmuls per step.
 Sharded parameters (DTensors): experts split over expert-parallel ranks are whole matrices on
-their owner, which updates them locally; FSDP's row shards are gathered, each rank orthogonalises
-the full matrix and keeps its rows (the Newton-Schulz work is repeated on every rank).
+their owner, which updates them without communication; FSDP's shards are gathered within their
+group (all ranks for a dense matrix, the ranks holding the same experts for experts), each rank
+orthogonalises the whole matrices and keeps its part (the Newton-Schulz work is repeated there).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 from torch.optim.adamw import adamw
 
 __all__ = ["Matrix", "MuonAdamW", "matrices", "muon_layouts", "newton_schulz", "NS_BATCH_NUMEL", "NS_COEFFICIENTS",
@@ -114,13 +115,13 @@ def newton_schulz(G: Tensor, steps: int, coefficients: tuple[float, float, float
     return X.mT if tall else X
 
 
-def _local_or_full(p: DTensor, U: DTensor, layout: Matrix) -> tuple[Tensor, Optional[Tensor]]:
-    """A sharded parameter's update input -> (U, W) to orthogonalise in place. Stacked experts split
-    only along the expert dim (expert parallelism) hold whole matrices: their local shards. Anything
-    else (FSDP's row shards) is gathered: (full U, None), every rank orthogonalises the full matrix."""
-    if layout.stacked and all(isinstance(pl, Shard) and pl.dim == 0 for pl in p.placements):
-        return U.to_local(), p.to_local()
-    return U.full_tensor(), None
+def _whole_matrices(p: DTensor, U: DTensor, layout: Matrix) -> tuple[Tensor, list[Placement]]:
+    """A sharded parameter's update input -> (this rank's whole matrices of it, their placements).
+    A split along the expert dim (Shard(0) of stacked experts: expert parallelism) leaves whole
+    experts on each rank and is kept; any other split (FSDP's rows, or dim 1 of EP-local experts)
+    is gathered, so every rank of that group orthogonalises the same whole matrices."""
+    keep = [pl if layout.stacked and isinstance(pl, Shard) and pl.dim == 0 else Replicate() for pl in p.placements]
+    return U.redistribute(p.device_mesh, keep).to_local(), keep
 
 
 def _lr_scale(adjust: str, rows: int, cols: int) -> float:
@@ -153,7 +154,7 @@ class MuonAdamW(torch.optim.Optimizer):
     def _muon(self, group: dict) -> None:
         lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
         by_shape: dict[torch.Size, list[tuple[Tensor, Tensor]]] = defaultdict(list)  # -> (W, U)
-        gathered: list[tuple[Tensor, Tensor]] = []  # (DTensor parameter, full update buffer)
+        gathered: list[tuple[DTensor, Tensor, list[Placement]]] = []  # (parameter, update buffer, its placements)
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -165,10 +166,11 @@ class MuonAdamW(torch.optim.Optimizer):
             U = p.grad.lerp(B, mu) if group["nesterov"] else B
             W = p
             if isinstance(p, DTensor):
-                U, W = _local_or_full(p, U, self.layouts[p])
-                if W is None:  # this rank's rows of a sharded matrix: update the full one, keep a slice
+                U, held = _whole_matrices(p, U, self.layouts[p])
+                W = p.to_local()
+                if held != list(p.placements):  # gathered: update the whole matrices, keep this rank's part
                     W = torch.zeros_like(U)
-                    gathered.append((p, W))
+                    gathered.append((p, W, held))
             for W_i, U_i in zip(matrices(W, self.layouts[p]), matrices(U, self.layouts[p])):
                 by_shape[U_i.shape].append((W_i, U_i))
         dtype = NS_DTYPES[group["ns_dtype"]]
@@ -185,9 +187,9 @@ class MuonAdamW(torch.optim.Optimizer):
                 for (W_i, _), O_i in zip(batch, ortho):
                     W_i.mul_(1 - lr * wd)
                     W_i.add_(O_i, alpha=-scale)
-        for p, full in gathered:  # full holds -scale O of every matrix: add this rank's rows
-            local = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
-            p.to_local().mul_(1 - lr * wd).add_(local)
+        for p, update, held in gathered:  # update = -scale O per matrix; re-sharding it is a local slice
+            local = DTensor.from_local(update, p.device_mesh, held, run_check=False)
+            p.to_local().mul_(1 - lr * wd).add_(local.redistribute(p.device_mesh, p.placements).to_local())
 
     def _adamw(self, group: dict) -> None:
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []

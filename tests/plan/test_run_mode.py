@@ -15,7 +15,8 @@ def test_plan_mode_prints_the_library_plan_and_launch_commands(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     run = run_config(args)
     expected = format_plan(plan_layouts(run.model, gpus=16, seq_len=2048, micro_batch=2, grad_accum=1,
-                                        precision="bf16", peak_tflops=989.0, mfu=0.4, gpu_mem_gb=80.0,
+                                        precision="bf16", optim=run.optim.name, peak_tflops=989.0, mfu=0.4,
+                                        gpu_mem_gb=80.0,
                                         headroom=0.1), "moe_1b", 80.0)
     assert expected in out.stdout
     launch = [line.strip() for line in out.stdout.splitlines() if "run.py" in line][-2:]

@@ -57,7 +57,7 @@ def test_upcycled_run_starts_at_the_dense_loss(tmp_path, corpus):
     dense_eval = json.loads((tmp_path / "dense" / "training_history.json").read_text())["val_loss"][-1]
     moe = ["model.moe_layers=all", "model.intermediate_size=32", "model.moe_intermediate_size=32",
            "model.router_aux_loss_coef=0", "model.router_z_loss_coef=0", f"train.init_from={tmp_path / 'dense'}",
-           "train.max_steps=1", "optim.lr=1e-12", "optim.warmup_steps=0"]
+           "train.max_steps=1", "optim.lr=1e-12", "optim.muon_lr=1e-12", "optim.warmup_steps=0"]
     _train(tmp_path / "moe", corpus, moe)
     upcycled = json.loads((tmp_path / "moe" / "training_history.json").read_text())["val_loss"][0]
     assert upcycled == pytest.approx(dense_eval, abs=1e-5)

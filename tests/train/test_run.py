@@ -62,8 +62,9 @@ def test_wandb_offline_run_holds_the_logged_metrics(cli_run):
     assert any(s.get("best_val_loss") == pytest.approx(min(val.values())) for s in summary)
 
 
-@pytest.mark.parametrize("optim", [pytest.param([], id="adamw"), pytest.param(
-    ["optim=muon", "train.grad_accum=2"], id="muon", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("optim", [pytest.param([], id="muon"),  # the default optimizer
+                                   pytest.param(["optim=adamw"], id="adamw", marks=pytest.mark.slow),
+                                   pytest.param(["train.grad_accum=2"], id="muon-accum", marks=pytest.mark.slow)])
 def test_resume_from_step_k_is_bit_exact(tmp_path, corpus, optim):
     """The state saved at step 3 continues exactly as the uninterrupted run did (CPU, fp32)."""
     base = FAST + ["data=text", f"data.path={corpus}", "train.keep_last=5"] + optim
