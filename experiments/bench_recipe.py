@@ -38,7 +38,7 @@ def _arm(overrides: str, tokens: torch.Tensor):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return step, run.train.batch_size, run.data.seq_len
+    return step
 
 
 def main() -> None:
@@ -47,9 +47,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="training steps per arm and round")
     parser.add_argument("--arms", nargs="+", default=RECIPE_ARMS, help="override strings; the first is the baseline")
     args = parser.parse_args()
-    batch, seq_len = _arm(args.arms[0], torch.zeros(1, 2, dtype=torch.long))[1:]
-    tokens = torch.randint(0, 32000, (batch, seq_len))
-    steps = {arm: _arm(arm, tokens)[0] for arm in args.arms}
+    base_run = build_run_config(compose(args.arms[0].split()))
+    batch, seq_len = base_run.train.batch_size, base_run.data.seq_len
+    tokens = torch.randint(0, base_run.model.vocab_size, (batch, seq_len))
+    steps = {arm: _arm(arm, tokens) for arm in args.arms}
     times: dict[str, list[float]] = {arm: [] for arm in args.arms}
     for step in steps.values():  # warm-up: allocator, optimizer state
         step()

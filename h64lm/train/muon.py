@@ -141,6 +141,14 @@ class MuonAdamW(torch.optim.Optimizer):
         if missing:
             raise ValueError(f"{len(missing)} Muon parameter(s) without a matrix layout")
 
+    def __setstate__(self, state: dict) -> None:
+        # load_state_dict lands here: checkpoints written before `ns_dtype` existed ran Newton-Schulz
+        # in bf16, and keep doing so (as torch's optimizers default a new hyperparameter)
+        super().__setstate__(state)
+        for group in self.param_groups:
+            if group.get("use_muon"):
+                group.setdefault("ns_dtype", "bf16")
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None

@@ -180,6 +180,21 @@ def test_ns_dtype_auto_is_bf16_on_gpu_fp32_on_cpu():
     assert ns_dtype("cpu") == {"fp32"} and ns_dtype("cuda") == {"bf16"} and ns_dtype("cpu", "bf16") == {"bf16"}
 
 
+def test_a_checkpoint_from_before_ns_dtype_resumes_in_bf16():
+    torch.manual_seed(7)
+    model = H64LMForCausalLM(H64LMConfig(vocab_size=64))
+    opt = build_optimizer(model, OptimConfig(name="muon"), torch.device("cpu"))
+    x = torch.randint(0, 64, (2, 8))
+    model(x, labels=x).loss.backward()
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    assert [g.pop("ns_dtype") for g in saved["param_groups"] if g["use_muon"]] == ["fp32"]  # CPU: auto
+    again = build_optimizer(model, OptimConfig(name="muon"), torch.device("cpu"))
+    again.load_state_dict(saved)
+    again.step()  # raised KeyError: 'ns_dtype'
+    assert [g["ns_dtype"] for g in again.param_groups if g["use_muon"]] == ["bf16"]
+
+
 @pytest.mark.parametrize("key, value", [("name", "sgd"), ("muon_lr", 0.0), ("muon_momentum", 1.0),
                                         ("muon_ns_steps", 0), ("muon_ns_steps", 100),
                                         ("muon_weight_decay", -0.1), ("muon_adjust_lr", "spectral"),
