@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
+from h64lm.data.wiki import excerpt_text
+
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 
 __all__ = [
     "COMPARED",
     "FAST",
-    "SHARED",
     "text_corpus",
     "run_cli",
     "INJECT",
@@ -65,16 +65,11 @@ FAST = [
 ]
 
 
-def text_corpus(tmp_path: Path, paragraphs: int = 400) -> Path:
-    """A local .txt corpus of real-looking English, long enough for many 32-token windows."""
-    wikitext = SHARED / "data" / "wikitext-2" / "valid.txt"
+def text_corpus(tmp_path: Path) -> Path:
+    """A local .txt corpus of real English (120k characters of the Wikipedia excerpt that ships
+    with the repository's requirements), long enough for many 32-token windows."""
     path = tmp_path / "corpus.txt"
-    if wikitext.exists():
-        path.write_text(wikitext.read_text()[:120_000])
-    else:
-        words = "the of and in to a was is for on as by with at from his that an it were".split()
-        lines = [" ".join(words[(i * 7 + j) % len(words)] for j in range(60)) for i in range(paragraphs)]
-        path.write_text("\n\n".join(lines))
+    path.write_text(excerpt_text(120_000))
     return path
 
 

@@ -3,15 +3,11 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-SHARED = ROOT.parent / "shared"
-WIKITEXT2_VALID = SHARED / "data" / "wikitext-2" / "valid.txt"
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["WIKI_EXCERPT_VERSION", "clean_wiki", "wiki_articles", "wiki_excerpt_file"]
+__all__ = ["WIKI_EXCERPT_VERSION", "clean_wiki", "excerpt_text", "wiki_articles", "wiki_excerpt_file"]
 
 # Bump when cleaning changes, so cached token files built with the old cleaning are not reused.
 WIKI_EXCERPT_VERSION = 1
@@ -90,3 +90,15 @@ def wiki_articles(path: Path | None = None) -> Iterator[tuple[str, str]]:
             text = clean_wiki(title, filter_wiki(markup))
             if text:
                 yield title, text
+
+
+def excerpt_text(chars: int) -> str:
+    """The first `chars` characters of the cleaned articles, blank-line separated: real English
+    that every checkout has (tests and benchmarks use it instead of files beside the repository)."""
+    parts, size = [], 0
+    for _title, text in wiki_articles():
+        parts.append(text)
+        size += len(text) + 2
+        if size >= chars:
+            break
+    return "\n\n".join(parts)[:chars]

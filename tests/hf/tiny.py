@@ -1,31 +1,25 @@
 """Tiny offline fixtures shared by tests/hf and tests/eval: a 192-id byte-level BPE tokenizer
 trained on real text, and small random H64LM models."""
 
+import functools
 from pathlib import Path
 
 import torch
 
+from h64lm.data.wiki import excerpt_text
 from h64lm.model import H64LMConfig, H64LMForCausalLM
 
 VOCAB = 192
 SMALL = dict(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_attention_heads=4,
              num_kv_heads=2, intermediate_size=48, moe_intermediate_size=24, num_experts=4,
              num_experts_per_token=2, max_position_embeddings=128)
-ROOT = Path(__file__).resolve().parents[2]
-# the shared WikiText-2 file sits beside the main checkout, two levels up from a worktree
-WIKITEXT = [base / "shared" / "data" / "wikitext-2" / "valid.txt"
-            for base in (ROOT.parent, ROOT.parent.parent)]
 
 
+@functools.lru_cache(maxsize=None)
 def sample_text(chars: int = 200_000) -> str:
-    """Real English (WikiText-2 validation) when the shared copy exists, else a word pattern."""
-    for path in WIKITEXT:
-        if path.exists():
-            return path.read_text(encoding="utf-8")[:chars]
-    words = "the of and in to a was is for on as by with at from his that an it were".split()
-    lines = [" ".join(words[(i * 7 + j) % len(words)] for j in range(60)) + "."
-             for i in range(chars // 300)]
-    return "\n".join(lines)
+    """Real English from the repository's own offline source (the default corpus's Wikipedia
+    excerpt), so these tests need nothing beside the checkout."""
+    return excerpt_text(chars)
 
 
 def build_tokenizer(out_dir: Path):

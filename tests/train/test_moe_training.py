@@ -85,7 +85,7 @@ def test_export_then_eval_with_local_harness_tasks(tmp_path, corpus):
         assert torch.allclose(hf.eval()(ids).logits, ours(ids).logits, atol=1e-4)
 
     ev = ["mode=eval", f"checkpoint={tmp_path / 'r'}", "eval.tasks=[h64lm_cloze]", "eval.limit=10",
-          "eval.local_examples=20"]
+          "eval.local_examples=10"]
     run(run_config(ev), tmp_path / "ev", ev)
     result = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert 0 <= result["tasks"]["h64lm_cloze"]["acc"] <= 1
