@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 
 from h64lm.data import DataConfig, load_tokenizer, prepare_corpus
-
-WIKITEXT2_VALID = Path(__file__).resolve().parents[3] / "shared" / "data" / "wikitext-2" / "valid.txt"
+from tests.data.helpers import write_wikitext
 
 
 @pytest.fixture(scope="session")
@@ -26,8 +25,7 @@ def wiki_corpus(session_cache, tokenizer):
     return prepare_corpus(DataConfig(cache_dir=str(session_cache)), tokenizer)
 
 
-@pytest.fixture
-def wikitext2_valid() -> Path:
-    if not WIKITEXT2_VALID.is_file():
-        pytest.skip(f"{WIKITEXT2_VALID} is absent (the shared WikiText-2 file is not in this checkout)")
-    return WIKITEXT2_VALID
+@pytest.fixture(scope="session")
+def wikitext2_valid(tmp_path_factory) -> Path:
+    """A WikiText-layout file made from the shipped Wikipedia excerpt (tests/data/helpers.py)."""
+    return write_wikitext(tmp_path_factory.mktemp("wikitext") / "valid.txt")

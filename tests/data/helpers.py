@@ -36,3 +36,31 @@ def write_parquet(path: Path, docs: list[str], field: str = "text") -> Path:
 
     pq.write_table(pa.table({field: docs, "id": list(range(len(docs)))}), path)
     return path
+
+
+def write_wikitext(path: Path, articles: int = 12) -> Path:
+    """Wikipedia excerpt articles in WikiText's raw layout (` = Title = ` lines, ` = = Heading = = `
+    subsections, punctuation spaced out, `@-@` / `@,@` / `@.@` inside words and numbers, and words
+    seen once replaced by `<unk>`), so WikiText parsing is tested from the repository alone."""
+    import itertools
+    import re
+    from collections import Counter
+
+    from h64lm.data.wiki import wiki_articles
+
+    def spaced(line: str) -> str:
+        line = re.sub(r"(?<=\w)([-,.])(?=\w)", r" @\1@ ", line)
+        return re.sub(r"\s*([,.;:!?()\"])\s*", r" \1 ", line).split()
+
+    docs = [(title, [spaced(p) for p in text.split("\n")[1:] if p.strip()])
+            for title, text in itertools.islice(wiki_articles(), articles)]
+    counts = Counter(w for _, paras in docs for words in paras for w in words)
+    lines = []
+    for title, paras in docs:
+        lines += [f" = {title} = ", ""]
+        for i, words in enumerate(paras):
+            words = [w if counts[w] > 1 else "<unk>" for w in words]
+            heading = i and len(words) <= 4 and words[-1] not in {".", "?", "!"}
+            lines += [f" = = {' '.join(words)} = = " if heading else f" {' '.join(words)} ", ""]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
