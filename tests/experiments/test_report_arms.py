@@ -246,3 +246,17 @@ def test_a_resumed_run_shows_the_settings_it_finished_with(base_config, tmp_path
     header, _, row0, _ = text.split("## Runs")[1].strip().splitlines()[:4]
     cells = {h.strip(): c.strip() for h, c in zip(header.split("|"), row0.split("|"))}
     assert (cells["train.seed"], cells["train.resume"], cells["steps"]) == ("0", "auto", "40")
+
+
+def test_balancing_preset_runs_every_arm_with_three_seeds_and_its_reference_is_an_arm(tmp_path):
+    from tests.experiments.test_presets import sweep_jobs
+    from tests.helpers import compose_cfg
+
+    jobs = sweep_jobs(["experiment=balancing"])
+    arms: dict[str, set[str]] = {}
+    for job in jobs:
+        o = dict(item.split("=", 1) for item in job)
+        arms.setdefault(o["balance"], set()).add(o["train.seed"])
+    assert len(arms) == 5 and all(seeds == {"0", "1", "2"} for seeds in arms.values())
+    reference = compose_cfg(["experiment=balancing"]).experiment_reference
+    assert reference == "balance=none" and reference.split("=")[1] in arms
