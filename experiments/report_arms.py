@@ -8,12 +8,14 @@ finished runs of the final and best validation loss and of the expert imbalance 
 mean over MoE layers and the last BALANCE_TAIL of logged steps).
 
 Each arm is compared with a reference arm: d = mean(arm) - mean(reference) and its noise, twice
-the standard error of d (about a 95% interval for large n; "within noise" when |d| is not larger).
-When the two arms ran the same seeds (at least two), the seed fixes the initial weights and the
-data order of both, so the comparison is paired: d is the mean of the per-seed differences and its
-standard error std(d_i) / sqrt(n), which removes the seed's own effect (often larger than the
-arms' difference). Otherwise Welch's unpaired sqrt(s_a^2 / n_a + s_r^2 / n_r). With one run in
-either arm the noise is unknown and the verdict says so.
+the standard error of d; "within noise" when |d| is not larger. Twice the standard error is a
+rule of thumb, not a test: about a 95% interval for many seeds, but with 3 seeds (t with 2
+degrees of freedom) a true zero difference exceeds it about 1 time in 5. When the two arms ran
+the same seeds (at least two), the seed fixes the data order of both (and the initial weights
+where their shapes agree), so the comparison is paired: d is the mean of the per-seed differences
+d_i and its standard error std(d_i) / sqrt(n), which removes the seed's own effect (often larger
+than the arms' difference). Otherwise Welch's unpaired sqrt(s_a^2 / n_a + s_r^2 / n_r). With one
+run in either arm the noise is unknown and the verdict says so.
 """
 
 from __future__ import annotations
@@ -185,6 +187,8 @@ def choose_reference(arms: list[Arm], runs: list[RunInfo], given: str | None
         what = "no arm" if not found else f"{len(found)} arms"
         raise SystemExit(f"error: --reference {given!r} matches {what} (arms: {names}); name one "
                          "arm by the overrides that set it apart")
+    if len(arms) == 1:  # nothing to compare: no note about the reference
+        return arms[0], None
     return arms[0], (f"note: the preset's reference arm `{declared}` is not among the arms "
                      f"swept; comparing against the first arm, `{arms[0].label}` (choose one "
                      "with --reference).")

@@ -160,6 +160,10 @@ def test_a_declared_reference_that_was_not_swept_falls_back_to_the_first_arm(bas
     assert any("`balance=none` is not among the arms swept" in n for n in notes)
     assert "| **balance=global** |" in arms_table
     assert "one run: noise unknown, run more seeds" in arms_table
+    # a single run: nothing to compare, no arms section and no note about the reference
+    _, arms_table, _, _, notes = write_report([sweep / "0"], tmp_path / "one")
+    assert arms_table == "" and not any("reference" in n for n in notes)
+    assert "## Arms" not in (tmp_path / "one" / "report.md").read_text()
 
 
 def test_loss_vs_imbalance_plot_has_every_run_and_the_arm_means(base_config, tmp_path, monkeypatch):
