@@ -1,10 +1,13 @@
 """Compare the runs of one or more sweeps: a Markdown table, plots, optionally a W&B report.
 
-    python experiments/report.py multirun/moe_vs_dense/2026-01-01_12-00-00 [MORE_SWEEP_DIRS] \
-        [--out DIR] [--wandb [--entity E] [--project P]]
+    python experiments/report.py multirun/balancing/2026-01-01_12-00-00 [MORE_SWEEP_DIRS] \
+        [--reference balance=none] [--out DIR] [--wandb [--entity E] [--project P]]
 
-Writes into the first sweep directory (or --out): `report.md` (the table), `report.json` (the same
-rows, unrounded, and every plotted series), `loss.png` (smoothed training loss and validation loss
+Writes into the first sweep directory (or --out): `report.md` (the arms table: runs that differ
+only in their seed grouped, mean and spread per arm, differences against a reference arm with
+their noise and a verdict; then one row per run), `report.json` (the same rows and arms,
+unrounded, and every plotted series), `loss_vs_imbalance.png` (final validation loss against
+expert load max/mean, per run and per arm), `loss.png` (smoothed training loss and validation loss
 against tokens), `val_loss_vs_flops.png` and `val_loss_vs_time.png` (validation loss at equal
 training compute / time), `expert_load.png` (per run and MoE layer: each expert's load / mean load
 at the end of training) and `expert_load_steps/<run>.png` (per run, per layer: the same over steps).
@@ -15,6 +18,7 @@ and generate job folders are not runs and are skipped.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -22,10 +26,19 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from experiments.report_arms import (
+    Arm,
+    arms_markdown,
+    choose_reference,
+    compare_arms,
+    group_arms,
+    pooled_std,
+)
 from experiments.report_plots import (
     file_stem,
     plot_expert_balance,
     plot_expert_load_steps,
+    plot_loss_vs_imbalance,
     plot_losses,
     plot_val_loss_against,
 )
@@ -34,6 +47,7 @@ from experiments.report_runs import (
     RunInfo,
     flops_per_token_of,
     read_run,
+    resumed_note,
     scan_sweep,
     summarise,
     sweep_warnings,
@@ -122,11 +136,12 @@ def markdown_table(runs: list[RunInfo], rows: list[dict[str, Any]], keys: list[s
 
 
 def _plots(runs: list[RunInfo], rows: list[dict[str, Any]], keys: list[str],
-           curves: list[dict[str, Any]], out: Path) -> list[Path]:
+           curves: list[dict[str, Any]], arms: list[Arm], out: Path) -> list[Path]:
     labels = [f"{row['run']}: {run_label(run, keys, 60)}"
               + ("" if run.state == "finished" else f" ({run.state})")
               for run, row in zip(runs, rows)]
-    written = [plot_losses(labels, curves, out / "loss.png"),
+    written = [plot_loss_vs_imbalance(arms, rows, out / "loss_vs_imbalance.png"),
+               plot_losses(labels, curves, out / "loss.png"),
                plot_val_loss_against(labels, curves, "flops", out / "val_loss_vs_flops.png"),
                plot_val_loss_against(labels, curves, "seconds", out / "val_loss_vs_time.png"),
                plot_expert_balance(runs, labels, out / "expert_load.png")]
@@ -136,10 +151,41 @@ def _plots(runs: list[RunInfo], rows: list[dict[str, Any]], keys: list[str],
     return [p for p in written if p is not None]
 
 
-def write_report(sweep_dirs: list[Path], out: Path
-                 ) -> tuple[list[RunInfo], str, list[Path], list[str]]:
+def _arms_section(arms_table: str, arms: list[Arm], reference: Arm) -> list[str]:
+    noise, dof = pooled_std(arms)
+    return [
+        "## Arms",
+        "",
+        arms_table,
+        "",
+        ("An arm is the runs whose overrides are equal apart from `train.seed` (and "
+         "`train.resume`, `logger.*`); only finished runs count. Cells: mean ± sample standard "
+         "deviation [min, max] over the arm's runs (the mean alone for one run). "
+         f"Δ: the arm's mean minus the reference arm's (**{reference.label}**; `--reference` "
+         "picks another) ± twice its standard error; the verdict says *within noise* when |Δ| "
+         "is not larger. *paired*: both arms ran the same seeds (the same data order, and the "
+         "same initial weights where the arms' shapes agree), so Δ is the mean of the per-seed differences d_i and its standard error "
+         "std(d_i)/sqrt(n), free of the seed's own effect; otherwise Welch's "
+         "sqrt(s_a²/n_a + s_r²/n_r). "
+         "Load max/mean: lower is more even. "
+         + (f"Seed noise of one run (standard deviation of the final validation loss between "
+            f"seeds, pooled over arms): {noise:.4f} ({dof} degrees of freedom)."
+            if noise is not None else
+            "No arm has two finished runs, so the seed noise is unknown: rerun with "
+            "`train.seed=0,1,2` to tell differences from noise.")),
+        "",
+        "## Runs",
+        "",
+    ]
+
+
+def write_report(sweep_dirs: list[Path], out: Path, reference: str | None = None
+                 ) -> tuple[list[RunInfo], str, str, list[Path], list[str]]:
     """Read the sweeps, write report.md / report.json / plots into `out`; return what was read,
-    the table, the files written and the note lines (warnings, skipped folders)."""
+    the arms table ("" for a single run), the runs table, the files written and the note lines
+    (warnings, skipped folders, resumed runs). `reference`:
+    the arm to compare against, as overrides ("balance=none"); default: the preset's
+    `experiment_reference`, else the first arm."""
     runs, skipped = load_runs(sweep_dirs)
     rows = [summarise(r) for r in runs]
     keys = varying_keys([r.overrides for r in runs])
@@ -148,13 +194,18 @@ def write_report(sweep_dirs: list[Path], out: Path
         for run, row in zip(runs, rows):
             if run.path != run.sweep:
                 row["run"] = f"{run.sweep.name}/{row['run']}"
+    arms = group_arms(runs, rows)
+    ref_arm, ref_note = choose_reference(arms, runs, reference)  # a bad --reference stops here
+    compare_arms(arms, ref_arm)
     table = markdown_table(runs, rows, keys)
+    arms_table = arms_markdown(arms, ref_arm) if len(runs) > 1 else ""
     curves = [run_curves(run.records, flops_per_token_of(run)) for run in runs]
     out.mkdir(parents=True, exist_ok=True)
-    written = _plots(runs, rows, keys, curves, out)
+    written = _plots(runs, rows, keys, curves, arms, out)
     names = sorted({r.config.get("experiment_name") or r.sweep.name for r in runs})
     not_done = [row for row in rows if row["state"] != "finished"]
     notes = sweep_warnings(runs, [row["run"] for row in rows])
+    notes += [n for n in (ref_note, resumed_note(runs, [row["run"] for row in rows])) if n]
     if skipped:
         notes.append(f"note: skipped {len(skipped)} non-training job folder(s) (mode=eval / "
                      "mode=generate outputs, or job folders nested inside a run): "
@@ -167,6 +218,7 @@ def write_report(sweep_dirs: list[Path], out: Path
         "Common overrides: " + (" ".join(f"`{c}`" for c in common) or "none"),
         "",
         *(line for note in notes for line in (note, "")),
+        *(_arms_section(arms_table, arms, ref_arm) if arms_table else []),
         table,
         "",
         f"{len(rows)} runs, {len(not_done)} not finished"
@@ -182,14 +234,19 @@ def write_report(sweep_dirs: list[Path], out: Path
          "(`h64lm.model.flops_per_token` at `data.seq_len`, times tokens seen). train s: "
          "training seconds, the sum of logged step times (a step not logged counts as long as "
          "the next logged one; evaluation excluded). `<task> acc`: the last logged "
-         "`downstream/<task>/acc`. Steps of an unfinished run read done/planned."),
+         "`downstream/<task>/acc`. Steps of an unfinished run read done/planned. A resumed "
+         "run shows the overrides and config of its last launch."),
         "",
+        "`loss_vs_imbalance.png`: final validation loss against expert load max/mean, one dot "
+        "per finished run coloured by arm, each arm's mean ± seed standard deviation as a "
+        "diamond. "
         f"`loss.png`: training loss smoothed by a bias-corrected EMA (beta = {EMA_BETA} over "
         "logged steps; raw loss faint) beside validation loss, both against tokens. "
         "`val_loss_vs_flops.png` / `val_loss_vs_time.png`: validation loss at equal training "
         "compute / time. `expert_load.png`: load / mean load per expert and MoE layer over the "
         f"last {BALANCE_TAIL:.0%} of logged steps, log colour scale centred at 1 (blue: "
-        "under-used, red: over-used). `expert_load_steps/<run>.png`: the same per logged step.",
+        "under-used, red: over-used), fixed at 1/8x..8x in every figure, the runs' own "
+        "`expert_load.png` included. `expert_load_steps/<run>.png`: the same per logged step.",
         "",
         *(f"![{p.stem}]({p.relative_to(out)})" for p in written),
         "",
@@ -197,8 +254,9 @@ def write_report(sweep_dirs: list[Path], out: Path
     (out / "report.md").write_text(text)
     (out / "report.json").write_text(json.dumps(
         {"sweeps": [str(s) for s in sweep_dirs], "varying": keys, "notes": notes, "rows": rows,
+         "reference": ref_arm.label, "arms": [dataclasses.asdict(a) for a in arms],
          "curves": {row["run"]: c for row, c in zip(rows, curves)}}, indent=1))
-    return runs, table, [out / "report.md", out / "report.json", *written], notes
+    return runs, arms_table, table, [out / "report.md", out / "report.json", *written], notes
 
 
 def _publish_wandb(runs: list[RunInfo], table: str, args: argparse.Namespace) -> None:
@@ -227,6 +285,9 @@ def _publish_wandb(runs: list[RunInfo], table: str, args: argparse.Namespace) ->
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_dirs", nargs="+", type=Path, help="sweep (or run) directories")
+    parser.add_argument("--reference", help="the arm the others are compared with, as its "
+                        "overrides, e.g. balance=none (default: the preset's "
+                        "experiment_reference, else the first arm)")
     parser.add_argument("--out", type=Path, help="where to write (default: the first sweep dir)")
     parser.add_argument("--wandb", action="store_true", help="also build and save a W&B report")
     parser.add_argument("--entity", help="W&B entity (default: the runs' logger.entity)")
@@ -235,13 +296,16 @@ def main(argv: list[str] | None = None) -> int:
     missing = [str(s) for s in args.sweep_dirs if not s.is_dir()]
     if missing:
         parser.error(f"not a directory: {', '.join(missing)}")
-    runs, table, written, notes = write_report(args.sweep_dirs, args.out or args.sweep_dirs[0])
+    runs, arms_table, table, written, notes = write_report(
+        args.sweep_dirs, args.out or args.sweep_dirs[0], args.reference)
     for note in notes:
         print(note, file=sys.stderr if note.startswith("warning") else sys.stdout)
+    if arms_table:
+        print(arms_table + "\n")
     print(table)
     print("\nwrote " + ", ".join(str(p) for p in written))
     if args.wandb:
-        _publish_wandb(runs, table, args)
+        _publish_wandb(runs, "\n\n".join(t for t in (arms_table, table) if t), args)
     return 0
 
 

@@ -1,9 +1,9 @@
 """The sweep report's figures. Every line plotted comes from `run_curves` (stored in report.json
 too) and every heat map from `expert_load_ratios`, so the figures can be checked against numbers.
 
-Expert load is drawn as load / mean load (1 = balanced) on a log colour scale centred at 1: an
-expert at twice its share and one at half of it are equally far from white, and a max/mean of 3
-stands out (on a 0-to-share scale it did not).
+Expert load is drawn as load / mean load (1 = balanced) on the fixed log colour scale of
+`h64lm.plotting` (centred at 1, 1/8x..8x), the one the trainer's per-run `expert_load.png` uses:
+the same colour is the same load in every figure of every run.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from experiments.report_arms import Arm
 from experiments.report_runs import RunInfo
 from experiments.report_series import (
     BALANCE_TAIL,
@@ -21,11 +22,13 @@ from experiments.report_series import (
     expert_load_ratios,
     router_tail_mean,
 )
+from h64lm.plotting import LOAD_RATIO_CMAP, clip_load_ratio, load_ratio_colorbar, load_ratio_norm
 
 __all__ = [
     "file_stem",
     "plot_expert_balance",
     "plot_expert_load_steps",
+    "plot_loss_vs_imbalance",
     "plot_losses",
     "plot_val_loss_against",
 ]
@@ -91,29 +94,6 @@ def plot_val_loss_against(labels: list[str], curves: list[Curves], x: str, path:
     return _save(fig, path)
 
 
-def _ratio_norm(values: list[float]):
-    """LogNorm symmetric around 1 (limits 1/m..m), m the next power of 2 at or above the largest
-    load / mean seen (at least 2, at most 64): the scale spans the overloads, which max/mean
-    measures, and an expert starved below 1/m (zero load included) saturates at the darkest blue."""
-    from matplotlib.colors import LogNorm
-
-    top = max((v for v in values if math.isfinite(v)), default=2.0)
-    m = 2.0 ** min(6, max(1, math.ceil(math.log2(max(top, 1.0)))))
-    return LogNorm(vmin=1 / m, vmax=m, clip=True), m
-
-
-def _ratio_colorbar(fig: Any, im: Any, ax: Any, m: float) -> None:
-    ticks = [2.0**k for k in range(-int(math.log2(m)), int(math.log2(m)) + 1)]
-    bar = fig.colorbar(im, ax=ax, ticks=ticks, extend="min")
-    bar.ax.set_yticklabels([f"{t:g}" if t >= 1 else f"1/{1 / t:g}" for t in ticks])
-    bar.ax.minorticks_off()  # a log colour bar otherwise draws (and lays out) dozens of ticks
-    bar.set_label("load / mean (1 = balanced)")
-
-
-def _floor(rows: list[list[float]], m: float) -> list[list[float]]:
-    return [[max(v, 1 / m) if math.isfinite(v) else math.nan for v in row] for row in rows]
-
-
 def _tail_ratio(ratios: list[list[list[float]]]) -> list[list[float]]:
     """[layer][expert]: the mean ratio over the last BALANCE_TAIL of steps."""
     out = []
@@ -134,16 +114,16 @@ def plot_expert_balance(runs: list[RunInfo], labels: list[str], path: Path) -> P
             tables.append((label, layers, _tail_ratio(ratios), max_over_mean))
     if not tables:
         return None
-    norm, m = _ratio_norm([v for _, _, t, _ in tables for row in t for v in row])
     plt = _plt()
     fig, axes = plt.subplots(len(tables), 1, squeeze=False,
                              figsize=(8, 1.2 + 1.6 * sum(len(t[1]) for t in tables)))
     for ax, (label, layers, table, max_over_mean) in zip(axes[:, 0], tables):
-        im = ax.imshow(_floor(table, m), aspect="auto", cmap="RdBu_r", norm=norm)
+        im = ax.imshow(clip_load_ratio(table), aspect="auto", cmap=LOAD_RATIO_CMAP,
+                       norm=load_ratio_norm())
         ax.set_yticks(range(len(layers)), [f"layer {layer}" for layer in layers])
         ax.set_xticks(range(len(table[0])))
         ax.set_title(f"{label}  (max/mean {max_over_mean:.2f}, as in the table)", fontsize=8)
-        _ratio_colorbar(fig, im, ax, m)
+        load_ratio_colorbar(fig, im, ax)
     axes[-1, 0].set_xlabel("expert")
     fig.suptitle(f"expert load / mean load, last {BALANCE_TAIL:.0%} of logged steps")
     return _save(fig, path)
@@ -156,19 +136,52 @@ def plot_expert_load_steps(run: RunInfo, label: str, path: Path) -> Path | None:
     if not layers:
         return None
     path.parent.mkdir(parents=True, exist_ok=True)
-    norm, m = _ratio_norm([v for per_step in ratios for step in per_step for v in step])
     plt = _plt()
     fig, axes = plt.subplots(len(layers), 1, squeeze=False, figsize=(9, 0.6 + 2.4 * len(layers)))
     for ax, layer, per_step in zip(axes[:, 0], layers, ratios):
         n_experts = len(per_step[0])
         by_expert = [[step[e] for step in per_step] for e in range(n_experts)]  # [E, steps]
-        im = ax.imshow(_floor(by_expert, m), aspect="auto", origin="lower", cmap="RdBu_r",
-                       norm=norm, interpolation="nearest",
+        im = ax.imshow(clip_load_ratio(by_expert), aspect="auto", origin="lower",
+                       cmap=LOAD_RATIO_CMAP, norm=load_ratio_norm(), interpolation="nearest",
                        extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, n_experts - 0.5))
         ax.set(ylabel="expert", title=f"MoE layer {layer}", yticks=range(n_experts))
-        _ratio_colorbar(fig, im, ax, m)
+        load_ratio_colorbar(fig, im, ax)
     axes[-1, 0].set_xlabel("step")
     fig.suptitle(f"{label}: expert load / mean load over training", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_loss_vs_imbalance(arms: list[Arm], rows: list[dict[str, Any]], path: Path
+                           ) -> Path | None:
+    """The trade-off: final validation loss against expert load max/mean, one small point per
+    finished run, coloured by arm, and each arm's mean as a large marker with its seed standard
+    deviation as error bars. None when no run has both numbers (a dense sweep)."""
+    by_name = {row["run"]: row for row in rows}
+    drawn = []
+    for arm in arms:
+        points = [(by_name[n]["load_max_over_mean"], by_name[n]["final_val_loss"]) for n in arm.runs]
+        points = [(x, y) for x, y in points if x is not None and y is not None]
+        if points:
+            drawn.append((arm, points))
+    if not drawn:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for i, (arm, points) in enumerate(drawn):
+        colour = f"C{i % 10}"
+        xs, ys = zip(*points)
+        ax.scatter(xs, ys, s=18, color=colour, alpha=0.6)
+        sx, sy = statistics.fmean(xs), statistics.fmean(ys)
+        ex = statistics.stdev(xs) if len(xs) > 1 else 0.0
+        ey = statistics.stdev(ys) if len(ys) > 1 else 0.0
+        ax.errorbar([sx], [sy], xerr=[ex], yerr=[ey], fmt="D", ms=8, color=colour, mec="black",
+                    capsize=3, label=f"{arm.label} (n={len(points)})")
+    ax.set(xlabel="expert load max/mean (1 = even; mean over MoE layers, last "
+                  f"{BALANCE_TAIL:.0%} of steps)",
+           ylabel="final validation loss (nats/token)",
+           title="loss against imbalance: runs (dots), arm means ± seed std (diamonds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     return _save(fig, path)
 
 

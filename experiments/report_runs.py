@@ -7,6 +7,10 @@ runs: they are skipped and counted. Everything else is optional, so a run that c
 still going still gets a row:
 `status.json` says how it ended (a "running" run whose process is gone on this host crashed),
 `metrics.jsonl` carries the per-step numbers, `summary.json` exists only after a clean finish.
+
+A resumed run is read with the settings it finished with: every training launch leaves its composed
+config and overrides in `.hydra/launches/<time>/` (h64lm/train/rundir.py), and the last of them is
+what produced the final steps; `.hydra/{config,overrides}.yaml` stay the first launch's.
 """
 
 from __future__ import annotations
@@ -29,14 +33,17 @@ from experiments.report_series import (
     router_tail_mean,
     train_seconds,
 )
+from h64lm.train.rundir import LAUNCHES
 
 __all__ = [
     "BALANCE_TAIL",
     "RunInfo",
     "find_run_dirs",
     "flops_per_token_of",
+    "last_launch",
     "read_run",
     "run_mode",
+    "resumed_note",
     "run_state",
     "scan_sweep",
     "summarise",
@@ -53,12 +60,14 @@ TRAINING_FILES = ("metrics.jsonl", "status.json", "summary.json")
 class RunInfo:
     path: Path
     sweep: Path
-    overrides: dict[str, str]  # override key (without a leading "+") -> value, as typed
-    config: dict[str, Any]  # the job's resolved config (.hydra/config.yaml)
+    overrides: dict[str, str]  # override key (without a leading "+") -> value, of the last launch
+    config: dict[str, Any]  # the resolved config of the last training launch
     state: str  # finished | running | stopped | diverged | failed | crashed
     records: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl
     summary: dict[str, Any] | None = None  # summary.json (clean finish only)
     wandb_id: str | None = None  # the W&B run id, from wandb/offline-run-*-<id> or run-*-<id>
+    launches: int = 1  # training launches (1 + resumes) with a record in .hydra/launches
+    first_overrides: dict[str, str] = field(default_factory=dict)  # the first launch's overrides
 
 
 def run_mode(run_dir: Path) -> str:
@@ -162,10 +171,26 @@ def _parse_overrides(lines: list[str]) -> dict[str, str]:
     return out
 
 
+def last_launch(run_dir: Path) -> tuple[Path, int]:
+    """(the record folder of the run's last training launch, how many training launches left a
+    record). Records are named by launch time, so name order is time order; a refused launch
+    removes its record, and one that evaluated or generated into this folder is not training.
+    A run from before launch records existed: (`.hydra`, 1)."""
+    records = sorted(p for p in (Path(run_dir) / LAUNCHES).glob("*")
+                     if (p / "overrides.yaml").exists())
+    training = [p for p in records
+                if (_read_yaml(p / "config.yaml") or {}).get("mode", "train") == "train"]
+    if not training:
+        return Path(run_dir) / ".hydra", 1
+    return training[-1], len(training)
+
+
 def read_run(run_dir: Path, sweep_dir: Path) -> RunInfo:
     run_dir = Path(run_dir)
-    overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
-    config = _read_yaml(run_dir / ".hydra" / "config.yaml")
+    first = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
+    record, launches = last_launch(run_dir)
+    overrides = _read_yaml(record / "overrides.yaml") or []
+    config = _read_yaml(record / "config.yaml") or _read_yaml(run_dir / ".hydra" / "config.yaml")
     return RunInfo(
         path=run_dir,
         sweep=Path(sweep_dir),
@@ -175,7 +200,26 @@ def read_run(run_dir: Path, sweep_dir: Path) -> RunInfo:
         records=_read_metrics(run_dir / "metrics.jsonl"),
         summary=_read_json(run_dir / "summary.json"),
         wandb_id=_wandb_id(run_dir),
+        launches=launches,
+        first_overrides=_parse_overrides(first),
     )
+
+
+def resumed_note(runs: list[RunInfo], names: list[str]) -> str | None:
+    """One line naming the resumed runs (`names` parallel to `runs`) and the overrides their last
+    launch changed, or None when no run was resumed."""
+    resumed = []
+    for run, name in zip(runs, names):
+        if run.launches < 2:
+            continue
+        keys = varying_keys([run.first_overrides, run.overrides])
+        changed = ", ".join(f"{k}: {run.first_overrides.get(k, '—')} -> {run.overrides.get(k, '—')}"
+                            for k in keys)
+        resumed.append(f"{name} ({run.launches} launches{'; ' + changed if changed else ''})")
+    if not resumed:
+        return None
+    return (f"note: {len(resumed)} run(s) resumed: {', '.join(resumed)}. Their rows show the "
+            "overrides and config of the last launch, the one that reached the final step.")
 
 
 def varying_keys(mappings: list[dict[str, Any]]) -> list[str]:

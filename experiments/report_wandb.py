@@ -14,9 +14,10 @@ from h64lm.train.wandb_sink import flatten
 
 __all__ = ["UNGROUPED_KEYS", "build_wandb_report", "groupby_keys", "server_problem"]
 
-# Keys that vary between repeats of one setting: runs that differ only in these are averaged
-# together in a W&B group instead of each forming its own.
-UNGROUPED_KEYS = ("train.seed", "experiment_name")
+# Keys that vary between repeats of one setting (the seed, a resume): runs that differ only in
+# these are averaged together in a W&B group instead of each forming its own, as they form one
+# arm in the local report.
+UNGROUPED_KEYS = ("train.seed", "train.resume", "experiment_name")
 
 
 def groupby_keys(runs: list[RunInfo]) -> list[str]:

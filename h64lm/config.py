@@ -243,6 +243,7 @@ class RunConfig:
     out: Optional[str] = None  # export: the Hugging Face folder to write (null: RUN/exports/<time>/hf)
     prompt: Optional[str] = None  # generate: the prompt ("" = from BOS); null: train.sample_prompts
     experiment_name: Optional[str] = None  # set by experiment presets; the W&B group
+    experiment_reference: Optional[str] = None  # set by presets: the arm (its overrides) the sweep report compares against
     model: H64LMConfig = field(default_factory=H64LMConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

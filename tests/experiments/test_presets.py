@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from h64lm.model import active_parameters_per_token, count_parameters
 from tests.helpers import compose_cfg, run_config
 
-EXPECTED_JOBS = {"moe_vs_dense": 3, "routing": 2 * 3 * 2 * 2, "positions": 3, "lr": 4, "balancing": 5,
+EXPECTED_JOBS = {"moe_vs_dense": 3, "routing": 2 * 3 * 2 * 2, "positions": 3, "lr": 4, "balancing": 5 * 3,
                  "recipe": 2 * 2 * 2}
 
 

@@ -110,23 +110,22 @@ def load_matrix(records: Sequence[Dict[str, Any]]):
 
 
 def plot_load_heatmap(records: Sequence[Dict[str, Any]], path) -> None:
-    """Load per (layer, expert) over training steps, coloured by log2(load / mean) on a diverging
-    scale centred at 1x (white), clipped at 1/8x and 8x: overloaded red, starved blue."""
+    """Load per (layer, expert) over training steps, coloured by load / mean on the colour scale
+    the sweep report uses too (h64lm/plotting.py: log scale centred at 1x, 1/8x..8x): overloaded
+    red, starved blue."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
+
+    from h64lm.plotting import LOAD_RATIO_CMAP, clip_load_ratio, load_ratio_colorbar, load_ratio_norm
 
     steps, labels, ratio = load_matrix(records)
-    log_ratio = np.log2(np.clip(ratio, 1 / 8, 8))
     fig, ax = plt.subplots(figsize=(8, 1.5 + 0.18 * len(labels)))
-    im = ax.imshow(log_ratio, aspect="auto", origin="lower", cmap="RdBu_r", vmin=-3, vmax=3,
-                   interpolation="nearest",
+    im = ax.imshow(clip_load_ratio(ratio), aspect="auto", origin="lower", cmap=LOAD_RATIO_CMAP,
+                   norm=load_ratio_norm(), interpolation="nearest",
                    extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, len(labels) - 0.5))
-    bar = fig.colorbar(im, ax=ax, ticks=range(-3, 4))
-    bar.ax.set_yticklabels(["1/8x", "1/4x", "1/2x", "1x", "2x", "4x", "8x"])
-    bar.set_label("expert load / mean load")
+    load_ratio_colorbar(fig, im, ax)
     ax.set(xlabel="step", yticks=range(len(labels)), title="expert load by layer")
     ax.set_yticklabels(labels, fontsize=6)
     fig.tight_layout()
