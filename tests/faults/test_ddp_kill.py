@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import torch
 
 from experiments.fault_procs import (
     TORCHRUN,
@@ -42,7 +43,11 @@ def accum_reference(tmp_path_factory, base_args) -> Path:
     in the last bits at step 1, and training amplified that to 1e-4 by step 7."""
     run_dir = tmp_path_factory.mktemp("accum_reference") / "run"
     args = base_args + ["train.batch_size=1", "train.grad_accum=2", "hardware.num_threads=1"]
-    run(run_config(args), run_dir, args)
+    threads = torch.get_num_threads()
+    try:
+        run(run_config(args), run_dir, args)
+    finally:  # the setting is process-wide: later in-process runs must keep the default
+        torch.set_num_threads(threads)
     return run_dir
 
 
