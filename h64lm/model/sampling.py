@@ -59,7 +59,8 @@ def select_next(logits: torch.Tensor, temperature: float, top_k: Optional[int],
     the k largest logits, top-p then keeps their nucleus."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    if temperature != 1.0:  # a [B, V] pass saved in the common RL setting
+        logits = logits / temperature
     nucleus = top_p is not None and top_p < 1.0
     if top_k is None:
         if nucleus:
