@@ -18,11 +18,22 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["AGGREGATIONS", "ADVANTAGE_SCALES", "group_advantages", "k3_kl",
+__all__ = ["AGGREGATIONS", "ADVANTAGE_SCALES", "completion_mask", "group_advantages", "k3_kl",
            "clipped_policy_loss", "terminal_rewards", "gae", "clipped_value_loss"]
 
 AGGREGATIONS = ("sequence", "token")
 ADVANTAGE_SCALES = ("std", "none")
+
+
+def completion_mask(completions: torch.Tensor, eos_token_id: Optional[int]) -> torch.Tensor:
+    """completions [B, n] (the generated columns of `generate`) -> mask [B, n] bool: every token
+    up to and including the row's first EOS (the EOS is a sampled action too); the pads after it
+    are not. Without an EOS id every token counts."""
+    if eos_token_id is None:
+        return torch.ones_like(completions, dtype=torch.bool)
+    is_eos = (completions == eos_token_id).long()
+    before = is_eos.cumsum(dim=1) - is_eos  # EOS tokens strictly before each position
+    return before == 0
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "std",

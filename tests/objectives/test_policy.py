@@ -150,3 +150,46 @@ def test_clipped_value_loss_by_hand():
     # token 1: unclipped 0, clipped V=0.0 (within 0.2 of 0.1): 0 -> 0
     loss = clipped_value_loss(values, old, returns, mask, clip_eps=0.2)
     assert loss.item() == pytest.approx(0.5 * (1.69 + 0.0) / 2)
+
+
+def test_completion_mask_keeps_the_first_eos_and_drops_what_follows():
+    from h64lm.objectives.policy import completion_mask
+
+    eos = 2
+    completions = torch.tensor([[5, 2, 0, 0], [5, 6, 7, 8], [2, 9, 2, 0]])
+    assert completion_mask(completions, eos).tolist() == [
+        [True, True, False, False], [True, True, True, True], [True, False, False, False]]
+    assert completion_mask(completions, None).all()
+
+
+def test_first_grpo_step_on_sampled_completions():
+    """generate -> completion mask -> label log-probs -> GRPO loss, policy == reference == old:
+    ratio 1, k3 0, nothing clipped, and the loss is -mean(A) = 0 (advantages sum to 0 per group)
+    while its gradient is not zero."""
+    from h64lm.model import H64LMConfig, H64LMForCausalLM, left_pad
+    from h64lm.objectives.logprobs import token_logprobs
+    from h64lm.objectives.policy import completion_mask
+
+    torch.manual_seed(0)
+    model = H64LMForCausalLM(H64LMConfig(vocab_size=64, hidden_size=32, num_layers=2,
+                                         num_attention_heads=4, num_kv_heads=2,
+                                         intermediate_size=48, moe_intermediate_size=24,
+                                         num_experts=4, max_position_embeddings=64))
+    ids, mask = left_pad([[5, 9, 13], [7]])
+    G, n, eos = 4, 6, 3
+    tokens = model.generate(ids, n, attention_mask=mask, num_return_sequences=G, eos_token_id=eos,
+                            generator=torch.Generator().manual_seed(1))
+    T = ids.shape[1]
+    keep = completion_mask(tokens[:, T:], eos)  # [B*G, n']
+    full_mask = torch.cat((mask.repeat_interleave(G, 0), keep.long()), dim=1)
+    labels = torch.full_like(tokens, -100)
+    labels[:, T - 1:-1] = tokens[:, T:].masked_fill(~keep, -100)  # position t predicts t + 1
+    model.train()
+    logp = token_logprobs(model(tokens, attention_mask=full_mask).logits, labels)[:, T - 1:-1]
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.0, 1.0, 1.0])
+    loss, m = clipped_policy_loss(logp, logp.detach(), group_advantages(rewards, G), keep,
+                                  ref_logp=logp.detach(), kl_beta=0.04)
+    assert m["kl"] == 0.0 and m["clip_ratio"] == 0.0
+    assert abs(loss.item()) < 1e-5
+    loss.backward()
+    assert model.lm_head.weight.grad.abs().sum() > 0
