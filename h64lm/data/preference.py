@@ -123,9 +123,11 @@ def _conversation(row: dict, name: str, prompt: list[Message] | None) -> list[Me
         return prompt + [{"role": "assistant", "content": value}]
     if isinstance(value, list):
         turns = _messages(value, name)
-        if prompt is None or turns[:len(prompt)] == prompt:
+        full = any(m["role"] == "user" for m in turns)  # a whole conversation, not answer turns
+        # a string prompt is checked against the conversation's last user turn in pair_from_row
+        if prompt is None or turns[:len(prompt)] == prompt or (full and isinstance(row["prompt"], str)):
             return turns
-        if any(m["role"] == "user" for m in turns):  # a full conversation with another prompt
+        if full:  # a whole conversation continuing another prompt
             raise _Skip("prompt_mismatch")
         return prompt + turns  # the answer turn(s) only, as TRL's conversational format
     raise TypeError(f"{name} is {'missing' if value is None else 'a ' + type(value).__name__}, "

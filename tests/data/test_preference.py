@@ -32,6 +32,9 @@ def test_ultrafeedback_conversations():
            "rejected": [_user("Name a prime."), _assistant("8")],
            "score_chosen": 9.0, "score_rejected": 2.0}
     assert pair_from_row(row) == PreferencePair((_user("Name a prime."),), "7", "8")
+    system = {"role": "system", "content": "Answer with a number."}
+    row = {**row, "chosen": [system, *row["chosen"]], "rejected": [system, *row["rejected"]]}
+    assert pair_from_row(row).prompt == (system, _user("Name a prime."))
 
 
 def test_trl_conversational_prompt_with_answer_turns():
