@@ -47,6 +47,10 @@ def sample_categorical(logits: torch.Tensor, generator: Optional[torch.Generator
     A -inf logit has zero width in the cumulative sum and is never drawn."""
     cdf = logits.softmax(dim=-1).cumsum(dim=-1)  # [B, K], fp32 for fp32 logits
     total = cdf[:, -1:]
+    # NaN logits would make searchsorted return an index past the end, a token id that does not
+    # exist; the check runs on the device without a host sync
+    torch._assert_async(torch.isfinite(total).all(),
+                        "sampling from non-finite logits (NaN or all -inf): the model output is broken")
     # u in [0, total): the largest value below total keeps rounding from stepping past the end
     u = torch.rand(total.shape, generator=generator, device=logits.device, dtype=cdf.dtype)
     u = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))

@@ -119,3 +119,9 @@ def test_top_k_and_top_p_restrict_the_candidates():
     assert set(select_next(logits, 1.0, 3, 0.75, gen).tolist()) == {1, 3}
     assert set(select_next(logits, 1.0, None, 0.75, gen).tolist()) == {1, 3}
     assert set(select_next(logits, 1.0, None, None, gen).tolist()) == {0, 1, 2, 3}
+
+
+def test_sampling_from_nan_logits_is_an_error_not_a_token():
+    logits = torch.tensor([[0.0, 1.0], [float("nan"), 0.0]])
+    with pytest.raises(RuntimeError, match="non-finite logits"):
+        sample_categorical(logits, None)
