@@ -10,9 +10,11 @@ from typing import ClassVar
 
 from h64lm.validation import bounded, check, validate_fields
 
-__all__ = ["SOURCES", "TXT_SPLITS", "DataConfig", "expand_path", "resolve_cache_dir"]
+__all__ = ["PREFERENCE_SOURCES", "SOURCES", "TXT_SPLITS", "DataConfig", "expand_path", "resolve_cache_dir"]
 
-SOURCES = ("wiki_excerpt", "wikitext103", "wikitext2", "text")
+# Preference pairs (chosen vs rejected answers) for reward-model / DPO stages: h64lm/data/preference.py
+PREFERENCE_SOURCES = ("preference_arithmetic", "preference", "ultrafeedback", "hh_rlhf")
+SOURCES = ("wiki_excerpt", "wikitext103", "wikitext2", "text") + PREFERENCE_SOURCES
 TXT_SPLITS = ("auto", "wikitext", "paragraph", "file")
 
 
@@ -50,6 +52,9 @@ class DataConfig:
             check(self.path is not None, "data=text needs data.path=<file or folder>")
             check(self.val_path is not None or self.val_fraction > 0,
                   "data=text needs data.val_path=<file or folder> or data.val_fraction > 0")
+        if self.name == "preference":
+            check(self.path is not None,
+                  "data.name=preference needs data.path=<.jsonl/.parquet file or folder of pairs>")
         if self.name in ("wikitext103", "wikitext2"):
             check(bool(self.hub_config), f"data={self.name} needs data.hub_config")
 

@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from h64lm.data.config import DataConfig
+from h64lm.data.config import PREFERENCE_SOURCES, DataConfig
 from h64lm.data.files import (
     files_identity,
     find_files,
@@ -154,11 +154,20 @@ def load_documents(cfg: DataConfig, hf_cache: Path,
 
     Rows dropped for having no text are counted in `skipped` (by config key, e.g. data.path).
     """
+    _check_documents(cfg)
     return _SOURCES[cfg.name](cfg, hf_cache, {} if skipped is None else skipped)
+
+
+def _check_documents(cfg: DataConfig) -> None:
+    if cfg.name in PREFERENCE_SOURCES:
+        raise ValueError(f"data={cfg.name} holds preference pairs for a reward-model or DPO stage "
+                         "(h64lm/data/preference.py), not documents to train a language model on; "
+                         "use data=wiki_excerpt or data=text data.path=...")
 
 
 def source_identity(cfg: DataConfig) -> dict[str, Any]:
     """What determines the documents, read without loading them (for the cache fingerprint)."""
+    _check_documents(cfg)
     ident: dict[str, Any] = {"name": cfg.name, "max_samples": cfg.max_samples,
                              "split_version": SPLIT_VERSION}
     if cfg.name == "wiki_excerpt":

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from h64lm.model import KVCache, left_pad
-from h64lm.model.sampling import apply_repetition_penalty, filter_top_k, filter_top_p
+from h64lm.model.sampling import (apply_repetition_penalty, filter_top_p, sample_categorical,
+                                  select_next)
 
 ENCODINGS = ["rope", "alibi", "rope+alibi"]
 
@@ -92,9 +93,35 @@ def test_repetition_penalty_per_row_and_sign():
     assert out.tolist() == [[1.0, -4.0, 1.0], [2.0, -2.0, 0.5]]
 
 
-def test_top_k_and_top_p_filters():
+def test_top_p_filter():
     logits = torch.log(torch.tensor([[0.5, 0.05, 0.3, 0.15]]))
-    assert torch.isinf(filter_top_k(logits, 2)).tolist() == [[False, True, False, True]]
     # nucleus 0.75: 0.5 then 0.3 reach it; 0.15 and 0.05 go
     assert torch.isinf(filter_top_p(logits, 0.75)).tolist() == [[False, True, False, True]]
     assert torch.isinf(filter_top_p(logits, 0.4)).tolist() == [[False, True, True, True]]
+
+
+def test_inverse_cdf_sampling_follows_the_distribution():
+    probs = [0.5, 0.0, 0.3, 0.2]
+    n = 40_000
+    logits = torch.log(torch.tensor([probs] * n))  # log 0 = -inf: never drawn
+    draws = sample_categorical(logits, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=4).double() / n
+    for got, p in zip(freq.tolist(), probs):
+        # 5 standard deviations of a binomial proportion
+        assert abs(got - p) <= 5 * (p * (1 - p) / n) ** 0.5 + 1e-12
+
+
+def test_top_k_and_top_p_restrict_the_candidates():
+    logits = torch.log(torch.tensor([[0.05, 0.5, 0.15, 0.3]])).repeat(2000, 1)
+    gen = torch.Generator().manual_seed(1)
+    assert set(select_next(logits, 1.0, 2, None, gen).tolist()) == {1, 3}
+    # top-3 keeps {1, 3, 2}; their nucleus at 0.75 (renormalised 0.53, 0.32, ...) keeps {1, 3}
+    assert set(select_next(logits, 1.0, 3, 0.75, gen).tolist()) == {1, 3}
+    assert set(select_next(logits, 1.0, None, 0.75, gen).tolist()) == {1, 3}
+    assert set(select_next(logits, 1.0, None, None, gen).tolist()) == {0, 1, 2, 3}
+
+
+def test_sampling_from_nan_logits_is_an_error_not_a_token():
+    logits = torch.tensor([[0.0, 1.0], [float("nan"), 0.0]])
+    with pytest.raises(RuntimeError, match="non-finite logits"):
+        sample_categorical(logits, None)
