@@ -183,6 +183,8 @@ class PlanConfig:
     peak_tflops: float = bounded(989.0, gt=0)  # dense bf16 peak per GPU (H100 SXM)
     mfu: float = bounded(0.4, gt=0, le=1)  # fraction of peak the job reaches
     headroom: float = bounded(0.1, ge=0, lt=1)  # memory kept free: CUDA context, NCCL, fragmentation
+    # training tokens to plan the time and GPU-hours of (e.g. 2e10); null: train.max_steps steps
+    tokens: Optional[float] = bounded(None, gt=0, null="train.max_steps x tokens per step")
 
     def __post_init__(self) -> None:
         validate_fields(self)
