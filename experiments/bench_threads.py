@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from h64lm.cpu_threads import SPINCOUNT
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # name -> (environment added to the child's, torch.set_num_threads value or None for torch's default)
@@ -26,7 +28,7 @@ SETTINGS = {
     "1 thread": ({}, 1),
     "all cores, OpenMP's default spin-wait": ({}, None),
     "all cores, OMP_WAIT_POLICY=PASSIVE": ({"OMP_WAIT_POLICY": "PASSIVE"}, None),
-    "all cores, GOMP_SPINCOUNT=10000": ({"GOMP_SPINCOUNT": "10000"}, None),
+    "all cores, GOMP_SPINCOUNT=10000 (run.py's)": ({"GOMP_SPINCOUNT": SPINCOUNT}, None),
 }
 
 _CHILD = """
@@ -84,7 +86,7 @@ def main() -> None:
             for name, (env, threads) in SETTINGS.items():
                 seconds, used = _time_setting(env, threads, args.steps, overrides)
                 medians[name].append(seconds)
-                print(f"  round {r}  {name:40s} {used} thread(s)  {seconds:7.3f} s/step  "
+                print(f"  round {r}  {name:42s} {used} thread(s)  {seconds:7.3f} s/step  "
                       f"load {os.getloadavg()[0]:5.2f}", flush=True)
     finally:
         for p in spinners:
@@ -93,7 +95,7 @@ def main() -> None:
     print("median over rounds (ratio to 1 thread):")
     for name, values in medians.items():
         t = statistics.median(values)
-        print(f"  {name:40s} {t:7.3f} s/step  {t / one:5.2f}x")
+        print(f"  {name:42s} {t:7.3f} s/step  {t / one:5.2f}x")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 
 from h64lm.config import RunConfig, build_run_config
 from h64lm.console import Tee, final_summary_line
+from h64lm.cpu_threads import starvation_note
 from h64lm.train.checkpoint import CheckpointError
 from h64lm.train.control import TrainingDiverged, TrainingStopped
 from h64lm.train.distributed import Dist, PeerFailure, broadcast_object, init_distributed, is_peer_failure
@@ -123,6 +124,12 @@ def run(run_cfg: RunConfig, run_dir: Path, overrides: list[str], sweep_dir: str 
     except Exception as e:
         e.refused = True
         raise
+    if run_cfg.mode == "train" and d.is_main and d.device.type == "cpu":
+        import torch
+
+        note = starvation_note(torch.get_num_threads())
+        if note:
+            print(note, flush=True)
     try:
         run_dir = Path(broadcast_object(str(run_dir), d))
         if run_cfg.mode == "train":
