@@ -2,6 +2,10 @@
 
 import sys
 
+from h64lm.cpu_threads import limit_spin_wait
+
+limit_spin_wait()  # before torch is imported: OpenMP reads it once (h64lm/cpu_threads.py)
+
 import hydra
 from omegaconf import DictConfig
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -21,8 +22,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from h64lm.config import RunConfig, build_run_config
-from h64lm.console import Tee, final_summary_line
+from h64lm.config import CONF_DIR, RunConfig, build_run_config, did_you_mean, is_schema_key
+from h64lm.console import Tee, continue_command, final_summary_line, launcher
+from h64lm.cpu_threads import starvation_note
 from h64lm.train.checkpoint import CheckpointError
 from h64lm.train.control import TrainingDiverged, TrainingStopped
 from h64lm.train.distributed import Dist, PeerFailure, broadcast_object, init_distributed, is_peer_failure
@@ -30,7 +32,7 @@ from h64lm.train.rundir import RunDirLock, adopt_launch_record, discard_launch
 from h64lm.train.wandb_sink import check_can_log
 from h64lm.validation import ConfigError
 
-__all__ = ["main", "run", "check_command_line", "EXIT_CODES"]
+__all__ = ["main", "run", "check_command_line", "mistyped_key", "EXIT_CODES"]
 
 EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_CHECKPOINT, EXIT_PEER = 2, 3, 4, 5
 EXIT_CODES = [
@@ -50,13 +52,36 @@ def _hydra_run_info() -> tuple[Path, list[str], str | None, Path | None]:
 
 
 def check_command_line(argv: list[str]) -> None:
-    """Hydra refuses `-m` with `--cfg` by a traceback; say it in one line (exit 2) instead."""
+    """One line (exit 2) instead of Hydra's traceback or listing: `-m` with `--cfg`, and a mistyped
+    key that is close to a real one (`model.hiden_size=1`: did you mean model.hidden_size?)."""
     flags = {"--multirun": "-m", "-m": "-m", "--cfg": "--cfg", "-c": "--cfg", "--info": "--info"}
     given = sorted({flags[a] for a in argv[1:] if a in flags})
     if len(given) > 1:
         print(f"error: {' and '.join(given)} cannot be combined; to see each job's config, run without -m "
               "(python run.py --cfg job OVERRIDES)", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
+    message = mistyped_key(argv[1:])
+    if message:
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def mistyped_key(args: list[str]) -> str | None:
+    """'model.hiden_size is not a configuration key; did you mean model.hidden_size?' for the first
+    `key=value` whose key is neither in the schema nor a config group but close to one; None when
+    there is none (keys with `+`/`~`, Hydra's own and unknown ones far from any are Hydra's to judge;
+    `+group.key` is checked after composing, by `build_run_config`)."""
+    groups = tuple(sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir()))
+    for arg in args:
+        key, sep, _ = arg.partition("=")
+        if arg.startswith("-") or not sep or key.startswith(("+", "~", "hydra")) or "/" in key:
+            continue
+        if key in groups or is_schema_key(key):
+            continue
+        guess = did_you_mean(key, groups)
+        if guess:
+            return f"{key} is not a configuration key; did you mean {guess}? (python run.py --cfg job lists them)"
+    return None
 
 
 def _model_choice() -> str:
@@ -77,13 +102,18 @@ def main(cfg: DictConfig) -> float | None:
     run_dir.mkdir(parents=True, exist_ok=True)
     created = not any(p for p in run_dir.rglob("*") if p.is_file() and launch_dir not in p.parents)
     is_main = int(os.environ.get("RANK", "0")) == 0
+    if not is_main:  # every rank composes the same config: rank 0 says it once
+        warnings.simplefilter("ignore")
     log_file = open(run_dir / "run.log", "a") if is_main else None
     with Tee(log_file) if log_file else contextlib.nullcontext():
         try:
             model_name = _model_choice()
             return run(_checked(cfg), run_dir, overrides, sweep_dir, launch_dir, model_name)
         except TrainingStopped as e:
-            print(str(e), file=sys.stderr, flush=True)
+            if is_main:
+                name = signal.Signals(e.signum).name
+                print(f"{name} received: saved {e.checkpoint}; continue with: "
+                      f"{continue_command(overrides, run_dir, launcher())}", file=sys.stderr, flush=True)
             sys.exit(128 + e.signum)
         except Exception as e:
             if getattr(e, "refused", False) and is_main:
@@ -123,6 +153,12 @@ def run(run_cfg: RunConfig, run_dir: Path, overrides: list[str], sweep_dir: str 
     except Exception as e:
         e.refused = True
         raise
+    if run_cfg.mode == "train" and d.is_main and d.device.type == "cpu":
+        import torch
+
+        note = starvation_note(torch.get_num_threads())
+        if note:
+            print(note, flush=True)
     try:
         run_dir = Path(broadcast_object(str(run_dir), d))
         if run_cfg.mode == "train":
@@ -167,7 +203,7 @@ def _train(run_cfg: RunConfig, run_dir: Path, overrides: list[str], sweep_dir: s
         summary = trainer.fit()
         if d.is_main:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-            print(final_summary_line(run_dir, summary), flush=True)
+            print(final_summary_line(run_dir, summary, sweep_dir), flush=True)
         return summary["best_val_loss"]
     finally:
         if d.is_main:

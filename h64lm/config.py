@@ -14,6 +14,7 @@ Where each group is consumed: see the README's "Where is key X consumed".
 from __future__ import annotations
 
 import dataclasses
+import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,9 @@ __all__ = [
     "run_config_yaml",
     "MODES",
     "PlanConfig",
+    "schema_keys",
+    "is_schema_key",
+    "did_you_mean",
 ]
 
 MODES = ("train", "eval", "generate", "export", "plan")
@@ -183,6 +187,8 @@ class PlanConfig:
     peak_tflops: float = bounded(989.0, gt=0)  # dense bf16 peak per GPU (H100 SXM)
     mfu: float = bounded(0.4, gt=0, le=1)  # fraction of peak the job reaches
     headroom: float = bounded(0.1, ge=0, lt=1)  # memory kept free: CUDA context, NCCL, fragmentation
+    # training tokens to plan the time and GPU-hours of (e.g. 2e10); null: train.max_steps steps
+    tokens: Optional[float] = bounded(None, gt=0, null="train.max_steps x tokens per step")
 
     def __post_init__(self) -> None:
         validate_fields(self)
@@ -322,14 +328,48 @@ def build_run_config(cfg: DictConfig) -> RunConfig:
     if unknown:
         group = unknown[0].split(".")[0]
         valid = sorted(f.name for f in dataclasses.fields(_GROUPS.get(group, RunConfig)))
-        raise ConfigError(f"unknown key(s) {', '.join(unknown)}; valid keys of "
-                          f"{group if group in _GROUPS else 'the run'}: {', '.join(valid)}")
+        guess = did_you_mean(unknown[0])
+        raise ConfigError(f"unknown key(s) {', '.join(unknown)}{f'; did you mean {guess}?' if guess else ''}; "
+                          f"valid keys of {group if group in _GROUPS else 'the run'}: {', '.join(valid)}")
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), cfg))
     except ConfigError:
         raise
     except Exception as e:  # OmegaConf's type errors: one line with the key it names
         raise ConfigError(str(e).splitlines()[0] + f" ({type(e).__name__})") from e
+
+
+def schema_keys(schema: type = RunConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema (`model.hidden_size`, ...), group names included."""
+    keys = []
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        keys.append(prefix + f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += schema_keys(hints[f.name], f"{prefix}{f.name}.")
+    return keys
+
+
+def is_schema_key(key: str, schema: type = RunConfig) -> bool:
+    """True when `key` names a field of the schema, or lies inside a field that is not a schema
+    (a list or a mapping)."""
+    head, _, rest = key.partition(".")
+    hints = typing.get_type_hints(schema)
+    if head not in {f.name for f in dataclasses.fields(schema)}:
+        return False
+    return not rest or not dataclasses.is_dataclass(hints[head]) or is_schema_key(rest, hints[head])
+
+
+def did_you_mean(key: str, extra: tuple = ()) -> Optional[str]:
+    """The schema key (or one of `extra`) closest to a mistyped `key` (difflib), or None when none is close."""
+    import difflib
+
+    key = key.lstrip("+~")
+    group = key.split(".")[0]
+    # within the group the user named: model.hiden_size -> model.hidden_size
+    candidates = [k for k in schema_keys() if k.split(".")[0] == group and "." in k] if "." in key else []
+    matches = difflib.get_close_matches(key, candidates or schema_keys() + list(extra), n=1, cutoff=0.75)
+    return matches[0] if matches else None
 
 
 def compose(overrides: list[str], return_hydra_config: bool = False) -> DictConfig:
@@ -344,8 +384,11 @@ def compose(overrides: list[str], return_hydra_config: bool = False) -> DictConf
 
 
 def run_config_from_yaml(text: str) -> RunConfig:
-    """A RunConfig saved in a checkpoint (`OmegaConf.to_yaml`), validated again."""
-    return build_run_config(OmegaConf.create(text))
+    """A RunConfig saved in a checkpoint (`OmegaConf.to_yaml`), validated again. Its start-up
+    warnings were the training run's: reading it (to evaluate, export, sample or resume) repeats none."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return build_run_config(OmegaConf.create(text))
 
 
 def run_config_yaml(run: RunConfig) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -115,36 +116,76 @@ def export_checkpoint(run_cfg: RunConfig, out_dir: Path, d: Dist) -> Path:
     return out
 
 
+# Keys a plan's launch command sets itself (the layout's), or that configure the plan launch only.
+_PLAN_OWN = ("mode=", "plan.", "plan=", "model=", "hardware=", "hardware.strategy=", "hardware.ep=",
+             "hardware.distributed=", "model.gradient_checkpointing=", "hydra.", "hydra/")
+
+
 def _launch_overrides(overrides: list[str]) -> list[str]:
-    """The command line's keys that the planned run keeps (not the plan's own, the mode, the
-    model preset, or the hardware keys that the layout sets)."""
-    dropped = ("mode=", "plan.", "model=", "hardware", "model.gradient_checkpointing=")
-    return [o for o in overrides if not o.lstrip("+~").startswith(dropped)]
+    """The command line's keys that the planned run keeps: all but the plan's own, the mode, the
+    model preset (named by the launch command), the keys that the layout sets, and Hydra's
+    settings of the plan launch itself (its output folder)."""
+    return [o for o in overrides if not o.lstrip("+~").startswith(_PLAN_OWN)]
+
+
+def _assumptions(run_cfg: RunConfig, overrides: list[str], accum: int, precision: str) -> str:
+    """One line: the shape the plan is for, naming the keys that kept their defaults."""
+    given = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
+    t = run_cfg.train
+    shape = {"data.seq_len": run_cfg.data.seq_len, "train.batch_size": t.batch_size,
+             "train.global_batch_size" if t.global_batch_size else "train.grad_accum": t.global_batch_size or accum,
+             "hardware.precision": run_cfg.hardware.precision, "optim.name": run_cfg.optim.name}
+    defaults = [k for k in shape if k not in given and not (k == "optim.name" and "optim" in given)]
+    line = (f"planned for: {' '.join(f'{k}={v}' for k, v in shape.items())} ({precision} bytes), "
+            f"{accum} micro-batch(es) per GPU and step")
+    if defaults:
+        line += f"; not set on the command line, so the defaults: {', '.join(defaults)}"
+    return line
+
+
+def _budget(run_cfg: RunConfig, best) -> str:
+    """Steps, wall time and GPU-hours of plan.tokens (or train.max_steps) at the layout `best`."""
+    from h64lm.plan.report import duration
+
+    per_step = best.tokens_per_step
+    if run_cfg.plan.tokens is None:
+        steps, what = run_cfg.train.max_steps, f"train.max_steps={run_cfg.train.max_steps}"
+    else:
+        steps, what = math.ceil(run_cfg.plan.tokens / per_step), f"plan.tokens={run_cfg.plan.tokens:.4g}"
+    seconds = steps * best.time_s
+    return (f"{what}: {steps:,} steps x {per_step:,} tokens = {steps * per_step:.4g} tokens, "
+            f"{duration(seconds)} on {best.gpus} GPU(s) = {seconds * best.gpus / 3600:,.1f} GPU-hours "
+            f"(at plan.mfu={run_cfg.plan.mfu} of plan.peak_tflops={run_cfg.plan.peak_tflops:g})")
 
 
 def plan_layouts_for(run_cfg: RunConfig, model_name: str, overrides: list[str], out_dir: Path) -> str:
     """`mode=plan`: every layout of the composed model/data/train config on `plan.gpus` GPUs,
-    the cheapest that fits, and its torchrun and SLURM commands; printed and written to
-    `out_dir/plan.txt` (outputs/plans/<time>/). -> the text."""
-    from h64lm.plan import format_plan, launch_command, plan_layouts, recommend
+    the cheapest that fits, its time and GPU-hours for the token budget, and its torchrun and
+    SLURM commands (the user's own overrides kept); printed and written to `out_dir/plan.txt`
+    (outputs/plans/<time>/). -> the text."""
+    from h64lm.plan import format_plan, plan_layouts, recommend
+    from h64lm.plan.report import launch_command
 
     p, t = run_cfg.plan, run_cfg.train
+    accum = t.micro_batches_per_step(p.gpus)
+    precision = "fp32" if run_cfg.hardware.precision == "fp32" else "bf16"
     layouts = plan_layouts(
-        run_cfg.model, gpus=p.gpus, seq_len=run_cfg.data.seq_len, micro_batch=t.batch_size,
-        grad_accum=t.micro_batches_per_step(p.gpus),
-        precision="fp32" if run_cfg.hardware.precision == "fp32" else "bf16", optim=run_cfg.optim.name,
+        run_cfg.model, gpus=p.gpus, seq_len=run_cfg.data.seq_len, micro_batch=t.batch_size, grad_accum=accum,
+        precision=precision, optim=run_cfg.optim.name,
         peak_tflops=p.peak_tflops, mfu=p.mfu, gpu_mem_gb=p.gpu_mem_gb, headroom=p.headroom)
-    text = format_plan(layouts, model_name, p.gpu_mem_gb)
+    kept = _launch_overrides(overrides)
+    text = _assumptions(run_cfg, overrides, accum, precision) + "\n"
+    text += format_plan(layouts, model_name, p.gpu_mem_gb, p.gpus_per_node, kept)
     best = recommend(layouts)
     if best is not None:
-        extra = " ".join(_launch_overrides(overrides))
-        torchrun = launch_command(best, model_name, p.gpus_per_node) + (f" {extra}" if extra else "")
+        torchrun = launch_command(best, model_name, p.gpus_per_node, kept)
         per_node = min(p.gpus, p.gpus_per_node)
         slurm = (f"python run.py -m hydra/launcher=slurm hydra.launcher.nodes={p.gpus // per_node} "
                  f"hydra.launcher.tasks_per_node={per_node} hydra.launcher.gpus_per_node={per_node} "
                  + torchrun.split(" run.py ", 1)[1])
-        text += f"\n\nlaunch ({p.gpus} GPU(s)):\n  {torchrun}\n  SLURM: {slurm}"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "plan.txt").write_text(text + "\n")
+        text += f"\n\n{_budget(run_cfg, best)}\nlaunch ({p.gpus} GPU(s)):\n  {torchrun}\n  SLURM: {slurm}"
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "plan.txt").write_text(text + "\n")
     print(text, flush=True)
     return text

@@ -105,8 +105,11 @@ def activation_bytes(config: H64LMConfig, micro_batch: int, seq_len: int, precis
         raise ValueError(f"precision={precision!r} must be one of {', '.join(PRECISIONS)}")
     c, B, T, a = config, micro_batch, seq_len, PRECISIONS[precision]
     N, d = B * T, c.hidden_size
-    sparse = set(c.moe_layer_indices())
-    blocks = [_block(c, B, T, a, i in sparse) for i in range(c.num_layers)]
+    sparse = len(c.moe_layer_indices())
+    # every block of a kind saves the same tensors: (bytes of one block, blocks of that kind)
+    kinds = [(_block(c, B, T, a, False), c.num_layers - sparse), (_block(c, B, T, a, True), sparse)]
+    kinds = [(size, count) for size, count in kinds if count]
+    largest = max(size for size, _ in kinds)
     rotary_fp32 = 2 * F32 * T * c.head_dim if c.uses_rope else 0  # cos/sin, built once
     # the additive bias [1, H|1, T, T] (compute dtype), built once, read by every layer
     window = c.sliding_window is not None and c.sliding_window < T
@@ -118,8 +121,7 @@ def activation_bytes(config: H64LMConfig, micro_batch: int, seq_len: int, precis
     if checkpointing:
         # each block's input is kept; cos/sin and the bias are inputs of every block
         return ActivationBytes(saved=outside + c.num_layers * F32 * N * d + rotary_fp32 + bias,
-                               recompute=max(blocks), per_block_max=max(blocks))
+                               recompute=largest, per_block_max=largest)
     # in fp32 the blocks save cos/sin themselves (no cast copy): the one table counts once
-    return ActivationBytes(saved=outside + sum(blocks) + rotary_fp32 * (a == F32) + bias,
-                           recompute=0,
-                           per_block_max=max(blocks))
+    return ActivationBytes(saved=outside + sum(size * count for size, count in kinds)
+                           + rotary_fp32 * (a == F32) + bias, recompute=0, per_block_max=largest)

@@ -92,8 +92,9 @@ def init_distributed(hw: HardwareConfig) -> Dist:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = _env_rank(), int(os.environ.get("LOCAL_RANK", "0"))
     if hw.distributed and "RANK" not in os.environ:
+        preset = f"hardware={hw.strategy}"  # the preset that sets this strategy (conf/hardware/)
         raise ConfigError(
-            "hardware=ddp needs a torchrun launch: torchrun --nproc_per_node=N run.py hardware=ddp "
+            f"{preset} needs a torchrun launch: torchrun --nproc_per_node=N run.py {preset} "
             "(or use hardware=auto for one process)"
         )
     device = _resolve_device(hw.device, local_rank)
