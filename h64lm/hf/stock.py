@@ -8,10 +8,11 @@ order whose other conditions hold is chosen (`stock_architecture`):
 | llama          | none                    | -                                         | no window, no q/k norm           |
 | mistral        | none                    | -                                         | sliding window, no q/k norm      |
 | mixtral        | all                     | softmax, top-k renormalised, no bias      | no shared experts, no q/k norm   |
-| qwen2_moe      | any (the default)       | softmax, no bias                          | no window, no q/k norm           |
+| ernie4_5_moe   | every n-th from s to e  | softmax, top-k renormalised, selection    | no window, no q/k norm           |
+|                | (the default: odd ones) | bias or none (aux-free or not)            |                                  |
+| qwen2_moe      | any                     | softmax (e.g. Switch top-1), no bias      | no window, no q/k norm           |
 | qwen3_moe      | any                     | softmax, no bias                          | q/k norm, no window, no shared   |
-| ernie4_5_moe   | every n-th from s to e  | softmax + selection bias (aux-free), norm | no window, no q/k norm           |
-| glm4_moe       | all after the first k   | sigmoid (+ selection bias)                | no window                        |
+| glm4_moe       | all after the first k   | sigmoid, selection bias or none           | no window                        |
 
 Everything else (ALiBi, logit soft-capping, capacity factors, windows with MoE layers other than
 Mixtral's, and the layouts/routers the table lacks) goes to the custom format (`modeling_h64lm.py`).
@@ -33,8 +34,8 @@ __all__ = ["STOCK_ARCHITECTURES", "from_stock_config", "from_stock_state_dict", 
 
 # family -> transformers class name prefix (XConfig, XForCausalLM)
 STOCK_ARCHITECTURES: Dict[str, str] = {
-    "llama": "Llama", "mistral": "Mistral", "mixtral": "Mixtral", "qwen2_moe": "Qwen2Moe",
-    "qwen3_moe": "Qwen3Moe", "ernie4_5_moe": "Ernie4_5_Moe", "glm4_moe": "Glm4Moe"}
+    "llama": "Llama", "mistral": "Mistral", "mixtral": "Mixtral", "ernie4_5_moe": "Ernie4_5_Moe",
+    "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Moe", "glm4_moe": "Glm4Moe"}
 
 
 def ernie_layout(c: H64LMConfig) -> Optional[tuple]:
