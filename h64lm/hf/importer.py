@@ -10,6 +10,8 @@ the file or the option.
 """
 
 import json
+import logging
+import re
 import struct
 from pathlib import Path
 from typing import Dict, List, Tuple, Union
@@ -144,21 +146,43 @@ def _read_safetensors(folder: Path) -> Tensors:
     return state
 
 
+class _Report(logging.Handler):
+    """Holds transformers' multi-line load report instead of printing it: the error names a key."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.text = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.text += record.getMessage()
+
+    def first_key(self) -> str:
+        found = re.search(r"((?:model|lm_head)(?:\.(?:\w+|\{[^}]*\}))+)", self.text)
+        return found.group(1) if found else "see transformers' load report"
+
+
 def _read_stock(folder: Path) -> Tensors:
     """Through the transformers class, which also converts legacy layouts (e.g. Mixtral's
     per-expert w1/w2/w3 files)."""
     from transformers import AutoModelForCausalLM
 
     _weight_files(folder)
+    report, logger = _Report(), logging.getLogger("transformers")  # every transformers logger's parent
+    handlers, logger.handlers = logger.handlers, [report]
     try:
         hf, info = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype="auto",
                                                         output_loading_info=True)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise ValueError(f"{folder}: its weights do not load ({str(e).strip().splitlines()[0]})") from None
+        if report.text:  # transformers reported the tensors it could not place
+            raise ValueError(f"{folder}'s weights do not match its config.json at {report.first_key()} "
+                             "(a wrong shape or a missing tensor)") from None
+        raise ValueError(f"{folder}'s weights do not load ({str(e).strip().splitlines()[0][:120]})") from None
+    finally:
+        logger.handlers = handlers
     wrong = [k for k in info.get("missing_keys", []) if not k.endswith("e_score_correction_bias")]
     wrong += [str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys", [])]
     if wrong:
-        raise ValueError(f"{folder}'s weights do not match its config.json: missing or misshapen {wrong[:3]}")
+        raise ValueError(f"{folder}'s weights do not match its config.json: missing or misshapen {sorted(wrong)[:3]}")
     return hf.state_dict()
 
 

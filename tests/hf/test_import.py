@@ -2,6 +2,7 @@
 export become H64LM models with the same logits; unsupported options fail with one line."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -83,3 +84,54 @@ def test_unsupported_options_fail_with_one_line(tmp_path, cls_name, overrides, u
 def test_missing_folder_is_one_line(tmp_path):
     with pytest.raises(ValueError, match="config.json"):
         import_hf(tmp_path / "nope")
+
+
+def _rewrite_weights(folder, change):
+    from safetensors.torch import load_file, save_file
+
+    path = next(p for p in sorted(folder.iterdir()) if p.suffix == ".safetensors")
+    state = load_file(str(path))
+    change(state)
+    save_file(state, str(path), metadata={"format": "pt"})
+
+
+def _first_expert(state):
+    return next(k for k in state if "experts" in k)
+
+
+DAMAGES = {
+    "config_not_object": (lambda d: (d / "config.json").write_text('["a", "list"]'), "config.json"),
+    "config_not_json": (lambda d: (d / "config.json").write_text("{"), "config.json"),
+    "config_lacks_a_key": (lambda d: (d / "config.json").write_text(
+        json.dumps({k: v for k, v in json.loads((d / "config.json").read_text()).items() if k != "hidden_size"})),
+        "config.json"),
+    "no_weights": (lambda d: (d / "model.safetensors").unlink(), "model.safetensors"),
+    "truncated": (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-64]),
+                  "model.safetensors"),
+    "garbage_header": (lambda d: (d / "model.safetensors").write_bytes(b"\xff" * 64), "model.safetensors"),
+    "wrong_shape": (lambda d: _rewrite_weights(d, lambda s: s.update(
+        {_first_expert(s): torch.zeros(3, 5, 7)})), "experts"),
+    "missing_tensor": (lambda d: _rewrite_weights(d, lambda s: s.pop(_first_expert(s))), "experts"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+@pytest.mark.parametrize("overrides", [dict(moe_layers="alternate"), dict(moe_layers="alternate", position_encoding="alibi")],
+                         ids=["stock", "custom"])
+def test_damaged_folder_is_one_line_naming_the_file(tmp_path, tiny_tokenizer_dir, damage, overrides):
+    """The default layout exports to a stock class, ALiBi to the custom format: both readers."""
+    export_hf(tiny_model(**overrides), tiny_tokenizer_dir, tmp_path)
+    make, named = DAMAGES[damage]
+    make(tmp_path)
+    with pytest.raises(ValueError, match=named) as err:
+        import_hf(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_index_naming_a_missing_shard_is_one_line(tmp_path, tiny_tokenizer_dir):
+    export_hf(tiny_model(), tiny_tokenizer_dir, tmp_path, max_shard_size="20KB")
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(ValueError, match=f"{shard.name} is missing") as err:
+        import_hf(tmp_path)
+    assert "\n" not in str(err.value)
