@@ -4,6 +4,8 @@ memory by default; through the saved folder for all 36 in the slow run, a few he
 HF `generate()` reproduces ours token for token; sharding and the tokenizer round-trip."""
 
 import itertools
+import os
+import stat
 import json
 
 import pytest
@@ -161,3 +163,108 @@ def test_routing_without_an_exported_form_is_refused_in_one_line():
     with pytest.raises(ValueError, match="model.router_score='sigmoid' has no exported equivalent") as err:
         to_hf_model(H64LMForCausalLM(cfg))
     assert "\n" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------- where an export goes
+def test_export_into_a_file_is_one_line_and_leaves_it(tmp_path, tiny_tokenizer_dir):
+    target = tmp_path / "model.bin"
+    target.write_text("keep")
+    with pytest.raises(ValueError, match="is a file") as err:
+        export_hf(tiny_model(), tiny_tokenizer_dir, target)
+    assert "\n" not in str(err.value) and target.read_text() == "keep"
+
+
+def test_foreign_folder_needs_overwrite_and_an_earlier_export_is_replaced(tmp_path, tiny_tokenizer_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="export.overwrite=true") as err:
+        export_hf(tiny_model(), tiny_tokenizer_dir, out)
+    assert "\n" not in str(err.value) and [p.name for p in out.iterdir()] == ["notes.txt"]
+    export_hf(tiny_model(seed=1), tiny_tokenizer_dir, out, overwrite=True)
+    assert not (out / "notes.txt").exists()
+    second = tiny_model(seed=2)
+    export_hf(second, tiny_tokenizer_dir, out, record={"step": 7})  # an earlier export: no switch needed
+    assert json.loads((out / "h64lm_export.json").read_text())["step"] == 7
+    ids = torch.randint(0, VOCAB, (1, 9))
+    with torch.no_grad():
+        assert torch.allclose(load(out)(ids).logits, second(ids).logits, atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary or old copies left
+
+
+def test_a_failed_export_leaves_the_earlier_one_whole(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    import h64lm.hf.export as export_module
+
+    out = tmp_path / "out"
+    export_hf(tiny_model(), tiny_tokenizer_dir, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export_module, "export_tokenizer", fail)
+    with pytest.raises(OSError, match="disk full"):
+        export_hf(tiny_model(seed=3), tiny_tokenizer_dir, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_every_file_has_the_umask_permissions(tmp_path, tiny_tokenizer_dir):
+    """safetensors writes weights 0600; the folder is meant to be shared like the rest."""
+    old = os.umask(0o027)
+    try:
+        export_hf(tiny_model(), tiny_tokenizer_dir, tmp_path / "out")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").iterdir()}
+    assert modes["model.safetensors"] == 0o640
+    assert set(modes.values()) == {0o640}, modes
+
+
+# ----------------------------------------------------------------------------- the tokenizer
+def test_mistral_tokenizer_loads_without_custom_code_and_encodes_as_sentencepiece(tmp_path, monkeypatch):
+    """The default tokenizer, exported with the default model (a stock class): plain
+    AutoTokenizer, no question asked (input() would fail), BOS first, then sentencepiece's ids."""
+    import builtins
+
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    from h64lm.data import DataConfig, load_tokenizer
+    from h64lm.data.tokenizer import mistral_model_file
+    from h64lm.data.wiki import excerpt_text
+    from h64lm.model import H64LMConfig, H64LMForCausalLM
+
+    export_hf(H64LMForCausalLM(H64LMConfig()), load_tokenizer(DataConfig()), tmp_path / "out")
+
+    def no_prompt(*args):
+        raise AssertionError("AutoTokenizer asked a question")
+
+    monkeypatch.setattr(builtins, "input", no_prompt)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    assert tok("The quick brown fox")["input_ids"] == [1, 415, 2936, 9060, 285, 1142]
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(mistral_model_file()))
+    lines = [x for x in excerpt_text(20_000).splitlines() if x.strip()][:40]
+    for line in lines:
+        assert tok(line)["input_ids"] == [sp.bos_id()] + sp.encode(line), line
+
+
+def test_chat_template_hook_is_saved(tmp_path, tiny_tokenizer_dir):
+    from h64lm.hf import export_tokenizer
+
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    export_tokenizer(tiny_tokenizer_dir, tmp_path, chat_template=template)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert tok.chat_template == template
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "hi"
+
+
+def test_export_overwrite_is_typed():
+    """A bool in the schema: a non-bool value and a misspelt key fail while composing."""
+    from tests.helpers import run_config
+
+    assert run_config(["export.overwrite=true"]).export.overwrite is True
+    with pytest.raises(Exception, match="overwrite"):
+        run_config(["export.overwrite=maybe"])
+    with pytest.raises(Exception, match="overwrit"):
+        run_config(["export.overwrit=true"])
