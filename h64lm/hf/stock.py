@@ -21,7 +21,7 @@ Qwen2-MoE's gated shared expert), are in `stock_weights.py`; tests/hf/test_stock
 `transformers` is imported lazily so the model package does not depend on it.
 """
 
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -173,7 +173,9 @@ def _moe_layers_back(hf, family: str) -> List[int]:
 
 def _moe_settings_back(hf, family: str) -> dict:
     """The routing fields of H64LMConfig that a stock MoE config sets."""
-    get: Callable = lambda *names: next(getattr(hf, n) for n in names if getattr(hf, n, None) is not None)
+    def get(*names):  # the families name the same setting differently
+        return next(getattr(hf, n) for n in names if getattr(hf, n, None) is not None)
+
     k = get("num_experts_per_tok", "moe_k")
     out = dict(num_experts=get("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"),
                num_experts_per_token=k, moe_intermediate_size=None if family == "mixtral" else hf.moe_intermediate_size,
@@ -245,8 +247,8 @@ def to_hf_stock(model: H64LMForCausalLM, architecture: Optional[str] = None, **c
     c = model.config
     architecture = architecture or stock_architecture(c)
     if architecture is None:
-        raise ValueError("no stock transformers class expresses this variant exactly: "
-                         + "; ".join(stock_blockers(c, "qwen2_moe")))
+        raise ValueError("no stock transformers class expresses this variant exactly (the closest general one, "
+                         "qwen2_moe, lacks: " + "; ".join(stock_blockers(c, "qwen2_moe")) + ")")
     param = next(model.parameters())
     cls = getattr(transformers, STOCK_ARCHITECTURES[architecture] + "ForCausalLM")
     hf = cls(stock_config(c, architecture, **config_overrides))

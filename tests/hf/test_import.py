@@ -24,6 +24,9 @@ def saved_stock(tmp_path, cls_name, **overrides):
         for name, p in hf.named_parameters():
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
+        for name, b in [*hf.named_parameters(), *hf.named_buffers()]:
+            if name.endswith("e_score_correction_bias"):  # a selection bias that changes choices
+                b.copy_(torch.randn_like(b) * 0.1)
     hf.save_pretrained(str(tmp_path))
     return hf
 
@@ -34,6 +37,15 @@ def saved_stock(tmp_path, cls_name, **overrides):
                      tie_word_embeddings=True)),
     ("Llama", dict()),
     ("Mistral", dict(sliding_window=6)),
+    ("Qwen2Moe", dict(num_experts=4, num_experts_per_tok=1, moe_intermediate_size=24, qkv_bias=False,
+                      shared_expert_intermediate_size=0, mlp_only_layers=[0], norm_topk_prob=False)),
+    ("Qwen3Moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, head_dim=8,
+                      norm_topk_prob=True)),
+    ("Ernie4_5_Moe", dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=24, moe_layer_start_index=1,
+                          moe_num_shared_experts=1)),
+    ("Glm4Moe", dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, head_dim=8,
+                     first_k_dense_replace=1, n_shared_experts=1, use_qk_norm=True, norm_topk_prob=True,
+                     rope_parameters={"rope_type": "default", "rope_theta": 5000.0, "partial_rotary_factor": 1.0})),
 ])
 @torch.no_grad()
 def test_stock_folder_imports_with_same_logits(tmp_path, cls_name, overrides):
@@ -73,6 +85,11 @@ def test_custom_export_round_trips(tmp_path, tiny_tokenizer_dir, overrides):
                                     "rope_theta": 10000.0}), "rope_type"),
     ("Llama", dict(head_dim=16), "head_dim"),
     ("Qwen2", dict(), "model_type='qwen2'"),
+    ("Qwen2Moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24), "qkv_bias=true"),
+    ("Qwen2Moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, qkv_bias=False,
+                      shared_expert_intermediate_size=24), "shared_expert_gate"),  # a gated shared expert
+    ("Glm4Moe", dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, head_dim=8),
+     "partial_rotary_factor"),  # GLM's default rotates half of each head
 ])
 def test_unsupported_options_fail_with_one_line(tmp_path, cls_name, overrides, unsupported):
     saved_stock(tmp_path, cls_name, **overrides)
