@@ -7,6 +7,7 @@ order whose other conditions hold is chosen (`stock_architecture`):
 | family         | MoE layers              | router                                    | other conditions                 |
 | llama          | none                    | -                                         | no window, no q/k norm           |
 | mistral        | none                    | -                                         | sliding window, no q/k norm      |
+| qwen3          | none                    | -                                         | q/k norm, no window              |
 | mixtral        | all                     | softmax, top-k renormalised, no bias      | no shared experts, no q/k norm   |
 | ernie4_5_moe   | every n-th from s to e  | softmax, top-k renormalised, selection    | no window, no q/k norm           |
 |                | (the default: odd ones) | bias or none (aux-free or not)            |                                  |
@@ -34,7 +35,7 @@ __all__ = ["STOCK_ARCHITECTURES", "from_stock_config", "from_stock_state_dict", 
 
 # family -> transformers class name prefix (XConfig, XForCausalLM)
 STOCK_ARCHITECTURES: Dict[str, str] = {
-    "llama": "Llama", "mistral": "Mistral", "mixtral": "Mixtral", "ernie4_5_moe": "Ernie4_5_Moe",
+    "llama": "Llama", "mistral": "Mistral", "qwen3": "Qwen3", "mixtral": "Mixtral", "ernie4_5_moe": "Ernie4_5_Moe",
     "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Moe", "glm4_moe": "Glm4Moe"}
 
 
@@ -73,6 +74,9 @@ def stock_blockers(c: H64LMConfig, family: str) -> List[str]:
     if family in ("llama", "mistral"):
         return out + _needs(not moe, f"model.moe_layers={c.moe_layers} (needs none)") + no_qk + (
             no_window if family == "llama" else _needs(c.sliding_window is not None, "model.sliding_window (needs one)"))
+    if family == "qwen3":
+        return (out + no_window + _needs(not moe, f"model.moe_layers={c.moe_layers} (needs none)")
+                + _needs(c.qk_norm, "model.qk_norm=false (needs true)"))
     out += _needs(bool(moe), "model.moe_layers=none (needs MoE layers)")
     if family == "mixtral":
         return (out + no_qk + softmax_plain
@@ -151,6 +155,8 @@ def stock_config(c: H64LMConfig, architecture: str, **overrides):
         kwargs.update(intermediate_size=c.intermediate_size, attention_bias=False, mlp_bias=False)
     elif architecture == "mistral":
         kwargs.update(intermediate_size=c.intermediate_size, sliding_window=c.sliding_window)
+    elif architecture == "qwen3":
+        kwargs.update(intermediate_size=c.intermediate_size, attention_bias=False, use_sliding_window=False)
     elif architecture in STOCK_ARCHITECTURES:
         kwargs.update(_moe_kwargs(c, architecture))
     else:
@@ -212,7 +218,7 @@ def _unsupported(hf, family: str) -> List[str]:
         bad.append(f"layer_types mixing {sorted(set(hf.layer_types))}")
     if family == "glm4_moe" and (hf.n_group != 1 or hf.topk_group != 1 or hf.routed_scaling_factor != 1.0):
         bad.append("n_group / topk_group / routed_scaling_factor (needs 1, 1, 1.0)")
-    if family in ("qwen2_moe", "qwen3_moe") and getattr(hf, "use_sliding_window", False):
+    if family in ("qwen3", "qwen2_moe", "qwen3_moe") and getattr(hf, "use_sliding_window", False):
         bad.append("use_sliding_window=true")
     return bad
 
@@ -223,7 +229,7 @@ def from_stock_config(hf, family: str) -> H64LMConfig:
     bad = _unsupported(hf, family)
     if bad:
         raise ValueError(f"cannot import this {family} folder into H64LM: unsupported " + "; ".join(bad))
-    moe = [] if family in ("llama", "mistral") else _moe_layers_back(hf, family)
+    moe = [] if family in ("llama", "mistral", "qwen3") else _moe_layers_back(hf, family)
     kwargs = dict(
         vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, num_layers=hf.num_hidden_layers,
         num_attention_heads=hf.num_attention_heads, num_kv_heads=hf.num_key_value_heads or hf.num_attention_heads,
@@ -231,7 +237,7 @@ def from_stock_config(hf, family: str) -> H64LMConfig:
         position_encoding="rope", rope_theta=float((hf.rope_parameters or {}).get("rope_theta", 10000.0)),
         sliding_window=getattr(hf, "sliding_window", None) or None, rms_norm_eps=hf.rms_norm_eps,
         tie_word_embeddings=bool(hf.tie_word_embeddings), initializer_range=hf.initializer_range,
-        qk_norm=family == "qwen3_moe" or bool(getattr(hf, "use_qk_norm", False)),
+        qk_norm=family in ("qwen3", "qwen3_moe") or bool(getattr(hf, "use_qk_norm", False)),
         moe_layers=moe or "none", moe_intermediate_size=None)
     if moe:
         kwargs.update(_moe_settings_back(hf, family))

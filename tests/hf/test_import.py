@@ -39,6 +39,7 @@ def saved_stock(tmp_path, cls_name, **overrides):
     ("Mistral", dict(sliding_window=6)),
     ("Qwen2Moe", dict(num_experts=4, num_experts_per_tok=1, moe_intermediate_size=24, qkv_bias=False,
                       shared_expert_intermediate_size=0, mlp_only_layers=[0], norm_topk_prob=False)),
+    ("Qwen3", dict(head_dim=8)),
     ("Qwen3Moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, head_dim=8,
                       norm_topk_prob=True)),
     ("Ernie4_5_Moe", dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=24, moe_layer_start_index=1,

@@ -22,6 +22,7 @@ FAMILIES = [
     (dict(num_layers=3, moe_layers=[0, 2], num_shared_experts=1), "qwen2_moe"),  # no every-n-th pattern
     (dict(num_layers=4, moe_layers="alternate", num_experts_per_token=1), "qwen2_moe"),  # Switch top-1
     (dict(num_layers=3, moe_layers="alternate", qk_norm=True), "qwen3_moe"),
+    (dict(num_layers=2, moe_layers="none", qk_norm=True, tie_word_embeddings=True), "qwen3"),
     (dict(num_layers=3, moe_layers="all", router_score="sigmoid"), "glm4_moe"),
     (dict(num_layers=4, moe_layers=[1, 2, 3], router_score="sigmoid", router_bias_update_rate=1e-3,
           qk_norm=True, num_shared_experts=1, router_norm_topk=False), "glm4_moe"),
