@@ -82,7 +82,7 @@ def import_hf_config(path: Union[str, Path]) -> H64LMConfig:
             config = from_stock_config(AutoConfig.from_pretrained(str(folder), local_files_only=True), model_type)
     except KeyError as e:
         raise ValueError(f"{config_file} lacks the setting {e}") from None
-    except (TypeError, AttributeError, ValueError) as e:  # wrong types, or out of range
+    except (TypeError, AttributeError, ValueError, OSError) as e:  # wrong types, out of range
         raise ValueError(f"{config_file}: {str(e).splitlines()[0]}") from None
     bias_rate = _recorded_model(folder).get("router_bias_update_rate")
     if bias_rate:  # a training setting our own exports record, so a continued run keeps it
