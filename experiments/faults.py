@@ -54,6 +54,7 @@ from experiments.fault_procs import (
     text_corpus,
     wait_until,
 )
+from experiments.hf_faults import hf_trials
 from h64lm.cli import EXIT_BAD_INPUT, EXIT_CHECKPOINT, run
 from h64lm.config import build_run_config
 from h64lm.config import compose as compose_cfg
@@ -456,6 +457,7 @@ def main() -> int:
         ("17 stop during eval", lambda t: _count(
             t, "stop in eval", lambda: rf.stop_during_evaluation(lab.dir, lab.base, lab.reference))),
         ("18 provenance", lambda t: fault_provenance(lab, t)),
+        ("19 HF round trip", lambda t: _count(t, "hf", lambda: hf_trials(lab.fresh("hf"), lab.base, lab.reference))),
     ]
     tallies = []
     for name, inject in faults:

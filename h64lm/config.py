@@ -32,6 +32,7 @@ __all__ = [
     "OptimConfig",
     "HardwareConfig",
     "LoggerConfig",
+    "ExportConfig",
     "GenConfig",
     "EvalConfig",
     "RunConfig",
@@ -241,6 +242,15 @@ class EvalConfig:
 
 
 @dataclass
+class ExportConfig:
+    config_group: ClassVar[str] = "export"
+
+    # mode=export into a non-empty folder that is not an earlier export (no h64lm_export.json):
+    # refused unless true, then its contents are replaced (an earlier export is always replaced)
+    overwrite: bool = False
+
+
+@dataclass
 class RunConfig:
     config_group: ClassVar[str] = ""  # top-level keys: mode, checkpoint, prompt
 
@@ -258,6 +268,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     gen: GenConfig = field(default_factory=GenConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
 
     def __post_init__(self) -> None:

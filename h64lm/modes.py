@@ -102,17 +102,34 @@ def generate_from_checkpoint(run_cfg: RunConfig, out_dir: Path, d: Dist) -> None
         print(f"written to {out_dir / 'generations.txt'}", flush=True)
 
 
-def export_checkpoint(run_cfg: RunConfig, out_dir: Path, d: Dist) -> Path:
-    """A Hugging Face folder (h64lm/hf/export.py) of the checkpoint, with the run's tokenizer."""
-    from h64lm.hf import export_hf
+def _checkpoint_step(path: Path) -> int | None:
+    """The training step a checkpoint file or sharded directory holds (its tensors are memory-mapped,
+    not read); None for a layout that does not say."""
+    extras = Path(path) / "extras" / "rank_0.pt" if Path(path).is_dir() else Path(path)
+    try:
+        step = torch.load(extras, map_location="cpu", weights_only=True, mmap=True).get("step")
+    except (OSError, RuntimeError, AttributeError, ValueError):
+        return None
+    return int(step) if isinstance(step, int) else None
 
-    model, saved = load_trained_model(run_cfg.checkpoint, torch.device("cpu"))
+
+def export_checkpoint(run_cfg: RunConfig, out_dir: Path, d: Dist) -> Path:
+    """A Hugging Face folder (h64lm/hf/export.py) of the checkpoint, with the run's tokenizer; the
+    folder's h64lm_export.json and the printed line name the checkpoint and its step."""
+    from h64lm.hf import export_hf
+    from h64lm.hf.export import check_export_target
+
     out = Path(run_cfg.out) if run_cfg.out else out_dir / "hf"
+    check_export_target(out, run_cfg.export.overwrite)  # before loading anything
+    path = resolve_checkpoint_path(run_cfg.checkpoint)
+    model, saved = load_trained_model(path, torch.device("cpu"))
+    step = _checkpoint_step(path)
     if d.is_main:
-        info = export_hf(model, load_tokenizer(saved.data), out)
+        info = export_hf(model, load_tokenizer(saved.data), out, overwrite=run_cfg.export.overwrite,
+                         record={"checkpoint": str(path), "step": step})
         remote = ", trust_remote_code=True" if info["trust_remote_code"] else ""
-        print(f"exported {run_cfg.checkpoint} as {info['architecture']} to {out}; load it with "
-              f"AutoModelForCausalLM.from_pretrained('{out}'{remote})", flush=True)
+        print(f"exported {path} (step {step if step is not None else 'unknown'}) as {info['architecture']} "
+              f"to {out}; load it with AutoModelForCausalLM.from_pretrained('{out}'{remote})", flush=True)
     return out
 
 

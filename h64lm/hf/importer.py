@@ -1,12 +1,18 @@
 """Read a Hugging Face folder into H64LM: `train.init_from=hf:DIR`.
 
-Accepted: Mixtral, Mistral/Llama (dense) and our own exported format (`model_type: h64lm`).
-Stock folders are loaded through their transformers class, which also converts legacy layouts
-(e.g. Mixtral's per-expert w1/w2/w3 files); our format is read straight from its safetensors, so
-no code from the folder runs. An option our network does not have fails with one line naming it.
+Accepted: the stock families of `stock.py` (Llama, Mistral, Mixtral, Qwen2-MoE, Qwen3-MoE,
+Ernie 4.5 MoE, GLM-4.5 MoE) and our own custom format (`model_type: h64lm`). Stock folders load
+through their transformers class (which converts legacy layouts); ours is read straight from its
+safetensors, so no code from the folder runs.
+A damaged folder (no or unreadable config.json, a missing or truncated weight file, a tensor of
+the wrong shape) and an option our network does not have fail with one ValueError line naming
+the file or the option.
 """
 
 import json
+import logging
+import re
+import struct
 from pathlib import Path
 from typing import Dict, List, Tuple, Union
 
@@ -14,56 +20,27 @@ import torch
 
 from h64lm.model import H64LMConfig, H64LMForCausalLM
 
-from .stock import STOCK_ARCHITECTURES, from_stock_state_dict
+from .stock import STOCK_ARCHITECTURES, from_stock_config, from_stock_state_dict
 
-__all__ = ["import_hf", "load_hf_model"]
+__all__ = ["import_hf", "import_hf_config", "load_hf_model", "read_config_json"]
 
 Tensors = Dict[str, torch.Tensor]
 
 
-def _unsupported_stock_options(hf) -> List[str]:
-    """What a stock config sets that H64LM cannot compute."""
-    bad = []
-    if getattr(hf, "hidden_act", "silu") != "silu":
-        bad.append(f"hidden_act={hf.hidden_act!r} (needs 'silu')")
-    for flag in ("attention_bias", "mlp_bias"):
-        if getattr(hf, flag, False):
-            bad.append(f"{flag}=true")
-    rope = getattr(hf, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        bad.append(f"rope_type={rope['rope_type']!r} (rope scaling; needs 'default')")
-    head_dim = getattr(hf, "head_dim", None)
-    if head_dim not in (None, hf.hidden_size // hf.num_attention_heads):
-        bad.append(f"head_dim={head_dim} (needs hidden_size / num_attention_heads)")
-    if getattr(hf, "layer_types", None) and len(set(hf.layer_types)) > 1:
-        bad.append(f"layer_types mixing {sorted(set(hf.layer_types))}")
-    return bad
-
-
-def _stock_config(hf, architecture: str) -> H64LMConfig:
-    bad = _unsupported_stock_options(hf)
-    if bad:
-        raise ValueError(f"cannot import this {architecture} folder into H64LM: unsupported "
-                         + "; ".join(bad))
-    kwargs = dict(
-        vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, num_layers=hf.num_hidden_layers,
-        num_attention_heads=hf.num_attention_heads,
-        num_kv_heads=hf.num_key_value_heads or hf.num_attention_heads,
-        intermediate_size=hf.intermediate_size, moe_intermediate_size=None,
-        max_position_embeddings=hf.max_position_embeddings, position_encoding="rope",
-        rope_theta=float((hf.rope_parameters or {}).get("rope_theta", 10000.0)),
-        sliding_window=getattr(hf, "sliding_window", None), rms_norm_eps=hf.rms_norm_eps,
-        tie_word_embeddings=bool(hf.tie_word_embeddings),
-        initializer_range=hf.initializer_range)
-    if architecture == "mixtral":
-        kwargs.update(moe_layers="all", num_experts=hf.num_local_experts,
-                      num_experts_per_token=hf.num_experts_per_tok,
-                      router_norm_topk=True,  # Mixtral renormalises at every k
-                      # HF normalises f_i by N (k at balance), ours by N*k (1): ours = k x HF's
-                      router_aux_loss_coef=hf.router_aux_loss_coef * hf.num_experts_per_tok)
-    else:
-        kwargs.update(moe_layers="none")
-    return H64LMConfig(**kwargs)
+def read_config_json(folder: Path) -> dict:
+    """`folder/config.json` as a dict; ValueError in one line when it is missing or not a JSON object."""
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder: pass a Hugging Face model folder (config.json + weights)")
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{folder} has no config.json: pass a Hugging Face model folder")
+    try:
+        raw = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} holds a JSON {type(raw).__name__}, not an object of settings")
+    return raw
 
 
 def _custom_config(raw: dict) -> H64LMConfig:
@@ -87,46 +64,167 @@ def _custom_config(raw: dict) -> H64LMConfig:
         logit_softcap=raw.get("logit_softcap"), init=raw.get("weight_init", "normal"))
 
 
+def import_hf_config(path: Union[str, Path]) -> H64LMConfig:
+    """The H64LMConfig of a HF folder, from its config.json alone (no weights read)."""
+    folder = Path(path).expanduser()
+    raw = read_config_json(folder)
+    model_type = raw.get("model_type")
+    config_file = folder / "config.json"
+    if model_type not in ("h64lm", *STOCK_ARCHITECTURES):
+        raise ValueError(f"cannot import {folder}: model_type={model_type!r} is unsupported "
+                         f"(supported: h64lm, {', '.join(STOCK_ARCHITECTURES)})")
+    try:
+        if model_type == "h64lm":
+            config = _custom_config(raw)
+        else:
+            from transformers import AutoConfig
+
+            config = from_stock_config(AutoConfig.from_pretrained(str(folder), local_files_only=True), model_type)
+    except KeyError as e:
+        raise ValueError(f"{config_file} lacks the setting {e}") from None
+    except (TypeError, AttributeError, ValueError, OSError) as e:  # wrong types, out of range
+        raise ValueError(f"{config_file}: {str(e).splitlines()[0]}") from None
+    bias_rate = _recorded_model(folder).get("router_bias_update_rate")
+    if bias_rate:  # a training setting our own exports record, so a continued run keeps it
+        config.router_bias_update_rate = float(bias_rate)
+    return config
+
+
+def _recorded_model(folder: Path) -> dict:
+    """The H64LMConfig fields an export of ours recorded (export.EXPORT_RECORD), else {}."""
+    from .export import EXPORT_RECORD
+
+    try:
+        model = json.loads((folder / EXPORT_RECORD).read_text()).get("model", {})
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return {}
+    return model if isinstance(model, dict) else {}
+
+
+def _weight_files(folder: Path) -> List[Path]:
+    """The folder's safetensors files (one, or those its index lists), each checked complete:
+    its header parses and its size is what the header's offsets say (a truncated copy is not)."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise ValueError(f"{index} is not a safetensors index (a JSON object with a weight_map)") from None
+    else:
+        files = ["model.safetensors"]
+    paths = [folder / name for name in files]
+    for path in paths:
+        if not path.is_file():
+            raise ValueError(f"{path} is missing" + (f" (listed in {index.name})" if index.exists()
+                                                     else ": the folder has no weights"))
+        _check_complete(path)
+    return paths
+
+
+def _check_complete(path: Path) -> None:
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size - 8:
+                raise ValueError
+            header = json.loads(f.read(header_len))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError):
+        raise ValueError(f"{path} is not a safetensors file (unreadable header)") from None
+    if 8 + header_len + end != size:
+        raise ValueError(f"{path} is truncated or corrupt: {size} bytes, its header describes "
+                         f"{8 + header_len + end}")
+
+
 def _read_safetensors(folder: Path) -> Tensors:
     from safetensors.torch import load_file
 
-    index = folder / "model.safetensors.index.json"
-    files = (sorted(set(json.loads(index.read_text())["weight_map"].values()))
-             if index.exists() else ["model.safetensors"])
     state: Tensors = {}
-    for name in files:
-        state.update(load_file(str(folder / name)))
+    for path in _weight_files(folder):
+        state.update(load_file(str(path)))
     return state
+
+
+class _Report(logging.Handler):
+    """Holds transformers' multi-line load report instead of printing it: the error names a key."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.text = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.text += record.getMessage()
+
+    def first_key(self) -> str:
+        found = re.search(r"((?:model|lm_head)(?:\.(?:\w+|\{[^}]*\}))+)", self.text)
+        return found.group(1) if found else "see transformers' load report"
+
+
+def _read_stock(folder: Path) -> Tensors:
+    """Through the transformers class, which also converts legacy layouts (e.g. Mixtral's
+    per-expert w1/w2/w3 files)."""
+    from transformers import AutoModelForCausalLM
+
+    _weight_files(folder)
+    report, logger = _Report(), logging.getLogger("transformers")  # every transformers logger's parent
+    handlers, logger.handlers = logger.handlers, [report]
+    try:
+        hf, info = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype="auto",
+                                                        output_loading_info=True)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        if report.text:  # transformers reported the tensors it could not place
+            raise ValueError(f"{folder}'s weights do not match its config.json at {report.first_key()} "
+                             "(a wrong shape or a missing tensor)") from None
+        raise ValueError(f"{folder}'s weights do not load ({str(e).strip().splitlines()[0][:120]})") from None
+    finally:
+        logger.handlers = handlers
+    wrong = [k for k in info.get("missing_keys", []) if not k.endswith("e_score_correction_bias")]
+    wrong += [str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys", [])]
+    if wrong:
+        raise ValueError(f"{folder}'s weights do not match its config.json: missing or misshapen {sorted(wrong)[:3]}")
+    return hf.state_dict()
+
+
+def _check_shapes(state: Tensors, config: H64LMConfig, folder: Path) -> None:
+    """Every tensor the config implies is present with its shape (compared on the meta device)."""
+    with torch.device("meta"):
+        expected = H64LMForCausalLM(config).state_dict()
+    for name, tensor in expected.items():
+        if name.endswith("router.bias"):
+            continue  # optional: a selection bias only where the folder has one
+        if name not in state:
+            raise ValueError(f"{folder}'s weights lack {name}, which its config.json implies")
+        if tuple(state[name].shape) != tuple(tensor.shape):
+            raise ValueError(f"{folder}'s {name} has shape {tuple(state[name].shape)}, its config.json "
+                             f"implies {tuple(tensor.shape)}")
 
 
 def import_hf(path: Union[str, Path]) -> Tuple[H64LMConfig, Tensors]:
     """A HF folder -> (H64LMConfig derived from its config.json, our state dict)."""
     folder = Path(path).expanduser()
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise ValueError(f"hf:{folder} has no config.json: pass a Hugging Face model folder")
-    raw = json.loads(config_file.read_text())
-    model_type = raw.get("model_type")
-    if model_type == "h64lm":
-        config = _custom_config(raw)
-        hf_state = _read_safetensors(folder)
-        state = {k.removeprefix("model."): v for k, v in hf_state.items()}
-        state.setdefault("lm_head.weight", state["embed_tokens.weight"])  # tied: saved once
-        return config, state
-    if model_type not in STOCK_ARCHITECTURES:
-        raise ValueError(f"cannot import hf:{folder}: model_type={model_type!r} is unsupported "
-                         f"(supported: h64lm, {', '.join(STOCK_ARCHITECTURES)})")
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = _stock_config(AutoConfig.from_pretrained(str(folder), local_files_only=True),
-                           model_type)
-    hf = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype="auto")
-    return config, from_stock_state_dict(hf.state_dict(), config, model_type)
+    config = import_hf_config(folder)
+    model_type = read_config_json(folder).get("model_type")
+    hf_state = _read_safetensors(folder) if model_type == "h64lm" else _read_stock(folder)
+    try:
+        if model_type == "h64lm":
+            state = {k.removeprefix("model."): v for k, v in hf_state.items()}
+            state.setdefault("lm_head.weight", state.get("embed_tokens.weight"))  # tied: saved once
+        else:
+            state = from_stock_state_dict(hf_state, config, model_type)
+    except KeyError as e:
+        raise ValueError(f"{folder}'s weights lack the tensor {e}") from None
+    except (RuntimeError, ValueError) as e:  # a tensor that cannot be split as its config says
+        raise ValueError(f"{folder}: {str(e).splitlines()[0]}") from None
+    if any(k.endswith("router.bias") for k in state) and not config.router_bias_update_rate:
+        config.router_bias_update_rate = 1e-3  # holds the bias; DeepSeek-V3's rate if training goes on
+    _check_shapes(state, config, folder)
+    return config, state
 
 
 def load_hf_model(path: Union[str, Path], dtype: torch.dtype = torch.float32) -> H64LMForCausalLM:
     """`import_hf` + an H64LMForCausalLM holding the weights (eval mode, `dtype`)."""
     config, state = import_hf(path)
     model = H64LMForCausalLM(config)
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=False)  # _check_shapes has checked every key
     return model.to(dtype).eval()

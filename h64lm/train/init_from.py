@@ -1,31 +1,82 @@
 """`train.init_from`: a new run's initial weights from another run or a Hugging Face folder.
 
-- the same model (every architecture key equal): its weights, for continued pretraining with new
-  data, optimizer or schedule (the optimizer state is NOT taken: this is a new run);
+- the same model (equal `architecture`, h64lm/model/architecture.py: training-time settings such as
+  balancing losses, capacity or the aux-free bias rate may differ): its weights, for continued
+  pretraining with new data, optimizer or schedule (the optimizer state is NOT taken: a new run);
 - a dense model when this run's model is MoE: sparse upcycling (h64lm/model/upcycle.py), every dense
   FFN copied into each expert, with `train.init_noise_std` noise;
-- `hf:DIR`: a Mixtral / Llama / Mistral folder or one exported from here (h64lm/hf/importer.py),
-  then either of the above.
+- `hf:DIR`: a folder of a stock family (h64lm/hf/stock.py) or one exported from here
+  (h64lm/hf/importer.py). As `from_pretrained` does, the run takes the folder's architecture
+  (`adopt_source_architecture`); `model.*` keys on the command line win, and weights that do not
+  fit the result (neither the same model nor an upcycling) fail in one line.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+from typing import Callable, Optional
 
-from omegaconf import OmegaConf
+import torch
 from torch import nn
 
-from h64lm.config import run_config_from_yaml
+from h64lm.config import RunConfig, run_config_from_yaml
 from h64lm.model import H64LMConfig
+from h64lm.model.architecture import architecture, architecture_differences, architecture_fields
 from h64lm.model.upcycle import upcycle_state_dict
 from h64lm.train.checkpoint import CheckpointError, load_model_state, load_trusted, resolve_checkpoint_path
 from h64lm.validation import ConfigError
 
-__all__ = ["initialize_from"]
+__all__ = ["adopt_source_architecture", "initialize_from", "model_keys_set"]
 
-# Keys that change what a model computes but not its weights' shapes or meaning.
-_FREE = {"gradient_checkpointing", "router_aux_loss_coef", "router_z_loss_coef", "router_aux_loss_scope",
-         "capacity_factor", "eval_capacity_factor", "capacity_priority", "dropout", "router_bias_update_rate"}
+
+def _hf_error(init_from: str, e: Exception) -> ConfigError:
+    return ConfigError(f"train.init_from={init_from}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+
+
+def model_keys_set(overrides: list[str]) -> Optional[set]:
+    """The model fields the command line sets (`model.hidden_size=...`); None when it picks a
+    model preset (`model=demo`), which sets them all."""
+    keys = set()
+    for o in overrides:
+        key = o.lstrip("+~").split("=", 1)[0].strip()
+        if key == "model":
+            return None
+        if key.startswith("model."):
+            keys.add(key[len("model."):])
+    return keys
+
+
+def adopt_source_architecture(run: RunConfig, overrides: list[str],
+                              log: Callable[[str], None] = lambda _: None) -> RunConfig:
+    """With `train.init_from=hf:DIR`, `run` with the folder's architecture in every model field the
+    command line does not set (and the folder's aux-free bias, if it routes with one and this run
+    has none); any other run unchanged. Cheap: reads config.json only."""
+    init_from = run.train.init_from
+    if not init_from or not init_from.startswith("hf:"):
+        return run
+    explicit = model_keys_set(overrides)
+    if explicit is None:
+        return run  # a preset names the architecture; initialize_from compares
+    from h64lm.hf import import_hf_config
+
+    try:
+        src = import_hf_config(init_from[3:])
+    except (OSError, ValueError) as e:
+        raise _hf_error(init_from, e) from None
+    taken = {k: getattr(src, k) for k in architecture_fields()
+             if k not in explicit and getattr(src, k) != getattr(run.model, k)}
+    if src.router_bias_update_rate and not run.model.router_bias_update_rate and \
+            "router_bias_update_rate" not in explicit:
+        taken["router_bias_update_rate"] = src.router_bias_update_rate
+    if not taken:
+        return run
+    try:
+        model = dataclasses.replace(run.model, **taken)
+    except ValueError as e:  # the folder's settings combined with the command line's
+        raise _hf_error(init_from, e) from None
+    log(f"train.init_from: the model of {init_from} (" + ", ".join(f"model.{k}={v}" for k, v in taken.items())
+        + ")")
+    return dataclasses.replace(run, model=model)
 
 
 def _source(init_from: str) -> tuple[H64LMConfig, dict]:
@@ -35,7 +86,7 @@ def _source(init_from: str) -> tuple[H64LMConfig, dict]:
         try:
             return import_hf(init_from[3:])
         except (OSError, ValueError) as e:
-            raise ConfigError(f"train.init_from={init_from}: {str(e).splitlines()[0]}") from None
+            raise _hf_error(init_from, e) from None
     try:
         state = load_trusted(resolve_checkpoint_path(init_from))
     except CheckpointError as e:
@@ -43,14 +94,33 @@ def _source(init_from: str) -> tuple[H64LMConfig, dict]:
     return run_config_from_yaml(state["config"]).model, state["model"]
 
 
+def _with_router_bias(model: nn.Module, state: dict, init_from: str) -> dict:
+    """The aux-free selection bias is a buffer only runs with `model.router_bias_update_rate>0`
+    have: this run without one starts it at zero; a source's non-zero bias is part of how it routes,
+    so it is never dropped silently."""
+    own = {k: v for k, v in model.state_dict().items() if k.endswith("router.bias")}
+    state = {k: v for k, v in state.items() if not (k.endswith("router.bias") and k not in own and not v.any())}
+    extra = [k for k in state if k.endswith("router.bias") and k not in own]
+    if extra:
+        raise ConfigError(f"train.init_from={init_from}: its routers select with a non-zero aux-free bias "
+                          f"({extra[0]}); set model.router_bias_update_rate>0 (e.g. 0.001) to keep it")
+    return {**{k: torch.zeros_like(v) for k, v in own.items()}, **state}
+
+
+def _load(model: nn.Module, state: dict, init_from: str) -> None:
+    try:
+        load_model_state(model, _with_router_bias(model, state, init_from))
+    except CheckpointError as e:
+        raise ConfigError(f"train.init_from={init_from}: {e}") from None
+
+
 def initialize_from(model: nn.Module, init_from: str, noise_std: float, seed: int,
                     log: Callable[[str], None]) -> None:
     config: H64LMConfig = model.config
     src_cfg, state = _source(init_from)
-    src, cur = OmegaConf.structured(src_cfg), OmegaConf.structured(config)
-    differing = sorted(k for k in cur if k not in _FREE and src[k] != cur[k])
+    differing = architecture_differences(architecture(src_cfg), architecture(config))
     if not differing:
-        load_model_state(model, state)
+        _load(model, state, init_from)
         log(f"train.init_from: weights of {init_from} (the same model; optimizer and schedule start fresh)")
         return
     if not src_cfg.moe_layer_indices() and config.moe_layer_indices():
@@ -58,11 +128,10 @@ def initialize_from(model: nn.Module, init_from: str, noise_std: float, seed: in
             state = upcycle_state_dict(state, src_cfg, config, noise_std=noise_std, seed=seed)
         except ValueError as e:
             raise ConfigError(f"train.init_from={init_from}: {e}") from None
-        load_model_state(model, state)
+        _load(model, state, init_from)
         log(f"train.init_from: upcycled the dense model of {init_from} into {len(config.moe_layer_indices())} "
             f"MoE layers of {config.num_experts} experts (noise std {noise_std})")
         return
     raise ConfigError(
-        f"train.init_from={init_from}: its model differs in "
-        + ", ".join(f"model.{k} ({src[k]} -> {cur[k]})" for k in differing[:6])
+        f"train.init_from={init_from}: its model differs in " + ", ".join(differing[:6])
         + "; use the same model, or a dense model to upcycle into this MoE model")

@@ -33,7 +33,7 @@ from h64lm.train.checkpoint import FORMAT_VERSION, CheckpointManager, load_model
 from h64lm.train.control import SignalFlag, TrainingDiverged, TrainingStopped, rng_state, set_rng_state
 from h64lm.train.distributed import Dist, seed_everything
 from h64lm.train.evaluate import evaluate, sample_continuations
-from h64lm.train.init_from import initialize_from
+from h64lm.train.init_from import adopt_source_architecture, initialize_from
 from h64lm.train.metrics import History, MetricsFile, plot_run, read_metrics
 from h64lm.train.mfu import peak_flops
 from h64lm.train.optim import build_optimizer, build_scheduler
@@ -63,6 +63,7 @@ def _memory_gb(device: torch.device) -> float:
 class Trainer:
     def __init__(self, run: RunConfig, run_dir: Path, overrides: list[str], d: Dist,
                  sweep_dir: str | None = None, log: Callable[[str], None] | None = None):
+        run = adopt_source_architecture(run, overrides, log or (print if d.is_main else (lambda _: None)))
         self.run, self.run_dir, self.overrides, self.d = run, Path(run_dir), overrides, d
         self.sweep_dir = sweep_dir
         self.log = log or (tqdm.write if d.is_main else (lambda *a, **k: None))

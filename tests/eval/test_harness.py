@@ -31,7 +31,8 @@ def setup(tmp_path_factory, tiny_tokenizer_dir):
                        num_shared_experts=1, sliding_window=24)
     folder = tmp_path_factory.mktemp("export")
     export_hf(model, tiny_tokenizer_dir, folder)
-    ours = H64LMEvalLM(model, tiny_tokenizer_dir, batch_size=4, max_length=48)
+    # the exported tokenizer (it adds BOS, as training did) on both sides, so both encode alike
+    ours = H64LMEvalLM(model, folder, batch_size=4, max_length=48)
     # the folder loaded by transformers' Auto classes, handed to HFLM as a model object (HFLM
     # loading it by path wants a device_map, which needs accelerate)
     hf_model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True,

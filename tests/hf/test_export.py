@@ -4,6 +4,8 @@ memory by default; through the saved folder for all 36 in the slow run, a few he
 HF `generate()` reproduces ours token for token; sharding and the tokenizer round-trip."""
 
 import itertools
+import os
+import stat
 import json
 
 import pytest
@@ -21,14 +23,17 @@ SHARED = (0, 1)
 
 
 def expected_class(position, window, layout, shared, capacity=None):
-    """The class the variant must export to, stated independently of h64lm.hf.stock."""
-    if position != "rope":
+    """The class the variant must export to, stated independently of h64lm.hf.stock: the dense
+    stock classes, Mixtral for all-MoE without shared experts (it also has windows), Ernie 4.5 for
+    the other MoE layouts here (every n-th layer) without a window; ALiBi, capacity and other
+    windows need custom code."""
+    if position != "rope" or capacity is not None:
         return "H64LMHFForCausalLM"
     if layout == "none":
         return "LlamaForCausalLM" if window is None else "MistralForCausalLM"
-    if layout == "all" and shared == 0 and capacity is None:
+    if layout == "all" and shared == 0:
         return "MixtralForCausalLM"
-    return "H64LMHFForCausalLM"
+    return "Ernie4_5_MoeForCausalLM" if window is None else "H64LMHFForCausalLM"
 
 
 def load(folder):
@@ -117,7 +122,8 @@ def test_sharding_and_tokenizer_round_trip(tmp_path, tiny_tokenizer_dir):
     text = "Valkyria Chronicles III is a tactical role-playing game."
     original = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
     exported = AutoTokenizer.from_pretrained(str(tmp_path / "many"))
-    assert exported(text)["input_ids"] == original(text)["input_ids"]
+    # the export adds BOS as our training data does; the rest is the original encoding
+    assert exported(text)["input_ids"] == [original.bos_token_id] + original(text)["input_ids"]
     generation = json.loads((tmp_path / "many" / "generation_config.json").read_text())
     assert generation["eos_token_id"] == original.eos_token_id
 
@@ -128,7 +134,7 @@ def test_tokenizer_larger_than_vocab_is_rejected(tmp_path, tiny_tokenizer_dir):
 
 
 @pytest.mark.parametrize("routing,expected", [
-    (dict(num_experts_per_token=1), "custom"),  # Switch top-1: raw probability, Mixtral cannot say it
+    (dict(num_experts_per_token=1), "qwen2_moe"),  # Switch top-1: raw probability (norm_topk_prob=false)
     (dict(router_norm_topk=True, num_experts_per_token=1), "mixtral"),
 ])
 def test_top1_routing_exports_exactly(routing, expected):
@@ -147,10 +153,118 @@ def test_top1_routing_exports_exactly(routing, expected):
 
 
 def test_routing_without_an_exported_form_is_refused_in_one_line():
+    """Sigmoid routing on alternate layers: GLM-4.5 needs the sparse layers last, the custom
+    format routes by softmax."""
     from h64lm.hf import to_hf_model
     from h64lm.model import H64LMConfig, H64LMForCausalLM
 
-    cfg = H64LMConfig(vocab_size=64, hidden_size=32, num_layers=2, num_attention_heads=2, num_kv_heads=1,
+    cfg = H64LMConfig(vocab_size=64, hidden_size=32, num_layers=4, num_attention_heads=2, num_kv_heads=1,
                       num_experts=4, router_score="sigmoid")
-    with pytest.raises(ValueError, match="model.router_score='sigmoid' has no exported equivalent"):
+    with pytest.raises(ValueError, match="model.router_score='sigmoid' has no exported equivalent") as err:
         to_hf_model(H64LMForCausalLM(cfg))
+    assert "\n" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------- where an export goes
+def test_export_into_a_file_is_one_line_and_leaves_it(tmp_path, tiny_tokenizer_dir):
+    target = tmp_path / "model.bin"
+    target.write_text("keep")
+    with pytest.raises(ValueError, match="is a file") as err:
+        export_hf(tiny_model(), tiny_tokenizer_dir, target)
+    assert "\n" not in str(err.value) and target.read_text() == "keep"
+
+
+def test_foreign_folder_needs_overwrite_and_an_earlier_export_is_replaced(tmp_path, tiny_tokenizer_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="export.overwrite=true") as err:
+        export_hf(tiny_model(), tiny_tokenizer_dir, out)
+    assert "\n" not in str(err.value) and [p.name for p in out.iterdir()] == ["notes.txt"]
+    export_hf(tiny_model(seed=1), tiny_tokenizer_dir, out, overwrite=True)
+    assert not (out / "notes.txt").exists()
+    second = tiny_model(seed=2)
+    export_hf(second, tiny_tokenizer_dir, out, record={"step": 7})  # an earlier export: no switch needed
+    assert json.loads((out / "h64lm_export.json").read_text())["step"] == 7
+    ids = torch.randint(0, VOCAB, (1, 9))
+    with torch.no_grad():
+        assert torch.allclose(load(out)(ids).logits, second(ids).logits, atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary or old copies left
+
+
+def test_a_failed_export_leaves_the_earlier_one_whole(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    import h64lm.hf.export as export_module
+
+    out = tmp_path / "out"
+    export_hf(tiny_model(), tiny_tokenizer_dir, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export_module, "export_tokenizer", fail)
+    with pytest.raises(OSError, match="disk full"):
+        export_hf(tiny_model(seed=3), tiny_tokenizer_dir, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_every_file_has_the_umask_permissions(tmp_path, tiny_tokenizer_dir):
+    """safetensors writes weights 0600; the folder is meant to be shared like the rest."""
+    old = os.umask(0o027)
+    try:
+        export_hf(tiny_model(), tiny_tokenizer_dir, tmp_path / "out")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").iterdir()}
+    assert modes["model.safetensors"] == 0o640
+    assert set(modes.values()) == {0o640}, modes
+
+
+# ----------------------------------------------------------------------------- the tokenizer
+def test_mistral_tokenizer_loads_without_custom_code_and_encodes_as_sentencepiece(tmp_path, monkeypatch):
+    """The default tokenizer, exported with the default model (a stock class): plain
+    AutoTokenizer, no question asked (input() would fail), BOS first, then sentencepiece's ids."""
+    import builtins
+
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    from h64lm.data import DataConfig, load_tokenizer
+    from h64lm.data.tokenizer import mistral_model_file
+    from h64lm.data.wiki import excerpt_text
+    from h64lm.model import H64LMConfig, H64LMForCausalLM
+
+    export_hf(H64LMForCausalLM(H64LMConfig()), load_tokenizer(DataConfig()), tmp_path / "out")
+
+    def no_prompt(*args):
+        raise AssertionError("AutoTokenizer asked a question")
+
+    monkeypatch.setattr(builtins, "input", no_prompt)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    assert tok("The quick brown fox")["input_ids"] == [1, 415, 2936, 9060, 285, 1142]
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(mistral_model_file()))
+    lines = [x for x in excerpt_text(20_000).splitlines() if x.strip()][:40]
+    for line in lines:
+        assert tok(line)["input_ids"] == [sp.bos_id()] + sp.encode(line), line
+
+
+def test_chat_template_hook_is_saved(tmp_path, tiny_tokenizer_dir):
+    from h64lm.hf import export_tokenizer
+
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    export_tokenizer(tiny_tokenizer_dir, tmp_path, chat_template=template)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert tok.chat_template == template
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "hi"
+
+
+def test_export_overwrite_is_typed():
+    """A bool in the schema: a non-bool value and a misspelt key fail while composing."""
+    from tests.helpers import run_config
+
+    assert run_config(["export.overwrite=true"]).export.overwrite is True
+    with pytest.raises(Exception, match="overwrite"):
+        run_config(["export.overwrite=maybe"])
+    with pytest.raises(Exception, match="overwrit"):
+        run_config(["export.overwrit=true"])

@@ -109,9 +109,11 @@ def test_small_init_stds_follow_the_formulas():
 def test_hf_export_computes_the_options(options, layout):
     ours = tiny_model(moe_layers=layout, **options)
     _perturb(ours)
-    assert stock_architecture(ours.config) is None  # Llama/Mixtral express neither option
+    # Qwen3 and Qwen3-MoE have q/k norms; no stock class caps logits
+    stock = {"none": "Qwen3", "all": "Qwen3Moe"}[layout] if "logit_softcap" not in options else None
+    assert (stock_architecture(ours.config) is None) == (stock is None)
     hf = to_hf_model(ours).eval()
-    assert type(hf).__name__ == "H64LMHFForCausalLM"
+    assert type(hf).__name__ == (f"{stock}ForCausalLM" if stock else "H64LMHFForCausalLM")
     ids = torch.randint(0, VOCAB, (2, 13))
     ref = ours(ids).logits
     assert ref.std() > 0.05
