@@ -36,7 +36,7 @@ from .errors import CheckpointError, os_error_line
 from .layout import fsync_dir, remove_stale_temporaries
 from .legacy import is_legacy_file, load_legacy_file, load_plain
 from .manifest import file_digest, write_manifest
-from .safe_load import SafeFullLoadPlanner, SafeLoadPlanner, SafeReader
+from .safe_load import SafeFullLoadPlanner, SafeLoadPlanner, SafeReader, load_metadata
 from .select import METADATA, verify
 
 __all__ = ["state_of", "begin_save", "write_shards", "local_digests", "finish_save", "read_extras",
@@ -226,6 +226,12 @@ def _load_legacy_into(path: Path, model: nn.Module, optimizer: Optional[torch.op
                    options=StateDictOptions(full_state_dict=True))
 
 
+def _check_metadata(path: Path) -> None:
+    """Unpickle `.metadata` through the allowlist first: a refusal is one line here, where inside
+    DCP it would be wrapped in a per-rank exception report."""
+    load_metadata((path / METADATA).read_bytes(), str(path / METADATA))
+
+
 def load_into(path: Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
               group: Group = None) -> dict[str, Any]:
     """Collective: verify, then load the model (+ optimizer) state into whatever layout `model`
@@ -235,6 +241,7 @@ def load_into(path: Path, model: nn.Module, optimizer: Optional[torch.optim.Opti
     if is_legacy_file(path):
         _load_legacy_into(path, model, optimizer)
         return read_extras(path)
+    _check_metadata(path)
     state = state_of(model, optimizer)
     try:
         dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner(),
@@ -253,6 +260,7 @@ def read_full_state(path: Path) -> dict[str, Any]:
     verify(path)
     if is_legacy_file(path):
         return load_legacy_file(path)
+    _check_metadata(path)
     state: dict[str, Any] = {}
     # dcp.load copies the top-level dict; the lower-level call fills this one (as DCP's own
     # dcp_to_torch_save does)
