@@ -10,6 +10,7 @@ group, 2-process FSDP aborted in a collective mismatch and DDP+EP hung until the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -61,24 +62,35 @@ class Checkpointer:
 
     def _write(self, model, optimizer, extras, path: Path, background: bool, replace: bool) -> None:
         group, tmp = self._pg(), path.with_name(f".{path.name}.tmp")
-        begin_save(tmp, extras, group)
-        state = state_of(model, optimizer)
         info = {"step": int(extras.get("step", -1))}
-        upload = write_shards(state, tmp, group, background)
-        if upload is None:
-            self._finish(None, tmp, path, info, replace)
-            return
+        with self._cleanup_on_error(tmp):
+            begin_save(tmp, extras, group)
+            upload = write_shards(state_of(model, optimizer), tmp, group, background)
+            if upload is None:
+                self._finish(None, tmp, path, info, replace)
+                return
         if self._worker is None:
             self._worker = ThreadPoolExecutor(1, thread_name_prefix="h64lm-checkpoint")
         self._pending = self._worker.submit(self._finish, upload, tmp, path, info, replace)
 
+    @contextlib.contextmanager
+    def _cleanup_on_error(self, tmp: Path):
+        """A failed save (a full disk) gives its space back; the earlier checkpoints are untouched."""
+        try:
+            yield
+        except CheckpointError:
+            if self._is_main():
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
     def _finish(self, upload: Optional[Future], tmp: Path, path: Path, info: dict, replace: bool) -> None:
-        if upload is not None:
-            try:
-                upload.result()
-            except Exception as e:
-                raise shard_error(e, tmp) from None
-        finish_save(tmp, path, info, self._group, replace)
+        with self._cleanup_on_error(tmp):
+            if upload is not None:
+                try:
+                    upload.result()
+                except Exception as e:
+                    raise shard_error(e, tmp) from None
+            finish_save(tmp, path, info, self._group, replace)
         if self._is_main() and path.name != BEST:
             try:
                 write_last_pointer(self.dir, path.name)
