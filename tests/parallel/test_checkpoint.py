@@ -38,10 +38,10 @@ def test_one_process_save_resume_and_integrity(tmp_path):
 
     (ckpt / ".metadata").write_bytes((ckpt / ".metadata").read_bytes() + b"x")
     model = build(tiny_config(), "single")
-    with pytest.raises(ShardedCheckpointError, match="checksum"):
+    with pytest.raises(ShardedCheckpointError, match="the manifest says"):
         load_sharded(ckpt, model, optimizer(model))
-    (ckpt / ".complete").unlink()
-    with pytest.raises(ShardedCheckpointError, match="marker"):
+    (ckpt / "manifest.json").unlink()
+    with pytest.raises(ShardedCheckpointError, match="did not finish"):
         verify_sharded(ckpt)
 
 
@@ -52,7 +52,7 @@ def test_extras_are_plain_data(tmp_path):
     extras = load_sharded(tmp_path / "c", build(tiny_config(), "single"))
     assert extras["step"] == 3 and extras["loader"] == [1, 2]
     assert torch.equal(extras["rng"], rng)
-    assert json.loads((tmp_path / "c" / ".complete").read_text())["metadata_sha256"]
+    assert json.loads((tmp_path / "c" / "manifest.json").read_text())["files"]["extras/rank_0.pt"]["sha256"]
 
 
 @pytest.mark.slow
