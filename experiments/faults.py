@@ -385,7 +385,7 @@ def fault_run_owner(lab: Lab, t: Tally) -> None:
 
 
 def fault_resume_rules(lab: Lab, t: Tally) -> None:
-    for label, trial in [("best.pt only", rf.resume_from_best), ("all corrupt", rf.all_corrupt_refused),
+    for label, trial in [("best/ only", rf.resume_from_best), ("all corrupt", rf.all_corrupt_refused),
                          ("torn metrics", rf.torn_metrics_line)]:
         _count(t, label, lambda trial=trial: trial(lab.dir, lab.base, lab.reference))
 
