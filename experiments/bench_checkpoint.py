@@ -19,7 +19,7 @@ import torch
 
 from h64lm.model import H64LMForCausalLM
 from h64lm.runtime.checkpoint import Checkpointer, verify
-from h64lm.runtime.checkpoint import select as selection
+from h64lm.runtime.checkpoint import trust
 from h64lm.train.optim import build_optimizer
 from tests.helpers import run_config
 
@@ -44,7 +44,7 @@ def main() -> None:
         path = ckpt.save(model, optimizer, {"step": 1}, 1, final=True)
         saved = time.perf_counter() - start
         size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-        selection._verified.clear()
+        trust._verified.clear()
         start = time.perf_counter()
         verify(path)
         cold = time.perf_counter() - start

@@ -3,7 +3,7 @@
 - `Checkpointer` (checkpointer.py): what the trainer calls (save / save_best / wait / load).
 - layout.py: names in `RUN/checkpoints/` and the `last` pointer; store.py: one DCP directory;
   manifest.py: size + SHA-256 of every file, checked before anything is read; safe_load.py:
-  DCP's pickled metadata and values read without running code; select.py: which checkpoint to
+  DCP's pickled metadata and values read without running code; trust.py: which checkpoint to
   trust; legacy.py: the `.pt` files and DCP directories of the earlier layouts; weights.py:
   loading a state dict and `best_model.safetensors`; `python -m h64lm.runtime.checkpoint`:
   verify / upgrade from the command line.
@@ -14,7 +14,7 @@ from .errors import CheckpointError
 from .layout import remove_entry, step_entries, step_name
 from .legacy import FORMAT_VERSION
 from .manifest import MANIFEST
-from .select import find_newest, is_checkpoint, resolve, verify
+from .trust import find_newest, is_checkpoint, resolve, verify
 from .store import load_into, read_extras, read_full_state
 from .weights import consolidated_state_dict, load_model_state, save_consolidated
 

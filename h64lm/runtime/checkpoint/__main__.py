@@ -20,7 +20,7 @@ from .errors import CheckpointError
 from .legacy import OLD_MARKER, is_legacy_dcp
 from .manifest import file_digest, write_manifest
 from .safe_load import load_metadata
-from .select import METADATA, verify
+from .trust import METADATA, verify
 
 __all__ = ["main", "upgrade"]
 

@@ -37,7 +37,7 @@ from .layout import fsync_dir, remove_stale_temporaries
 from .legacy import is_legacy_file, load_legacy_file, load_plain
 from .manifest import file_digest, write_manifest
 from .safe_load import SafeFullLoadPlanner, SafeLoadPlanner, SafeReader, load_metadata
-from .select import METADATA, verify
+from .trust import METADATA, verify
 
 __all__ = ["state_of", "begin_save", "write_shards", "local_digests", "finish_save", "read_extras",
            "load_into", "read_full_state"]
