@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from .errors import CheckpointError
-from .legacy import OLD_MARKER, is_legacy_dcp
+from .legacy import OLD_MARKER, is_legacy_dcp, load_plain
 from .manifest import file_digest, write_manifest
 from .safe_load import load_metadata
 from .trust import METADATA, verify
@@ -49,7 +49,8 @@ def upgrade(path: Path) -> None:
              if p.is_file() and p.name != OLD_MARKER}
     from .store import read_full_state  # a full read: every shard must deserialize
 
-    write_manifest(path, files, {"step": -1, "world_size": marker.get("world_size"), "upgraded": True})
+    step = load_plain(path / "extras" / "rank_0.pt").get("step", -1)
+    write_manifest(path, files, {"step": step, "world_size": marker.get("world_size"), "upgraded": True})
     try:
         read_full_state(path)
     except Exception as e:
