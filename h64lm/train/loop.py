@@ -133,6 +133,8 @@ class Trainer:
         self.wandb_run_id = state.get("wandb_run_id")
 
     def state_dict(self) -> dict[str, Any]:
+        """This process's whole state as one dict of plain data and tensors: what a one-process
+        `.pt` checkpoint of the previous layout held (legacy.py still reads those)."""
         return {**self.extras(), "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
 
     def extras(self) -> dict[str, Any]:
