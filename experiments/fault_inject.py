@@ -8,6 +8,10 @@ The hooks only change timing, never numerics, so a run under them trains exactly
   H64LM_FAULT_SAVE_MARKER=F    on the first checkpoint write after step H64LM_FAULT_SAVE_AFTER
                                (default 0): write part of the file, create F, then hang, so the
                                process is killed with a half-written checkpoint on disk.
+  H64LM_FAULT_ENOSPC_FROM=N    every checkpoint write from step N on fails with ENOSPC inside
+                               DCP's shard writer (a disk that filled up and stays full).
+  H64LM_FAULT_WRITE_DELAY=S    every shard write sleeps S seconds first (in the writer's
+                               thread), so a background save stays in flight across steps.
   H64LM_FAULT_EVAL_DELAY=S     sleep S seconds before every validation batch (a long evaluation).
   H64LM_FAULT_EVAL_MARKER=F    create F when the first evaluation starts, so a signal can be
                                aimed into it.
@@ -41,24 +45,50 @@ def _delay_steps(seconds: float) -> None:
 
 
 def _hang_inside_save(marker: Path, after_step: int) -> None:
-    from h64lm.train import checkpoint
+    from h64lm.runtime.checkpoint import checkpointer
 
-    save = checkpoint.save_checkpoint
+    write_shards = checkpointer.write_shards
 
-    def hanging_save(state, path):
-        if state.get("step", 0) <= after_step:
-            return save(state, path)
-
-        def write_part_then_hang(f):
-            f.write(b"PK\x03\x04" + b"\0" * 4096)  # the start of a zip archive, never finished
+    def hanging_write(state, tmp, group, background):
+        if int(tmp.name.split("_")[1].split(".")[0]) <= after_step:  # `.step_NNNNNNN.tmp`
+            return write_shards(state, tmp, group, background)
+        with open(tmp / "__0_0.distcp", "wb") as f:
+            f.write(b"\0" * 4096)  # the start of a shard, never finished
             f.flush()
             os.fsync(f.fileno())
-            marker.write_text(f"{os.getpid()} {path}\n")
-            time.sleep(3600)
+        marker.write_text(f"{os.getpid()} {tmp}\n")
+        time.sleep(3600)
 
-        checkpoint._write_atomic(Path(path), write_part_then_hang)
+    checkpointer.write_shards = hanging_write
 
-    checkpoint.save_checkpoint = hanging_save
+
+def _full_disk_from(step: int) -> None:
+    import errno
+
+    from torch.distributed.checkpoint import filesystem
+
+    write_item = filesystem._write_item
+
+    def failing(transforms, stream, *args, **kwargs):
+        name = str(getattr(stream, "name", ""))
+        saving = [p for p in Path(name).parts if p.startswith(".step_")]
+        if saving and int(saving[0][len(".step_"):].split(".")[0]) >= step:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
+        return write_item(transforms, stream, *args, **kwargs)
+
+    filesystem._write_item = failing
+
+
+def _slow_writes(seconds: float) -> None:
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    write_data = FileSystemWriter.write_data
+
+    def slow(self, plan, planner):
+        time.sleep(seconds)
+        return write_data(self, plan, planner)
+
+    FileSystemWriter.write_data = slow
 
 
 def _slow_evaluation(seconds: float, marker: Path | None) -> None:
@@ -125,6 +155,10 @@ def install_hooks(env: dict[str, str]) -> None:
     if env.get("H64LM_FAULT_SAVE_MARKER"):
         _hang_inside_save(Path(env["H64LM_FAULT_SAVE_MARKER"]),
                           int(env.get("H64LM_FAULT_SAVE_AFTER", "0")))
+    if env.get("H64LM_FAULT_ENOSPC_FROM"):
+        _full_disk_from(int(env["H64LM_FAULT_ENOSPC_FROM"]))
+    if env.get("H64LM_FAULT_WRITE_DELAY"):
+        _slow_writes(float(env["H64LM_FAULT_WRITE_DELAY"]))
     if env.get("H64LM_FAULT_EVAL_DELAY") or env.get("H64LM_FAULT_EVAL_MARKER"):
         marker = env.get("H64LM_FAULT_EVAL_MARKER")
         _slow_evaluation(float(env.get("H64LM_FAULT_EVAL_DELAY", "0")), Path(marker) if marker else None)

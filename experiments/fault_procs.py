@@ -169,9 +169,17 @@ def run_losses(run_dir: Path) -> dict[int, dict[str, float]]:
     return {r["step"]: {k: r[k] for k in COMPARED} for r in read_metrics(Path(run_dir) / "metrics.jsonl")}
 
 
+def saved_step(run_dir: Path) -> int:
+    """The step of the newest checkpoint of `run_dir` that verifies."""
+    from h64lm.runtime.checkpoint import read_extras, resolve
+
+    return read_extras(resolve(run_dir, log=lambda s: None))["step"]
+
+
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(Path(run_dir) / "checkpoints" / "last.pt", map_location="cpu",
-                      weights_only=True)["model"]
+    from h64lm.runtime.checkpoint import read_full_state, resolve
+
+    return read_full_state(resolve(run_dir))["model"]
 
 
 def differences(run_dir: Path, reference_dir: Path) -> list[str]:

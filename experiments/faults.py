@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import io
 import math
 import os
@@ -36,6 +35,7 @@ for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MOD
 
 import torch
 
+from experiments import ckpt_faults as cf
 from experiments import run_faults as rf
 from experiments.data_faults import bad_rows_trials, damaged_cache_trials, killed_preparation_trial
 from experiments.fault_cases import BAD_CONFIGS, bad_data_cases, write_bad_files
@@ -50,6 +50,7 @@ from experiments.fault_procs import (
     rank_pids,
     run_cli,
     run_losses,
+    saved_step,
     start_run,
     text_corpus,
     wait_until,
@@ -58,7 +59,7 @@ from experiments.hf_faults import hf_trials
 from h64lm.cli import EXIT_BAD_INPUT, EXIT_CHECKPOINT, run
 from h64lm.config import build_run_config
 from h64lm.config import compose as compose_cfg
-from h64lm.train import checkpoint as ck
+from h64lm.runtime.checkpoint import CheckpointError, read_extras, read_full_state, resolve, verify
 from h64lm.train.control import TrainingDiverged
 
 RUN = ["train.max_steps=8", "train.save_every=2", "train.eval_every=4", "train.keep_last=2"]
@@ -153,11 +154,11 @@ def _sigkill_trial(lab: Lab, t: Tally, i: int) -> None:
         time.sleep(lab.rng.uniform(0, 0.5))
         moment = f"after step {logged_steps(run_dir)}"
     kill_and_wait(proc, signal.SIGKILL, 30)
-    partial = len(list((run_dir / "checkpoints").glob(".*.tmp-*")))
+    partial = len(list((run_dir / "checkpoints").glob(".*.tmp")))
     log = lab.resume(run_dir, ["train.save_every=1"])
     diff = differences(run_dir, lab.reference)
     t.trial(True, lost=bool(diff),
-            note=f"{moment} -> resumed at {log.step}" + (f" ({partial} partial file)" if partial else "")
+            note=f"{moment} -> resumed at {log.step}" + (f" ({partial} partial save)" if partial else "")
             + (f" {diff[:2]}" if diff else ""))
 
 
@@ -169,7 +170,7 @@ def fault_stop_signals(lab: Lab, t: Tally) -> None:
         wait_until(lambda d=run_dir: logged_steps(d) >= 3, proc, 300, "step 3")
         code, seconds = kill_and_wait(proc, sig, 60)
         line = (lab.dir / f"stop_{sig}.err").read_text().strip().splitlines()[-1]
-        saved = ck.load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"]
+        saved = saved_step(run_dir)
         log = lab.resume(run_dir)
         diff = differences(run_dir, lab.reference)
         ok = code == 128 + sig and line.startswith(f"{name} received: saved") and log.step == saved
@@ -183,7 +184,7 @@ def _damage(path: Path, kind: str) -> None:
         data[len(data) // 2] ^= 0x10
     else:
         data = data[: len(data) // 3]
-    with open(path, "r+b") as f:  # in place: last.pt is the same file (a hard link)
+    with open(path, "r+b") as f:  # in place: best/ may hold the same file (a hard link)
         f.truncate(0)
         f.write(data)
 
@@ -192,19 +193,17 @@ def fault_corrupt(lab: Lab, t: Tally) -> None:
     for kind in ("bit flip", "truncation"):
         run_dir = lab.fresh(f"corrupt_{kind.replace(' ', '_')}")
         shutil.copytree(lab.reference, run_dir)
-        newest = run_dir / "checkpoints" / "step_0000008.pt"
-        for name in ("last.pt", "last.pt.sha256"):  # as the trainer leaves them: hard links
-            (run_dir / "checkpoints" / name).unlink()
-            os.link(newest.with_name(name.replace("last", newest.stem)), run_dir / "checkpoints" / name)
-        _damage(newest, kind)
+        newest = run_dir / "checkpoints" / "step_0000008"
+        shard = next(newest.glob("__0_*.distcp"))
+        _damage(shard, kind)  # a model shard: only the manifest of every file catches it
         try:
-            ck.load_checkpoint(newest)
+            verify(newest)
             named = False
-        except ck.CheckpointError as e:
-            named = str(newest) in str(e) and "corrupt" in str(e)
+        except CheckpointError as e:
+            named = str(newest) in str(e) and shard.name in str(e)
         log = lab.resume(run_dir)
         diff = differences(run_dir, lab.reference)
-        said = any("last.pt" in s for s in log.skipped) and any(newest.name in s for s in log.skipped)
+        said = len(log.skipped) == 1 and newest.name in log.skipped[0]
         t.trial(named and said and log.step == 6, lost=bool(diff),
                 note=f"{kind}: refused naming the file, fell back to step {log.step}")
 
@@ -214,15 +213,25 @@ def fault_malicious_pickle(lab: Lab, t: Tally) -> None:
         def __reduce__(self):
             return (os.system, (f"touch {lab.dir / 'PWNED'}",))
 
-    run_dir = lab.fresh("malicious")
-    path = run_dir / "checkpoints" / "last.pt"
-    path.parent.mkdir(parents=True)
-    ck.save_checkpoint({"format_version": ck.FORMAT_VERSION, "step": 1, "payload": Evil()}, path)
-    proc = run_cli(lab.base + ["train.resume=auto", f"hydra.run.dir={run_dir}"], lab.dir)
-    lines = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
-    ok = (proc.returncode == EXIT_CHECKPOINT and len(lines) == 1 and "refused to load" in lines[0]
-          and not (lab.dir / "PWNED").exists())
-    t.trial(ok, note=f"checksum valid, still refused (exit {proc.returncode}); payload never ran")
+    import pickle
+
+    from h64lm.runtime.checkpoint.manifest import file_digest, read_manifest, write_manifest
+
+    for target in (".metadata", "extras/rank_0.pt"):  # DCP's pickled index; the plain data
+        run_dir = lab.fresh("malicious")
+        step = run_dir / "checkpoints" / "step_0000006"
+        shutil.copytree(lab.reference / "checkpoints" / "step_0000006", step)
+        if target == ".metadata":
+            (step / target).write_bytes(pickle.dumps(Evil()))
+        else:
+            torch.save({"step": 6, "payload": Evil()}, step / target)
+        body = read_manifest(step)  # the attacker hands over a manifest that matches
+        write_manifest(step, {**body["files"], target: file_digest(step / target)}, {"step": 6})
+        proc = run_cli(lab.base + ["train.resume=auto", f"hydra.run.dir={run_dir}"], lab.dir)
+        lines = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+        ok = (proc.returncode == EXIT_CHECKPOINT and len(lines) == 1 and "refused" in lines[0]
+              and not (lab.dir / "PWNED").exists())
+        t.trial(ok, note=f"{target}: manifest valid, still refused (exit {proc.returncode}); payload never ran")
 
 
 def fault_nonfinite(lab: Lab, t: Tally) -> None:
@@ -232,7 +241,7 @@ def fault_nonfinite(lab: Lab, t: Tally) -> None:
         lab.run(lab.base, run_dir)
     finally:
         undo()
-    skipped = ck.load_checkpoint(run_dir / "checkpoints" / "last.pt")["skipped_steps"]
+    skipped = read_extras(resolve(run_dir))["skipped_steps"]
     t.trial(skipped == 2, note=f"NaN loss + NaN grads: {skipped} steps skipped, run finished")
 
     run_dir = lab.fresh("nan_streak")
@@ -245,8 +254,8 @@ def fault_nonfinite(lab: Lab, t: Tally) -> None:
         stopped = str(e)
     finally:
         undo()
-    good = ck.load_checkpoint(run_dir / "checkpoints" / "step_0000002.pt")["model"]
-    last = ck.load_checkpoint(run_dir / "checkpoints" / "step_0000005.pt")["model"]
+    good = read_full_state(run_dir / "checkpoints" / "step_0000002")["model"]
+    last = read_full_state(run_dir / "checkpoints" / "step_0000005")["model"]
     same = all(torch.equal(good[k], last[k]) for k in good)
     t.trial("optim.lr" in stopped and "bf16" in stopped, lost=not same,
             note="3 NaN steps in a row: stopped, last good weights saved")
@@ -257,34 +266,9 @@ def fault_nonfinite(lab: Lab, t: Tally) -> None:
         lab.run(lab.base + ["hardware.precision=fp16", "train.max_bad_steps=3"], run_dir)
     finally:
         undo()
-    state = ck.load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    state = read_extras(resolve(run_dir))
     t.trial(state["step"] == 8 and state["scaler"]["scale"] == 2.0**10,
             note=f"fp16: 6 overflows in a row, scale 65536 -> {state['scaler']['scale']:.0f}, no stop")
-
-
-def fault_disk_full(lab: Lab, t: Tally) -> None:
-    run_dir, real_save = lab.fresh("disk_full"), ck.torch.save
-
-    def full_disk(obj, f, *args, **kwargs):
-        if obj.get("step") == 4:
-            f.write(b"x" * 4096)
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, f, *args, **kwargs)
-
-    ck.torch.save = full_disk
-    try:
-        lab.run(lab.base, run_dir)
-        message = ""
-    except ck.CheckpointError as e:
-        message = str(e)
-    finally:
-        ck.torch.save = real_save
-    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    intact = ck.load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == 2
-    log = lab.resume(run_dir)
-    diff = differences(run_dir, lab.reference)
-    t.trial("No space left on device" in message and not any(".tmp" in n for n in names),
-            lost=not intact or bool(diff), note=f"ENOSPC at step 4: step 2 intact, resumed at {log.step}")
 
 
 def fault_bad_config(lab: Lab, t: Tally) -> None:
@@ -402,7 +386,7 @@ def fault_run_owner(lab: Lab, t: Tally) -> None:
 
 
 def fault_resume_rules(lab: Lab, t: Tally) -> None:
-    for label, trial in [("best.pt only", rf.resume_from_best), ("all corrupt", rf.all_corrupt_refused),
+    for label, trial in [("best/ only", rf.resume_from_best), ("all corrupt", rf.all_corrupt_refused),
                          ("torn metrics", rf.torn_metrics_line)]:
         _count(t, label, lambda trial=trial: trial(lab.dir, lab.base, lab.reference))
 
@@ -429,6 +413,8 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=6, help="SIGKILL trials (>= 5)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the kill moments")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
+    parser.add_argument("--only", nargs="+", default=None, metavar="N",
+                        help="run only these fault classes (their numbers, e.g. --only 3 4 6 19)")
     opts = parser.parse_args()
     workdir = opts.workdir or Path(tempfile.mkdtemp(prefix="h64lm-faults-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -441,7 +427,7 @@ def main() -> int:
         ("3 corrupt checkpoint", lambda t: fault_corrupt(lab, t)),
         ("4 malicious pickle", lambda t: fault_malicious_pickle(lab, t)),
         ("5 NaN/Inf, fp16", lambda t: fault_nonfinite(lab, t)),
-        ("6 disk full (ENOSPC)", lambda t: fault_disk_full(lab, t)),
+        ("6 disk full (ENOSPC)", lambda t: cf.fault_disk_full(lab, t)),
         ("7 bad configuration", lambda t: fault_bad_config(lab, t)),
         ("8 bad data", lambda t: fault_bad_data(lab, t)),
         ("9 DDP rank killed", lambda t: fault_ddp_kill(lab, t)),
@@ -457,10 +443,13 @@ def main() -> int:
         ("17 stop during eval", lambda t: _count(
             t, "stop in eval", lambda: rf.stop_during_evaluation(lab.dir, lab.base, lab.reference))),
         ("18 provenance", lambda t: fault_provenance(lab, t)),
-        ("19 HF round trip", lambda t: _count(t, "hf", lambda: hf_trials(lab.fresh("hf"), lab.base, lab.reference))),
+        *cf.checkpoint_faults(lab),
+        ("22 HF round trip", lambda t: _count(t, "hf", lambda: hf_trials(lab.fresh("hf"), lab.base, lab.reference))),
     ]
     tallies = []
     for name, inject in faults:
+        if opts.only and name.split()[0] not in opts.only:
+            continue
         tally = Tally(name)
         try:
             inject(tally)

@@ -1,7 +1,7 @@
 """Faults on a run directory, shared by experiments/faults.py and tests/faults/test_run_dir.py.
 
   owner       two launches of one `hydra.run.dir` at once; a lock left by a SIGKILLed run
-  resume      resume=auto with every checkpoint but best.pt corrupt, with all corrupt, and with
+  resume      resume=auto with every checkpoint but best/ corrupt, with all corrupt, and with
               a metrics line torn by a crash
   unworkable  values that pass a type check but cannot train (lr=nan, -1 sizes, online W&B
               without a key, a missing or finished resume, a run whose every step is NaN)
@@ -33,6 +33,7 @@ from experiments.fault_procs import (
     logged_steps,
     run_cli,
     run_losses,
+    saved_step,
     start_run,
     wait_until,
 )
@@ -88,8 +89,9 @@ def _metrics_lines_ok(run_dir: Path) -> tuple[bool, list[int]]:
     return True, steps
 
 
-def _corrupt(path: Path) -> None:
-    """Cut a checkpoint short; unlink first, as last.pt and best.pt may be hard links to step files."""
+def _corrupt(checkpoint: Path) -> None:
+    """Cut a checkpoint's shard short; unlink first, as `best/` may hold hard links to a step's files."""
+    path = next(checkpoint.glob("__0_*.distcp"))
     data = path.read_bytes()
     path.unlink()
     path.write_bytes(data[: len(data) // 3])
@@ -134,43 +136,43 @@ def stale_lock_taken_over(folder: Path, base: list[str], reference: Path) -> Out
 
 # ----------------------------------------------------------------------------- resume=auto
 def resume_from_best(folder: Path, base: list[str], reference: Path) -> Outcome:
-    """Every step checkpoint and last.pt corrupt, best.pt whole: resume=auto continues from best.pt."""
-    from h64lm.train.checkpoint import load_checkpoint
+    """Every step checkpoint corrupt, best/ whole: resume=auto continues from best/."""
+    from h64lm.runtime.checkpoint import read_extras
 
     run_dir = folder / "best_only"
     shutil.rmtree(run_dir, ignore_errors=True)
     shutil.copytree(reference, run_dir)
     ckpts = run_dir / "checkpoints"
-    best_step = load_checkpoint(ckpts / "best.pt")["step"]
-    for path in [ckpts / "last.pt", *ckpts.glob("step_*.pt")]:
+    best_step = read_extras(ckpts / "best")["step"]
+    for path in ckpts.glob("step_*"):
         _corrupt(path)
     log = ResumeLog(quiet_run(base + ["train.max_steps=10", "train.resume=auto"], run_dir))
     whole, steps = _metrics_lines_ok(run_dir)
-    chose_best = f"checkpoints/best.pt (step {best_step})" in log.text
+    chose_best = f"checkpoints/best (step {best_step})" in log.text
     mine, ref = run_losses(run_dir), run_losses(reference)
     kept = all(mine.get(s) == ref[s] for s in ref if s <= best_step)
-    ok = chose_best and len(log.skipped) == 3 and whole and steps == list(range(1, 11))
-    return Outcome(ok, f"last.pt + step files corrupt: {len(log.skipped)} skipped, resumed from best.pt "
+    ok = chose_best and len(log.skipped) == 2 and whole and steps == list(range(1, 11))
+    return Outcome(ok, f"step directories corrupt: {len(log.skipped)} skipped, resumed from best/ "
                    f"(step {best_step}): {chose_best}, steps 1..10 once each: {steps == list(range(1, 11))}",
                    lost=not kept)
 
 
 def all_corrupt_refused(folder: Path, base: list[str], reference: Path) -> Outcome:
     """Every checkpoint corrupt: `python run.py` refuses (exit 4) naming what it found, and the
-    directory, best.pt, best_model.safetensors and metrics.jsonl included, stays byte-identical."""
+    directory, best/, best_model.safetensors and metrics.jsonl included, stays byte-identical."""
     run_dir = folder / "all_corrupt"
     shutil.rmtree(run_dir, ignore_errors=True)
     shutil.copytree(reference, run_dir)
-    for path in (run_dir / "checkpoints").glob("*.pt"):
+    for path in [*(run_dir / "checkpoints").glob("step_*"), run_dir / "checkpoints" / "best"]:
         _corrupt(path)
     before = snapshot(run_dir)
     proc = run_cli(base + ["train.resume=auto", f"hydra.run.dir={run_dir}"], folder)
     lines = _error_lines(proc.stderr)
     said = (len(lines) == 1 and "refusing to restart it from step 0" in lines[0]
-            and "checkpoints/best.pt" in lines[0])
+            and "checkpoints/best" in lines[0])
     changed = _changed(before, snapshot(run_dir))
     return Outcome(proc.returncode == 4 and said and not changed,
-                   f"all corrupt: exit {proc.returncode}, one line naming best.pt: {said}, "
+                   f"all corrupt: exit {proc.returncode}, one line naming best/: {said}, "
                    f"changed: {changed or 'nothing'}")
 
 
@@ -287,8 +289,6 @@ def stop_during_evaluation(folder: Path, base: list[str], reference: Path,
                            batch_delay: float = 0.5, limit_s: float = 5.0) -> Outcome:
     """SIGTERM as a long evaluation starts (batch 1, every validation window, `batch_delay` s per
     batch): a checkpoint and exit 143 within `limit_s` seconds, not after the evaluation."""
-    from h64lm.train.checkpoint import load_checkpoint
-
     run_dir = folder / "stop_in_eval"
     shutil.rmtree(run_dir, ignore_errors=True)
     marker = folder / "eval_started"
@@ -300,7 +300,7 @@ def stop_during_evaluation(folder: Path, base: list[str], reference: Path,
     windows = int(marker.read_text().split()[1])
     code, seconds = kill_and_wait(proc, signal.SIGTERM, 120)
     last = _error_lines((folder / "stop_in_eval.err").read_text())[-1]
-    saved = load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"]
+    saved = saved_step(run_dir)
     log = ResumeLog(quiet_run(base + long_eval + ["train.resume=auto"], run_dir))
     diff = differences(run_dir, reference)
     ok = (code == 143 and seconds < limit_s and last.startswith("SIGTERM received: saved")

@@ -67,7 +67,7 @@ class TrainConfig:
     global_batch_size: Optional[int] = bounded(None, ge=1, null="batch_size x grad_accum x processes")
     eval_every: int = bounded(50, ge=1)  # steps between validations (and the last step)
     save_every: int = bounded(100, ge=1)  # steps between checkpoints (and the last step)
-    keep_last: int = bounded(2, ge=1)  # step checkpoints kept besides best.pt
+    keep_last: int = bounded(2, ge=1)  # step checkpoints kept besides best/
     log_every: int = bounded(1, ge=1)  # steps between metrics.jsonl / W&B records
     seed: int = bounded(1234, ge=0)  # weights, data order, sampling
     resume: Optional[str] = None  # null | auto | a checkpoint file | a run directory

@@ -18,28 +18,23 @@ import torch
 from h64lm.config import RunConfig, run_config_from_yaml
 from h64lm.data import DataConfig, check_vocab, load_tokenizer, prepare_corpus, validation_windows
 from h64lm.model import H64LMForCausalLM
-from h64lm.parallel import load_sharded
-from h64lm.train.checkpoint import load_model_state, resolve_checkpoint_path
+from h64lm.runtime.checkpoint import load_into, read_extras, resolve
 from h64lm.train.distributed import Dist
 from h64lm.train.evaluate import evaluate, sample_continuations
 from h64lm.train.precision import resolve_precision
-from h64lm.train.resume import load_checkpoint_state
 
 __all__ = ["load_trained_model", "evaluate_checkpoint", "generate_from_checkpoint", "export_checkpoint",
            "plan_layouts_for"]
 
 
 def load_trained_model(checkpoint: str | Path, device: torch.device) -> tuple[H64LMForCausalLM, RunConfig]:
-    """(model in eval mode, the run config it was trained with) from a checkpoint file, a sharded
-    checkpoint directory (any layout: its weights are gathered into this plain model), or a run
-    directory."""
-    state = load_checkpoint_state(resolve_checkpoint_path(checkpoint))
-    saved = run_config_from_yaml(state["config"])
+    """(model in eval mode, the run config it was trained with) from a verified checkpoint (any
+    layout and world size: its weights are gathered into this plain model) or a run directory's
+    newest that verifies."""
+    path = resolve(checkpoint)
+    saved = run_config_from_yaml(read_extras(path)["config"])
     model = H64LMForCausalLM(saved.model)
-    if "sharded_path" in state:
-        load_sharded(Path(state["sharded_path"]), model)
-    else:
-        load_model_state(model, state["model"])
+    load_into(path, model)
     return model.to(device).eval(), saved
 
 

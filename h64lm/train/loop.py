@@ -26,10 +26,11 @@ from tqdm import tqdm
 from h64lm.config import RunConfig, run_config_from_yaml, run_config_yaml
 from h64lm.data import TokenLoader, check_vocab, load_tokenizer, prepare_corpus, validation_windows
 from h64lm.model import H64LMForCausalLM, active_parameters_per_token, count_parameters, flops_per_token
+from h64lm.model.architecture import architecture, architecture_differences
 from h64lm.model.moe import routing_snapshot
-from h64lm.parallel import clip_grad_norm_, load_sharded, save_consolidated
+from h64lm.parallel import clip_grad_norm_
 from h64lm.train.balancing import prepare_global_balance, update_router_bias
-from h64lm.train.checkpoint import FORMAT_VERSION, CheckpointManager, load_model_state, save_weights
+from h64lm.runtime.checkpoint import FORMAT_VERSION, Checkpointer
 from h64lm.train.control import SignalFlag, TrainingDiverged, TrainingStopped, rng_state, set_rng_state
 from h64lm.train.distributed import Dist, seed_everything
 from h64lm.train.evaluate import evaluate, sample_continuations
@@ -39,13 +40,7 @@ from h64lm.train.mfu import peak_flops
 from h64lm.train.optim import build_optimizer, build_scheduler
 from h64lm.train.precision import resolve_precision
 from h64lm.train.resume import find_resume_state
-from h64lm.train.sharded import (
-    ShardedCheckpoints,
-    build_sharded_model,
-    check_parallel_layout,
-    is_sharded,
-    load_file_state,
-)
+from h64lm.train.sharded import build_sharded_model, check_parallel_layout, is_sharded
 from h64lm.train.step import StepStats, no_sync_unless, reduce_stats
 from h64lm.train.wandb_sink import WandbSink, wandb_group
 from h64lm.train.wrap import wrap_for_training
@@ -86,13 +81,12 @@ class Trainer:
         if self.sharded:
             self.model, self.train_model, fsdp_bf16 = build_sharded_model(run, d, self.precision)
             self.precision = dataclasses.replace(self.precision, autocast_enabled=not fsdp_bf16)
-            self.sharded_checkpoints = ShardedCheckpoints(self.run_dir, t.keep_last, d)
         else:
             self.model = H64LMForCausalLM(run.model).to(d.device)
         self.optimizer = build_optimizer(self.model, run.optim, d.device)
         self.scheduler = build_scheduler(self.optimizer, run.optim, t.max_steps)
         self.scaler = self.precision.grad_scaler()
-        self.checkpoints = CheckpointManager(self.run_dir, t.keep_last)
+        self.checkpoints = Checkpointer(self.run_dir, t.keep_last, t.async_save, self.log)
         self.step, self.tokens_seen, self.skipped_steps, self.bad_in_a_row = 0, 0, 0, 0
         self.history, self.wandb_run_id = History(), None
         if resume_state is not None:
@@ -114,12 +108,11 @@ class Trainer:
     # ----------------------------------------------------------------------------- state
     def _restore(self, state: dict[str, Any]) -> None:
         saved = run_config_from_yaml(state["config"])
-        saved_model, current = OmegaConf.structured(saved.model), OmegaConf.structured(self.run.model)
-        differing = sorted(k for k in current if k != "gradient_checkpointing" and saved_model[k] != current[k])
+        # the architecture only: training-time MoE settings (coefficients, capacity, bias rate,
+        # dropout, checkpointing) may change on resume, as they may with train.init_from
+        differing = architecture_differences(architecture(saved.model), architecture(self.run.model))
         if differing:
-            raise ConfigError(
-                "cannot resume: the checkpoint's model differs in "
-                + ", ".join(f"model.{k} ({saved_model[k]} -> {current[k]})" for k in differing))
+            raise ConfigError("cannot resume: the checkpoint's model differs in " + ", ".join(differing))
         if saved.optim.name != self.run.optim.name:  # their states hold different tensors
             raise ConfigError(f"cannot resume: the checkpoint was trained with optim.name={saved.optim.name}, "
                               f"this run asks for optim.name={self.run.optim.name}; keep the optimizer")
@@ -129,13 +122,8 @@ class Trainer:
                      f"schedule now spans {horizon} steps (lr at step {state['step']}: "
                      f"{self.scheduler.lr_lambdas[0](state['step']) * self.run.optim.lr:.3g}); "
                      f"optim.schedule_steps={saved.train.max_steps} would keep the decayed schedule instead")
-        if "sharded_path" in state:  # a sharded directory, whatever layout saved it
-            state = {**state, **load_sharded(Path(state["sharded_path"]), self.model, self.optimizer)}
-        elif self.sharded:  # a one-process file
-            load_file_state(self.model, self.optimizer, state, self.run)
-        else:
-            load_model_state(self.model, state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+        # this rank's extras (its loader position and RNG), whatever layout wrote the checkpoint
+        state = {**state, **self.checkpoints.load(Path(state["checkpoint_path"]), self.model, self.optimizer)}
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.loader.load_state_dict(state["loader"])
@@ -146,6 +134,8 @@ class Trainer:
         self.wandb_run_id = state.get("wandb_run_id")
 
     def state_dict(self) -> dict[str, Any]:
+        """This process's whole state as one dict of plain data and tensors: what a one-process
+        `.pt` checkpoint of the previous layout held (legacy.py still reads those)."""
         return {**self.extras(), "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
 
     def extras(self) -> dict[str, Any]:
@@ -166,17 +156,10 @@ class Trainer:
         }
 
     def save(self, final: bool = True) -> Path:
-        """Rank 0 writes the step checkpoint (sharded: every rank writes its shards, in the
-        background with train.async_save unless `final`); every rank returns its path."""
-        if self.sharded:
-            background = self.run.train.async_save and not final
-            path = self.sharded_checkpoints.save(self.model, self.optimizer, self.extras(), self.step, background)
-            self.log(f"step {self.step}: {'saving' if background else 'saved'} {path.name}/")
-            return path
-        if not self.d.is_main:
-            return self.checkpoints.step_path(self.step)
-        path = self.checkpoints.save(self.state_dict(), self.step)
-        self.log(f"step {self.step}: saved {path.name}")
+        """Collective: every rank writes its shards and extras of the step checkpoint (in the
+        background with train.async_save on several processes, unless `final`)."""
+        path = self.checkpoints.save(self.model, self.optimizer, self.extras(), self.step, final=final)
+        self.log(f"step {self.step}: {'saved' if path.is_dir() else 'saving'} {path.name}/")
         return path
 
     # ----------------------------------------------------------------------------- one step
@@ -340,12 +323,7 @@ class Trainer:
     def _save_best(self, record: dict[str, Any]) -> None:
         if record["val_loss"] > self.history.best_val_loss():
             return
-        if self.sharded:  # collective: every rank writes its shards
-            self.sharded_checkpoints.save_best(self.model, self.optimizer, self.extras(), self.step)
-            save_consolidated(self.model, self.run_dir / "best_model.safetensors")
-        elif self.d.is_main:
-            self.checkpoints.save_best(self.state_dict(), self.step)
-            save_weights(self.model, self.run_dir / "best_model.safetensors")
+        self.checkpoints.save_best(self.model, self.optimizer, self.extras(), self.step)  # collective
 
     def fit(self) -> dict[str, Any]:
         d, t = self.d, self.run.train
@@ -407,8 +385,7 @@ class Trainer:
             sink.finish(exit_code=exit_code)
 
     def _finish_saves(self) -> None:
-        if self.sharded:
-            self.sharded_checkpoints.wait()
+        self.checkpoints.wait()
 
     def _announce(self) -> None:
         n_total, n_active = count_parameters(self.model), active_parameters_per_token(self.run.model)

@@ -1,14 +1,15 @@
 """Which checkpoint a training launch starts from, and the refusals that protect a run's outputs.
 
 - `train.resume=null`: a fresh run; refused in a directory that already holds a run's outputs.
-- `train.resume=auto`: the newest checkpoint that verifies (`last.pt`, step files, then `best.pt`);
-  where none verifies but the directory holds outputs, refused naming what was found, never a
-  silent restart that would overwrite `best.pt` and append steps 1..N to `metrics.jsonl`.
-- `train.resume=PATH`: that checkpoint file, sharded checkpoint directory or run directory.
+- `train.resume=auto`: the newest checkpoint that verifies (what `last` names, every step entry,
+  then `best`), one line for each one skipped and why; where none verifies but the directory holds
+  outputs, refused naming what was found, never a silent restart that would overwrite `best` and
+  append steps 1..N to `metrics.jsonl`.
+- `train.resume=PATH`: that checkpoint (any layout, verified) or run directory.
 
-A sharded directory (FSDP / expert-parallel runs) is read here only for its plain data (step,
-config, loader, ...: `extras/rank_0.pt`) plus `sharded_path`; the weights and optimizer state are
-loaded later, collectively, into whatever layout the resuming run has (h64lm/train/sharded.py).
+Only the plain data (rank 0's extras: step, config, ...) is read here, plus `checkpoint_path`;
+the weights and optimizer state are loaded later, collectively, into whatever layout the
+resuming run has (`Checkpointer.load`).
 """
 
 from __future__ import annotations
@@ -16,16 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
-from h64lm.train.checkpoint import (
-    CheckpointError,
-    find_resume_checkpoint,
-    is_sharded_checkpoint,
-    load_trusted,
-    resolve_checkpoint_path,
-    verify_checkpoint,
-)
+from h64lm.runtime.checkpoint import CheckpointError, find_newest, read_extras, resolve
 from h64lm.validation import ConfigError
 
 __all__ = ["find_resume_state", "run_outputs", "load_checkpoint_state"]
@@ -53,23 +45,25 @@ def find_resume_state(resume: str | None, run_dir: Path, max_steps: int,
                 "continue it, or choose a new hydra.run.dir (nothing was overwritten)")
         return None
     if resume == "auto":
-        path = find_resume_checkpoint(run_dir / "checkpoints", log=log, include_best=True)
+        path = find_newest(run_dir / "checkpoints", log=log, include_best=True)
         if path is None:
             outputs = run_outputs(run_dir)
             if outputs:
                 raise CheckpointError(
                     f"train.resume=auto: no checkpoint in {run_dir / 'checkpoints'} verifies, but the "
                     f"directory holds a run ({', '.join(outputs[:4])}); refusing to restart it from step 0. "
-                    "Resume from a file with train.resume=PATH, or train in a new hydra.run.dir")
+                    "Resume from a checkpoint with train.resume=PATH, or train in a new hydra.run.dir")
             log(f"train.resume=auto: {run_dir} holds no run yet (a new directory), so training starts at "
                 "step 0; to continue an earlier run, pass its directory: hydra.run.dir=RUN_DIR")
             return None
     else:
         try:
-            path = resolve_checkpoint_path(resume)
+            path = resolve(resume, log)
         except CheckpointError as e:
-            raise ConfigError(f"train.resume={resume}: {e}") from None
-    state = load_checkpoint_state(path, log)
+            if not Path(resume).exists():
+                raise ConfigError(f"train.resume={resume}: {e}") from None
+            raise CheckpointError(f"train.resume={resume}: {e}") from None
+    state = load_checkpoint_state(path)
     if state["step"] >= max_steps:
         raise ConfigError(
             f"{path} is already at step {state['step']} >= train.max_steps={max_steps}: nothing to train; "
@@ -78,10 +72,6 @@ def find_resume_state(resume: str | None, run_dir: Path, max_steps: int,
     return state
 
 
-def load_checkpoint_state(path: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """A checkpoint file's whole state, or a sharded directory's plain data + `sharded_path`."""
-    if not is_sharded_checkpoint(path):
-        return load_trusted(path, log)
-    verify_checkpoint(path)
-    extras = torch.load(Path(path) / "extras" / "rank_0.pt", map_location="cpu", weights_only=True)
-    return {**extras, "sharded_path": str(path)}
+def load_checkpoint_state(path: Path) -> dict[str, Any]:
+    """A verified checkpoint's plain data (rank 0's) and `checkpoint_path`."""
+    return {**read_extras(Path(path)), "checkpoint_path": str(path)}

@@ -10,7 +10,7 @@ import torch
 
 from experiments.fault_inject import poison_training_forward
 from h64lm.cli import EXIT_DIVERGED, main, run
-from h64lm.train.checkpoint import load_checkpoint
+from h64lm.runtime.checkpoint import read_extras, read_full_state
 from h64lm.train.metrics import read_metrics
 from tests.helpers import compose_cfg, run_config
 
@@ -24,7 +24,7 @@ def poison():
 
 
 def _ckpt(run_dir, step):
-    return load_checkpoint(run_dir / "checkpoints" / f"step_{step:07d}.pt")
+    return read_full_state(run_dir / "checkpoints" / f"step_{step:07d}")
 
 
 def _same_weights(a, b) -> bool:
@@ -41,8 +41,8 @@ def test_bad_steps_are_skipped_and_counted(tmp_path, base_args, poison):
     for step in (3, 6):  # a skipped step leaves weights and optimizer moments untouched
         before, after = _ckpt(tmp_path, step - 1), _ckpt(tmp_path, step)
         assert _same_weights(before, after)
-        states = before["optimizer"]["state"], after["optimizer"]["state"]  # Muon momenta, AdamW moments
-        assert all(states[0][i][k].equal(states[1][i][k]) for i in states[0] for k in states[0][i])
+        states = before["optim"]["state"], after["optim"]["state"]  # Muon momenta, AdamW moments, by name
+        assert states[0] and all(states[0][n][k].equal(states[1][n][k]) for n in states[0] for k in states[0][n])
     assert not _same_weights(_ckpt(tmp_path, 3), _ckpt(tmp_path, 4))  # training went on
     assert math.isfinite(best_val_loss)
 
@@ -60,7 +60,7 @@ def test_too_many_bad_steps_stop_with_last_good_state(tmp_path, base_args, monke
     for advice in ("optim.lr", "hardware.precision=bf16", "train.resume=auto"):
         assert advice in line
     assert _same_weights(_ckpt(tmp_path, 5), _ckpt(tmp_path, 2))  # the last good weights
-    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["skipped_steps"] == 3
+    assert read_extras(tmp_path / "checkpoints" / "step_0000005")["skipped_steps"] == 3
 
 
 def test_fp16_overflow_is_left_to_the_scaler(tmp_path, base_args, poison):
@@ -70,6 +70,6 @@ def test_fp16_overflow_is_left_to_the_scaler(tmp_path, base_args, poison):
     poison(grad_steps=overflowing, value=float("inf"))
     args = base_args + ["hardware.precision=fp16", "train.max_bad_steps=3"]
     run(run_config(args), tmp_path, args)
-    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    state = read_extras(tmp_path / "checkpoints" / "step_0000008")
     assert state["step"] == 8 and state["skipped_steps"] == 0
     assert state["scaler"]["scale"] == 2.0**16 / 2 ** len(overflowing)  # GradScaler's defaults

@@ -2,7 +2,7 @@
 `train.resume=auto` continues to exactly the losses and weights of an uninterrupted run.
 
 Corrupt, truncated, malicious and ENOSPC checkpoints are unit-tested in
-tests/train/test_checkpoint.py; here the process itself dies.
+tests/runtime/checkpoint/; here the process itself dies.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from experiments.fault_procs import (
     wait_until,
 )
 from h64lm.cli import main, run
-from h64lm.train.checkpoint import load_checkpoint
+from h64lm.runtime.checkpoint import read_extras
 from h64lm.train.loop import Trainer
 from tests.helpers import compose_cfg, run_config
 
@@ -45,8 +45,8 @@ def test_sigterm_saves_exits_143_and_resume_matches(tmp_path, base_args, referen
     assert code == 128 + signal.SIGTERM
     last_line = (tmp_path / "proc.err").read_text().strip().splitlines()[-1]
     assert last_line.startswith("SIGTERM received: saved ") and "train.resume=auto" in last_line
-    saved = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    assert f"step_{saved['step']:07d}.pt" in last_line and saved["step"] >= 3
+    saved = read_extras(run_dir / "checkpoints" / (run_dir / "checkpoints" / "last").read_text().strip())
+    assert f"step_{saved['step']:07d}" in last_line and saved["step"] >= 3
     assert json.loads((run_dir / "status.json").read_text())["state"] == "stopped"
 
     log = _resume(run_dir, base_args, capsys)
@@ -71,7 +71,7 @@ def test_sigint_saves_and_exits_130(tmp_path, base_args, reference, monkeypatch,
         main(compose_cfg(base_args))
     assert stopped.value.code == 128 + signal.SIGINT
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("SIGINT received: saved ") and "step_0000004.pt" in err[-1]
+    assert err[-1].startswith("SIGINT received: saved ") and "step_0000004" in err[-1]
     monkeypatch.setattr(Trainer, "train_step", step)
 
     log = _resume(run_dir, base_args, capsys)
@@ -98,13 +98,13 @@ def test_sigkill_then_resume_auto_matches_uninterrupted_run(tmp_path, base_args,
         wait_until(lambda: logged_steps(run_dir) >= kill_step, proc, timeout=180,
                    what=f"step {kill_step}")
     kill_and_wait(proc, signal.SIGKILL, timeout=30)
-    partial = sorted(p.name for p in (run_dir / "checkpoints").glob(".*.tmp-*"))
+    partial = sorted(p.name for p in (run_dir / "checkpoints").glob(".*.tmp"))
     if moment == "inside_checkpoint_write":
-        assert partial == [f".step_0000004.pt.tmp-{proc.pid}"]  # a half-written file is on disk
+        assert partial == [".step_0000004.tmp"]  # a half-written save is on disk
 
     log = _resume(run_dir, base_args, capsys)
     assert log.step in (2, 4, 6) and log.skipped == []
     if moment == "inside_checkpoint_write":
         assert log.step == 2
     assert differences(run_dir, reference) == []
-    assert list((run_dir / "checkpoints").glob(".*.tmp-*")) == []  # the next save cleaned up
+    assert list((run_dir / "checkpoints").glob(".*.tmp")) == []  # the next save cleaned up

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from h64lm.runtime.checkpoint import read_full_state, resolve
 from h64lm.cli import run
 from h64lm.train.metrics import read_metrics
 from tests.helpers import FAST, run_config, text_corpus
@@ -46,7 +47,7 @@ def test_bias_updates_and_routing_snapshots_reach_the_metrics(tmp_path, corpus):
     assert torch.allclose(torch.tensor(layer["bias"]), expected, atol=1e-6)
     assert 0 <= layer["top1_changed"] <= 1 and layer["load_max_over_mean"] >= 1
     assert "top1_changed" not in evals[0]["routing"]["1"]  # nothing to compare with at the first
-    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["model"]
+    state = read_full_state(resolve(tmp_path))["model"]
     assert torch.allclose(state["layers.1.ffn.router.bias"], torch.tensor(layer["bias"]))
     assert (tmp_path / "expert_load.png").is_file()
 

@@ -8,6 +8,7 @@ import torch
 import yaml
 
 from h64lm.cli import run
+from h64lm.runtime.checkpoint import read_extras, read_full_state
 from h64lm.train.metrics import read_metrics
 from tests.helpers import FAST, run_cli, run_config, text_corpus, wandb_offline_records
 
@@ -32,7 +33,8 @@ def test_run_writes_every_output(cli_run):
     run_dir, _ = cli_run
     for rel in [".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra/hydra.yaml", "metrics.jsonl",
                 "training_history.json", "loss.png", "samples.txt", "summary.json",
-                "checkpoints/last.pt", "checkpoints/best.pt", "best_model.safetensors"]:
+                "checkpoints/last", "checkpoints/best/manifest.json", "checkpoints/step_0000006/manifest.json",
+                "best_model.safetensors"]:
         assert (run_dir / rel).is_file(), rel
     assert (run_dir / "expert_load.png").is_file(), "no expert-load plot"
     overrides = yaml.safe_load((run_dir / ".hydra/overrides.yaml").read_text())
@@ -71,24 +73,24 @@ def test_resume_from_step_k_is_bit_exact(tmp_path, corpus, optim):
     full_dir = tmp_path / "full"
     run(run_config(base), full_dir, base)
     resumed_dir = tmp_path / "resumed"
-    resume = base + [f"train.resume={full_dir / 'checkpoints' / 'step_0000003.pt'}"]
+    resume = base + [f"train.resume={full_dir / 'checkpoints' / 'step_0000003'}"]
     run(run_config(resume), resumed_dir, resume)
     full = {r["step"]: r["loss"] for r in read_metrics(full_dir / "metrics.jsonl")}
     again = {r["step"]: r["loss"] for r in read_metrics(resumed_dir / "metrics.jsonl")}
     assert sorted(again) == [4, 5, 6]
     assert all(again[s] == full[s] for s in again), (again, full)  # bit for bit
-    a = torch.load(full_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
-    b = torch.load(resumed_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+    a = read_full_state(full_dir / "checkpoints" / "step_0000006")["model"]
+    b = read_full_state(resumed_dir / "checkpoints" / "step_0000006")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_existing_checkpoints_are_never_overwritten_without_resume(tmp_path, corpus):
     base = FAST + ["data=text", f"data.path={corpus}", "train.max_steps=3"]
     run(run_config(base), tmp_path, base)
-    before = (tmp_path / "checkpoints" / "last.pt").read_bytes()
+    before = (tmp_path / "checkpoints" / "step_0000003" / "manifest.json").read_bytes()
     with pytest.raises(ValueError, match="train.resume=auto"):
         run(run_config(base), tmp_path, base)
-    assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == before
+    assert (tmp_path / "checkpoints" / "step_0000003" / "manifest.json").read_bytes() == before
 
 
 def test_resume_auto_continues_in_its_directory(tmp_path, corpus):
@@ -109,7 +111,7 @@ def test_eval_and_generate_on_a_saved_run(cli_run, corpus, tmp_path, capsys):
     assert result["val_loss"] == loss == pytest.approx(history["val_loss"][-1], rel=1e-5)
     assert f"val_loss {loss:.4f}" in capsys.readouterr().out
 
-    whole = ["mode=eval", f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", "data=text",
+    whole = ["mode=eval", f"checkpoint={run_dir / 'checkpoints' / 'best'}", "data=text",
              f"data.path={corpus}", "data.seq_len=32", "hardware=cpu", "logger=none"]
     run(run_config(whole), tmp_path / "eval_file", whole)
     file_result = json.loads((tmp_path / "eval_file" / "eval.json").read_text())
@@ -141,7 +143,7 @@ def test_mixed_precision_runs_train_and_lower_the_loss(tmp_path, corpus, precisi
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert all(math.isfinite(r["loss"]) for r in records)
     assert records[-1]["loss"] < records[0]["loss"]
-    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    state = read_extras(tmp_path / "checkpoints" / "step_0000004")
     # fp16 trains through a loss scaler whose state is checkpointed; bf16 needs none.
     assert bool(state["scaler"]) == (precision == "fp16")
 
@@ -157,5 +159,5 @@ def test_compiled_training_matches_eager(tmp_path, corpus):
     comp = read_metrics(tmp_path / "compiled" / "metrics.jsonl")
     for a, b in zip(eager, comp):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
-    keys = torch.load(tmp_path / "compiled" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    keys = read_full_state(tmp_path / "compiled" / "checkpoints" / "step_0000002")["model"]
     assert not any("_orig_mod" in k for k in keys)  # checkpoints hold the plain model's names

@@ -73,8 +73,9 @@ def test_a_second_live_run_in_the_directory_is_refused(tmp_path, corpus):
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
 
 
-def _corrupt(path) -> None:
-    """Damage one file (best.pt may be a hard link to a step file: break the link first)."""
+def _corrupt(checkpoint) -> None:
+    """Damage a checkpoint's shard (best/ may hold hard links to a step's files: break the link first)."""
+    path = next(checkpoint.glob("__0_*.distcp"))
     data = path.read_bytes()
     path.unlink()
     path.write_bytes(data[:100])
@@ -85,16 +86,16 @@ def test_resume_auto_falls_back_to_best_and_never_restarts_a_run(tmp_path, corpu
                    "train.save_every=2"]
     run(run_config(args), tmp_path, args)
     ckpts = tmp_path / "checkpoints"
-    for p in [ckpts / "last.pt", *ckpts.glob("step_*.pt")]:
+    for p in ckpts.glob("step_*"):
         _corrupt(p)
     best_weights = (tmp_path / "best_model.safetensors").read_bytes()
     more = args[:-3] + ["train.max_steps=8", "train.eval_every=2", "train.save_every=2", "train.resume=auto"]
-    run(run_config(more), tmp_path, more)  # best.pt verifies: it continues from there
+    run(run_config(more), tmp_path, more)  # best/ verifies: it continues from there
     steps = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")]
     best_step = json.loads((tmp_path / "summary.json").read_text())["step"]
     assert best_step == 8 and steps == sorted(set(steps)) and steps[-1] == 8  # no step logged twice
 
-    for p in ckpts.glob("*.pt"):
+    for p in [*ckpts.glob("step_*"), ckpts / "best"]:
         _corrupt(p)
     best_weights = (tmp_path / "best_model.safetensors").read_bytes()
     metrics = (tmp_path / "metrics.jsonl").read_text()
@@ -149,5 +150,5 @@ def test_stop_during_evaluation_saves_within_seconds(tmp_path, corpus, monkeypat
     args = FAST + ["data=text", f"data.path={corpus}", "train.max_steps=6", "data.val_windows=64"]
     with pytest.raises(TrainingStopped) as stopped:
         run(run_config(args), tmp_path, args)
-    assert stopped.value.signum == signal.SIGTERM and stopped.value.checkpoint.name == "step_0000003.pt"
+    assert stopped.value.signum == signal.SIGTERM and stopped.value.checkpoint.name == "step_0000003"
     assert len(calls) == 1  # stopped before the first of 64 batches, not after all of them

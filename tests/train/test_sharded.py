@@ -7,7 +7,9 @@ import sys
 import pytest
 
 from h64lm.train.metrics import read_metrics
-from tests.helpers import FAST, run_cli, text_corpus
+from h64lm.train.sharded import check_parallel_layout
+from h64lm.validation import ConfigError
+from tests.helpers import FAST, run_cli, run_config, text_corpus
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 # Cross-entropy + z-loss only: both are means over equal token counts, so additive over ranks (the
@@ -58,12 +60,12 @@ def test_checkpoints_resume_across_layouts(tmp_path):
     resumed = _train(tmp_path, "a", ["train.resume=auto"])
     _assert_same(uninterrupted, resumed[-2:], [4, 5])
     assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").glob("step_*")) == [
-        "step_0000003", "step_0000005.pt", "step_0000005.pt.sha256"]
+        "step_0000003", "step_0000005"]  # one layout at every world size
     # one process trains 3 steps; 2-rank FSDP resumes it to 5
     _train(tmp_path, "b", ["train.max_steps=3"])
     resumed = _train(tmp_path, "b", ["train.resume=auto"], two=True)
     _assert_same(uninterrupted, resumed[-2:], [4, 5])
-    assert not (tmp_path / "b" / "checkpoints" / "last.pt").exists()  # `last` names the newest
+    assert (tmp_path / "b" / "checkpoints" / "last").read_text().strip() == "step_0000005"
     # mode=eval reads a sharded directory into a plain model
     out = run_cli(["mode=eval", f"checkpoint={tmp_path / 'b'}", "hardware=cpu", "logger=none"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -82,3 +84,15 @@ def test_muon_under_fsdp_and_expert_parallel_matches_one_process(tmp_path):
                  [1, 2, 3, 4, 5])
     _train(tmp_path, "a", muon + ["train.max_steps=3", "hardware.ep=2"], two=True)
     _assert_same(one, _train(tmp_path, "a", muon + ["train.resume=auto"])[-2:], [4, 5])
+
+
+def test_layout_errors_name_hardware_ep():
+    run = run_config(["model.num_experts=4", "hardware.ep=2"])
+    with pytest.raises(ConfigError, match=r"hardware.ep=2 must divide the world size 3"):
+        check_parallel_layout(run, 3)
+    with pytest.raises(ConfigError, match=r"hardware.ep=2 needs MoE layers"):
+        check_parallel_layout(run_config(["hardware.ep=2", "model.moe_layers=none"]), 2)
+    with pytest.raises(ConfigError, match=r"^hardware.ep=3 must divide model.num_experts=8"):
+        run_config(["hardware.ep=3"])
+    with pytest.raises(ConfigError, match=r"^hardware.precision=fp16 is not supported with hardware.strategy=fsdp"):
+        run_config(["hardware=fsdp", "hardware.precision=fp16"])

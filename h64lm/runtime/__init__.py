@@ -1,0 +1,1 @@
+"""What a training process needs besides the model and the data: checkpoints (`checkpoint/`)."""
