@@ -102,6 +102,21 @@ def test_resume_auto_continues_in_its_directory(tmp_path, corpus):
     assert steps == list(range(1, 7))
 
 
+def test_resume_compares_the_architecture_not_training_settings(tmp_path, corpus):
+    """The rule train.init_from applies too (h64lm/model/architecture.py): a changed balancing
+    coefficient continues the run; a changed expert count is refused in one line, nothing lost."""
+    base = FAST + ["data=text", f"data.path={corpus}", "train.max_steps=2"]
+    run(run_config(base), tmp_path, base)
+    before = (tmp_path / "checkpoints" / "step_0000002" / "manifest.json").read_bytes()
+    wider = base + ["model.num_experts=8", "train.resume=auto", "train.max_steps=3"]
+    with pytest.raises(ValueError, match=r"^cannot resume: .*model\.num_experts \(4 -> 8\)$"):
+        run(run_config(wider), tmp_path, wider)
+    assert (tmp_path / "checkpoints" / "step_0000002" / "manifest.json").read_bytes() == before
+    looser = base + ["model.router_aux_loss_coef=0.05", "train.resume=auto", "train.max_steps=3"]
+    run(run_config(looser), tmp_path, looser)
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+
+
 def test_eval_and_generate_on_a_saved_run(cli_run, corpus, tmp_path, capsys):
     run_dir, _ = cli_run
     own = ["mode=eval", f"checkpoint={run_dir}", "hardware=cpu", "logger=none"]
