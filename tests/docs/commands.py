@@ -239,10 +239,11 @@ def producers(cmd: DocCommand, commands: list[DocCommand]) -> list[DocCommand]:
 
 
 def first_of_each_kind(commands: list[DocCommand]) -> list[DocCommand]:
-    """The first executable command of each kind, in document order."""
+    """The first executable command of each kind that runs in seconds, in document order.
+    Multiruns and the printed config are Hydra's own work, left to the slow run."""
     chosen, kinds = [], set()
     for c in commands:
-        if c.needs & UNREACHABLE or c.needs & {"minutes", "hours"} and kind(c) != "multirun":
+        if c.needs or kind(c) in ("multirun", "print config") or kind(c).startswith("script"):
             continue
         if kind(c) not in kinds:
             kinds.add(kind(c))

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf, open_dict
 
-from h64lm.config import build_run_config, compose
+from h64lm.config import build_run_config, compose, default_run_dir
 from h64lm.data.wiki import excerpt_text
 from tests.docs.commands import (
     NEEDS,
@@ -47,10 +47,11 @@ from tests.docs.commands import (
 
 COMMANDS = doc_commands()
 FAST = first_of_each_kind(COMMANDS)
+# Run in the slow run: run.py commands (cut short), snippets, and the scripts that are quick once
+# their input exists (a benchmark or the fault injector takes its minutes whatever its arguments).
 EXECUTABLE = [c for c in COMMANDS
               if not c.needs & UNREACHABLE and (run_py_args(c) is not None or c.argv[:2] == ("python", "-c")
-                                                or any(a.startswith("experiments/") for a in c.argv))]
-SLOW = [c for c in EXECUTABLE if c not in FAST]
+                                                or c.argv[1:2] == ("experiments/report.py",))]
 
 
 def _id(cmd: DocCommand) -> str:
@@ -183,7 +184,9 @@ def _run(argv: list[str], work: Path, what: str) -> None:
     assert proc.returncode == 0, f"{what}\nran: {shlex.join(argv)}\nexit {proc.returncode}:\n{tail}"
 
 
-def _execute(cmd: DocCommand, work: Path, base_run: Path) -> None:
+def _argv(cmd: DocCommand, work: Path, base_run: Path) -> list[str]:
+    """The command as this test runs it: placeholders filled, small overrides appended, a sweep
+    cut to 2 jobs."""
     args = run_py_args(cmd)
     if args is not None:
         args = _placeholders(args, base_run, work)
@@ -194,13 +197,38 @@ def _execute(cmd: DocCommand, work: Path, base_run: Path) -> None:
             cut = cut_sweep(sweep_axes(overrides, params))
             cut_keys = {c.partition("=")[0] for c in cut}
             args = [a for a in args if a.partition("=")[0] not in cut_keys] + cut
-        argv = [sys.executable, str(ROOT / "run.py"), *args, *extra]
-    elif cmd.argv[:2] == ("python", "-c"):
-        argv = [sys.executable, *cmd.argv[1:]]
-    else:
-        i = next(i for i, a in enumerate(cmd.argv) if a.startswith("experiments/"))
-        argv = [sys.executable, str(ROOT / cmd.argv[i]), *_placeholders(list(cmd.argv[i + 1:]), base_run, work)]
-    _run(argv, work, str(cmd))
+        return [sys.executable, str(ROOT / "run.py"), *args, *extra]
+    if cmd.argv[:2] == ("python", "-c"):
+        return [sys.executable, *cmd.argv[1:]]
+    i = next(i for i, a in enumerate(cmd.argv) if a.startswith("experiments/"))
+    return [sys.executable, str(ROOT / cmd.argv[i]), *_placeholders(list(cmd.argv[i + 1:]), base_run, work)]
+
+
+def _execute(cmd: DocCommand, work: Path, base_run: Path) -> None:
+    _run(_argv(cmd, work, base_run), work, str(cmd))
+
+
+def _execute_in_process(cmd: DocCommand, work: Path, base_run: Path, monkeypatch) -> None:
+    """What run.py does after Hydra composed the config (`h64lm.cli.run`, as the other tests call
+    it), in this process: no interpreter start, no import of torch and transformers again."""
+    from h64lm.cli import run
+
+    monkeypatch.chdir(work)
+    argv = _argv(cmd, work, base_run)
+    if argv[1] == "-c":
+        exec(compile(argv[2], str(cmd), "exec"), {})
+        return
+    assert argv[1].endswith("run.py") and not is_multirun(argv), f"{cmd}: run it in a process"
+    overrides = _overrides_only(argv[2:])
+    run_cfg = build_run_config(compose([o for o in overrides if not o.startswith("hydra.")]))
+    run_dir = next((o.partition("=")[2] for o in overrides if o.startswith("hydra.run.dir=")), None)
+    _execute_in_process.launches += 1
+    stamp = f"2000-01-01/00-00-{_execute_in_process.launches:02d}"
+    run_dir = Path(run_dir or default_run_dir(run_cfg.mode, run_cfg.checkpoint, stamp))
+    run(run_cfg, run_dir, overrides)
+
+
+_execute_in_process.launches = 0
 
 
 @pytest.fixture(scope="module")
@@ -214,20 +242,24 @@ def base_run(tmp_path_factory) -> Path:
     return run
 
 
-def _execute_with_producers(cmd: DocCommand, tmp_path: Path, base_run: Path) -> None:
+def _execute_with_producers(cmd: DocCommand, tmp_path: Path, base_run: Path, monkeypatch=None) -> None:
     _corpora(tmp_path)
-    for before in producers(cmd, COMMANDS):
-        _execute(before, tmp_path, base_run)
-    _execute(cmd, tmp_path, base_run)
+    for c in [*producers(cmd, COMMANDS), cmd]:
+        if monkeypatch is None:
+            _execute(c, tmp_path, base_run)
+        else:
+            _execute_in_process(c, tmp_path, base_run, monkeypatch)
 
 
 @pytest.mark.parametrize("cmd", FAST, ids=lambda c: f"{kind(c)} {_id(c)}")
-def test_runs(cmd: DocCommand, tmp_path: Path, base_run: Path):
-    """The first executable command of each kind runs, after the commands whose outputs it reads."""
-    _execute_with_producers(cmd, tmp_path, base_run)
+def test_runs(cmd: DocCommand, tmp_path: Path, base_run: Path, monkeypatch):
+    """The first executable command of each kind runs, after the commands whose outputs it reads;
+    in this process (the base run above went through run.py in its own)."""
+    _execute_with_producers(cmd, tmp_path, base_run, monkeypatch)
 
 
-@pytest.mark.slow  # every remaining documented command: one to three process starts each, ~10 s apiece
-@pytest.mark.parametrize("cmd", SLOW, ids=_id)
+@pytest.mark.slow  # every documented command, each in its own process(es): ~10-40 s apiece on 2 cores
+@pytest.mark.parametrize("cmd", EXECUTABLE, ids=_id)
 def test_runs_all(cmd: DocCommand, tmp_path: Path, base_run: Path):
+    """Every executable documented command, through run.py (or its script) in a process."""
     _execute_with_producers(cmd, tmp_path, base_run)
