@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -208,6 +209,9 @@ def _execute(cmd: DocCommand, work: Path, base_run: Path) -> None:
     _run(_argv(cmd, work, base_run), work, str(cmd))
 
 
+_LAUNCHES = itertools.count()
+
+
 def _execute_in_process(cmd: DocCommand, work: Path, base_run: Path, monkeypatch) -> None:
     """What run.py does after Hydra composed the config (`h64lm.cli.run`, as the other tests call
     it), in this process: no interpreter start, no import of torch and transformers again."""
@@ -222,13 +226,9 @@ def _execute_in_process(cmd: DocCommand, work: Path, base_run: Path, monkeypatch
     overrides = _overrides_only(argv[2:])
     run_cfg = build_run_config(compose([o for o in overrides if not o.startswith("hydra.")]))
     run_dir = next((o.partition("=")[2] for o in overrides if o.startswith("hydra.run.dir=")), None)
-    _execute_in_process.launches += 1
-    stamp = f"2000-01-01/00-00-{_execute_in_process.launches:02d}"
+    stamp = f"2000-01-01/00-00-{next(_LAUNCHES):02d}"  # the run directory Hydra's ${now:} would name
     run_dir = Path(run_dir or default_run_dir(run_cfg.mode, run_cfg.checkpoint, stamp))
     run(run_cfg, run_dir, overrides)
-
-
-_execute_in_process.launches = 0
 
 
 @pytest.fixture(scope="module")
