@@ -154,9 +154,10 @@ def kind(cmd: DocCommand) -> str:
 
 
 def small_overrides(args: list[str], corpus: Path) -> list[str]:
-    """What a test appends to run `run.py args` in seconds: a short local corpus, windows of 32
-    tokens, 2 sequences per step, 2 steps (4 when resuming, so a resume has steps left), no
-    logger, one CPU thread. A key the command sets itself is left alone, except the sizes."""
+    """What a test appends to run `run.py args` in seconds: a short local corpus (`corpus` and
+    val.txt beside it) instead of the default one, windows of 32 tokens, 2 sequences per step,
+    2 steps (4 when resuming, so a resume has steps left), no logger, one CPU thread. A key the
+    command sets itself is left alone, except the sizes."""
     overrides = _overrides(args)
     resuming = _value(overrides, "train.resume") is not None
     forced = {"train.max_steps": "4" if resuming else "2", "train.batch_size": "2", "train.grad_accum": "1",
@@ -165,7 +166,7 @@ def small_overrides(args: list[str], corpus: Path) -> list[str]:
                 "train.sample_tokens": "4", "optim.warmup_steps": "1", "hardware": "cpu",
                 "hardware.num_threads": "1", "logger": "none"}
     if _value(overrides, "data") is None:
-        optional |= {"data": "text", "data.path": str(corpus)}
+        optional |= {"data": "text", "data.path": str(corpus), "data.val_path": str(corpus.with_name("val.txt"))}
     return ([f"{k}={v}" for k, v in optional.items() if _value(overrides, k) is None]
             + [f"{k}={v}" for k, v in forced.items()])
 

@@ -173,8 +173,11 @@ def _env() -> dict[str, str]:
 
 
 def _corpora(work: Path) -> None:
-    text = excerpt_text(60_000)
-    (work / "corpus.txt").write_text(text)
+    """corpus.txt and val.txt (enough sentences for the local downstream tasks' 200 examples), and
+    corpus.jsonl with a `body` field, all real Wikipedia text."""
+    text = excerpt_text(180_000)
+    (work / "corpus.txt").write_text(text[:120_000])
+    (work / "val.txt").write_text(text[120_000:])
     paragraphs = [p for p in text.split("\n\n") if p.strip()]
     (work / "corpus.jsonl").write_text("".join(json.dumps({"body": p}) + "\n" for p in paragraphs))
 
