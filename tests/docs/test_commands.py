@@ -266,3 +266,16 @@ def test_runs(cmd: DocCommand, tmp_path: Path, base_run: Path, monkeypatch):
 def test_runs_all(cmd: DocCommand, tmp_path: Path, base_run: Path):
     """Every executable documented command, through run.py (or its script) in a process."""
     _execute_with_producers(cmd, tmp_path, base_run)
+
+
+def test_the_checks_catch_stale_commands(tmp_path: Path):
+    """A stale key, a removed option and an unmarked GPU command in a doc are caught."""
+    doc = tmp_path / "stale.md"
+    doc.write_text("```bash\npython run.py model.hiden_size=1\npython run.py hardware=tpu\n"
+                   "torchrun --nproc_per_node=8 run.py hardware=gpu \\\n    model=demo   # one node\n```\n")
+    typo, option, gpu = doc_commands([doc], root=tmp_path)
+    assert gpu.argv[-1] == "model=demo" and gpu.line == 4
+    for cmd in (typo, option):
+        with pytest.raises(Exception):
+            _compose(_overrides_only(run_py_args(cmd)))
+    assert required_needs(gpu) - gpu.needs == {"gpu", "torchrun"}
