@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 from tests.docs.key_table import BEGIN, END, GROUPS, ROOT, consumers, table
 
 
@@ -28,9 +26,7 @@ def test_every_group_has_a_reader():
         assert consumers(group), f"no module reads {group}: the rule in tests/docs/key_table.py missed it"
 
 
-def test_every_schema_is_listed():
-    """A new config group (a dataclass with `config_group`) gets a row."""
-    src = "\n".join(p.read_text() for p in (ROOT / "h64lm").rglob("config.py"))
-    groups = set(re.findall(r'config_group: ClassVar\[str\] = "(\w+)"', src))
-    listed = {g.removesuffix(".*") for g in GROUPS}
-    assert groups <= listed, f"config groups missing from tests/docs/key_table.py: {sorted(groups - listed)}"
+def test_every_group_has_a_row():
+    """The rows come from RunConfig's fields, so a new config group gets one."""
+    assert {"model.*", "data.*", "train.*", "optim.*", "hardware.*", "logger.*", "gen.*", "eval.*"} <= set(GROUPS)
+    assert any("checkpoint" in g and "mode" in g for g in GROUPS)
