@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf, open_dict
 
 from h64lm.config import build_run_config, compose, default_run_dir
@@ -231,7 +232,11 @@ def _execute_in_process(cmd: DocCommand, work: Path, base_run: Path, monkeypatch
     run_dir = next((o.partition("=")[2] for o in overrides if o.startswith("hydra.run.dir=")), None)
     stamp = f"2000-01-01/00-00-{next(_LAUNCHES):02d}"  # the run directory Hydra's ${now:} would name
     run_dir = Path(run_dir or default_run_dir(run_cfg.mode, run_cfg.checkpoint, stamp))
-    run(run_cfg, run_dir, overrides)
+    threads = torch.get_num_threads()  # hardware.num_threads=1 must not outlive this run
+    try:
+        run(run_cfg, run_dir, overrides)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
