@@ -8,7 +8,7 @@ holds only what makes that option different. `RunConfig` is the schema of the pr
 rules between fields) after rejecting keys that `+group.key=...` slipped past the schema.
 `python run.py --cfg job` prints the composed config.
 
-Where each group is consumed: see the README's "Where is key X consumed".
+Where each group is consumed: docs/configuration.md, "Where is key X consumed?" (a generated table).
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ class OptimConfig:
     # The steps the schedule spans. Set it to a finished run's old train.max_steps when extending
     # that run, to keep training at the decayed learning rate instead of stretching the schedule.
     schedule_steps: Optional[int] = bounded(None, ge=1, null="train.max_steps")
-    # muon (default; README "Learning efficiency"): Muon on the hidden matrices (h64lm/train/muon.py),
+    # muon (default, see docs/results.md): Muon on the hidden matrices (h64lm/train/muon.py),
     # AdamW with the keys above on embeddings, LM head, norms and routers; the same schedule scales
     # both peak lrs. adamw: AdamW on everything.
     name: str = bounded("muon", choices=OPTIMIZERS)

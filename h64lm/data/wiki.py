@@ -1,7 +1,7 @@
 """The offline default corpus: the Wikipedia excerpt that ships inside gensim's wheel.
 
 `gensim/test/test_data/enwiki-latest-pages-articles1.xml-...-shortened.bz2` holds real English
-Wikipedia articles (text under CC BY-SA; see README "Data"). gensim's `filter_wiki` removes
+Wikipedia articles (text under CC BY-SA; see docs/data.md). gensim's `filter_wiki` removes
 templates, links and tags but leaves bold/italic quotes, `==Heading==` lines, list markers,
 blank runs and the holes left by removed templates; `clean_wiki` turns that into plain paragraphs
 with headings, and drops the reference-like sections that are lists of citations.

@@ -49,8 +49,8 @@ class H64LMConfig:
     tie_word_embeddings: bool = True
     initializer_range: float = bounded(0.02, gt=0)
     dropout: float = bounded(0.0, ge=0, lt=1)  # residual dropout
-    # Activation checkpointing of every block. A training technique the trainer applies from
-    # outside the model (h64lm/train/parallel.py); the model itself never reads it.
+    # Activation checkpointing of every block. A training technique the trainer applies from outside
+    # the model (h64lm/train/wrap.py; h64lm/train/sharded.py under FSDP/EP); the model never reads it.
     gradient_checkpointing: bool = False
     # Switch loss counts from: the micro-batch, each sequence, or the optimizer step's global batch
     router_aux_loss_scope: str = bounded("micro_batch", choices=AUX_LOSS_SCOPES)
