@@ -143,6 +143,10 @@ class ChatFormat:
             messages=[self._classes[m.role](content=m.content) for m in messages])
         return self._mistral.encode_chat_completion(request).tokens
 
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of generated ids; control tokens (<s>, </s>) dropped."""
+        return self._mistral.decode(list(ids))
+
     def prompt(self, messages: Sequence[Message]) -> list[int]:
         """The ids a model continues to answer the last user turn (ends with `▁[/INST]`)."""
         check_prompt(messages)
