@@ -77,7 +77,8 @@ def _check_turns(messages: Sequence[Message], last: str) -> None:
             raise ValueError(f"message {i + len(messages) - len(turns)} is {m.role}, expected "
                              f"{expected}: {where}")
     if not turns or turns[-1].role != last:
-        raise ValueError(f"the conversation must end with a {last} turn")
+        article = "an" if last == "assistant" else "a"
+        raise ValueError(f"the conversation must end with {article} {last} turn")
 
 
 def check_conversation(messages: Sequence[Message]) -> None:

@@ -60,6 +60,12 @@ class DataConfig:
             check(self.path is not None, f"data={self.name} needs data.path=<file or folder>")
             check(self.val_path is not None or self.val_fraction > 0,
                   f"data={self.name} needs data.val_path=<file or folder> or data.val_fraction > 0")
+        if self.name in SFT_SOURCES:
+            check(self.tokenizer == "mistral", f"data={self.name}: conversations use Mistral's v1 "
+                  "chat format from mistral-common; set data.tokenizer=mistral")
+        else:
+            check(self.format == "auto", f"data.format={self.format} applies to conversation "
+                  f"sources (data={' | data='.join(SFT_SOURCES)}), not data={self.name}")
         if self.name in ("wikitext103", "wikitext2"):
             check(bool(self.hub_config), f"data={self.name} needs data.hub_config")
 

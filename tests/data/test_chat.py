@@ -99,7 +99,7 @@ def test_mistral_common_pieces_equal_our_fast_tokenizer(tokenizer, mistral):
 
 
 @pytest.mark.parametrize("bad,reason", [
-    ([Message(U, "hi")], "end with a assistant"),
+    ([Message(U, "hi")], "end with an assistant"),
     ([Message(U, "hi"), Message(A, "  ")], "no text"),
     ([Message("bot", "hi"), Message(A, "x")], "role 'bot'"),
     ([Message(A, "x")], "expected user"),

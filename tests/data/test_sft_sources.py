@@ -182,3 +182,14 @@ def test_conversations_longer_than_a_window_are_skipped_and_counted():
     assert skipped["data=chat train longer than data.seq_len"]["skipped"] == 1
     with pytest.raises(ValueError, match="raise data.seq_len"):
         encode_conversations(chat, [long], 64, "data=chat train")
+
+
+def test_config_refuses_what_cannot_work():
+    from h64lm.validation import ConfigError
+
+    with pytest.raises(ConfigError, match="data=chat: conversations use Mistral's v1"):
+        DataConfig(name="chat", path="x.jsonl", tokenizer="/some/hf_folder")
+    with pytest.raises(ConfigError, match="data.format=alpaca applies to conversation sources"):
+        DataConfig(name="text", path="x.jsonl", format="alpaca")
+    with pytest.raises(ConfigError, match="data.format"):
+        DataConfig(name="chat", path="x.jsonl", format="csv")
