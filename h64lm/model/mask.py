@@ -1,9 +1,10 @@
 """The additive attention bias for the cases the fused causal kernel cannot express.
 
 Causal order, the sliding window, key padding, packed-document boundaries and ALiBi combine into
-one float tensor in the compute dtype. Masked entries get `finfo(dtype).min` (finite, so fp16/bf16 never see -1e9 turn
-into -inf) and every query may always see its own slot: a left-padding query row, whose keys are
-all padding, then attends to itself instead of producing a NaN from an all-masked softmax.
+one float tensor in the compute dtype. Masked entries get `finfo(dtype).min` (finite, so fp16/bf16
+never see -1e9 turn into -inf) and every query may always see its own slot: a left-padding query
+row, whose keys are all padding, then attends to itself instead of producing a NaN from an
+all-masked softmax.
 """
 
 from typing import Optional
