@@ -5,7 +5,11 @@ Chat format (mistral-common) -> packed windows with document masks -> H64LMForCa
 A plain AdamW loop (not the Trainer: the `stage=sft` switch is wired there separately), from
 random weights, so the accuracy it prints is what the fine-tuning data path alone can teach.
 
-    OMP_NUM_THREADS=1 python experiments/sft_arithmetic.py --steps 300
+    OMP_NUM_THREADS=1 python experiments/sft_arithmetic.py --steps 400
+
+Measured on the shared 2-core CPU (400 steps of 16 x 128 tokens, 0.39M trained targets, 29 min,
+under 1 epoch): validation loss 10.43 -> 0.100, exact match on 200 held-out test problems
+0.00 -> 0.30.
 """
 
 from __future__ import annotations
