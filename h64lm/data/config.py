@@ -10,8 +10,14 @@ from typing import ClassVar
 
 from h64lm.validation import bounded, check, validate_fields
 
-__all__ = ["PREFERENCE_SOURCES", "SOURCES", "TXT_SPLITS", "DataConfig", "expand_path", "resolve_cache_dir"]
+__all__ = ["PREFERENCE_SOURCES", "SFT_FORMATS", "SFT_HUB_SOURCES", "SFT_SOURCES", "SOURCES", "TXT_SPLITS",
+           "DataConfig", "expand_path", "resolve_cache_dir"]
 
+# Conversations for supervised fine-tuning (h64lm/data/sft_sources.py), not pretraining text.
+SFT_HUB_SOURCES = ("alpaca", "dolly", "gsm8k", "oasst")
+SFT_SOURCES = ("chat", "arithmetic") + SFT_HUB_SOURCES
+# How a row holds a conversation (h64lm/data/sft_sources.py); auto: from each file's first row.
+SFT_FORMATS = ("auto", "alpaca", "dolly", "gsm8k", "messages", "sharegpt", "oasst")
 # Preference pairs (chosen vs rejected answers) for reward-model / DPO stages: h64lm/data/preference.py
 PREFERENCE_SOURCES = ("preference_arithmetic", "preference", "ultrafeedback", "hh_rlhf")
 SOURCES = ("wiki_excerpt", "wikitext103", "wikitext2", "text") + PREFERENCE_SOURCES
@@ -22,7 +28,7 @@ TXT_SPLITS = ("auto", "wikitext", "paragraph", "file")
 class DataConfig:
     config_group: ClassVar[str] = "data"
 
-    name: str = bounded("wiki_excerpt", choices=SOURCES)
+    name: str = bounded("wiki_excerpt", choices=SOURCES + SFT_SOURCES)
     tokenizer: str = "mistral"  # "mistral" (the mistral-common 32k model) or a HF tokenizer folder
     seq_len: int = bounded(256, ge=1)  # tokens per training window (the model reads seq_len + 1)
     path: str | None = None  # text: a .txt/.jsonl/.parquet file or a folder of them
@@ -38,6 +44,10 @@ class DataConfig:
     num_proc: int | None = bounded(None, ge=1, null="up to 8, by CPU count and corpus size")
     # Fixed, evenly spaced validation windows; 64 x 256 tokens keep an evaluation ~2 s on a CPU.
     val_windows: int | None = bounded(64, ge=1, null="every window")
+    # Pretraining: the loader marks each corpus document (EOS-separated) in Batch.document_ids,
+    # so attention and positions restart at every document instead of running across them.
+    document_mask: bool = False
+    format: str = bounded("auto", choices=SFT_FORMATS)  # SFT sources: the rows' layout
 
     def __post_init__(self) -> None:
         validate_fields(self)
@@ -48,13 +58,19 @@ class DataConfig:
         self.cache_dir = expand_path(self.cache_dir, "data.cache_dir")
         if self.tokenizer != "mistral":
             self.tokenizer = expand_path(self.tokenizer, "data.tokenizer")
-        if self.name == "text":
-            check(self.path is not None, "data=text needs data.path=<file or folder>")
+        if self.name in ("text", "chat"):
+            check(self.path is not None, f"data={self.name} needs data.path=<file or folder>")
             check(self.val_path is not None or self.val_fraction > 0,
-                  "data=text needs data.val_path=<file or folder> or data.val_fraction > 0")
+                  f"data={self.name} needs data.val_path=<file or folder> or data.val_fraction > 0")
         if self.name == "preference":
             check(self.path is not None,
                   "data.name=preference needs data.path=<.jsonl/.parquet file or folder of pairs>")
+        if self.name in SFT_SOURCES:
+            check(self.tokenizer == "mistral", f"data={self.name}: conversations use Mistral's v1 "
+                  "chat format from mistral-common; set data.tokenizer=mistral")
+        else:
+            check(self.format == "auto", f"data.format={self.format} applies to conversation "
+                  f"sources (data={' | data='.join(SFT_SOURCES)}), not data={self.name}")
         if self.name in ("wikitext103", "wikitext2"):
             check(bool(self.hub_config), f"data={self.name} needs data.hub_config")
 

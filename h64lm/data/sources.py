@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from h64lm.data.config import PREFERENCE_SOURCES, DataConfig
+from h64lm.data.config import PREFERENCE_SOURCES, SFT_SOURCES, DataConfig
 from h64lm.data.files import (
     files_identity,
     find_files,
@@ -32,7 +32,8 @@ from h64lm.data.wiki import WIKI_EXCERPT_VERSION, wiki_articles, wiki_excerpt_fi
 if TYPE_CHECKING:
     from datasets import Dataset
 
-__all__ = ["Documents", "hub_available", "load_documents", "source_identity", "split_by_hash"]
+__all__ = ["Documents", "hash_order", "check_hub", "hub_available", "hub_unreachable",
+           "load_documents", "source_identity", "split_by_hash"]
 
 # A Dataset (random access, tokenized in parallel) or any iterable of strings (streaming).
 Documents = Union["Dataset", Iterable[str]]
@@ -42,7 +43,7 @@ SPLIT_VERSION = 1
 _HUB_SPLITS = {"train": "train", "val": "validation"}
 
 
-def _hash_order(keys: list[str]) -> np.ndarray:
+def hash_order(keys: list[str]) -> np.ndarray:
     digests = [hashlib.sha256(k.encode("utf-8", "replace")).digest()[:8] for k in keys]
     return np.argsort(np.array([int.from_bytes(d, "big") for d in digests], dtype=np.uint64),
                       kind="stable")
@@ -55,7 +56,7 @@ def split_by_hash(ds, val_fraction: float, key: str = "text", what: str = "data"
             f"{what} has {len(ds)} document(s): too few to hold out validation documents; "
             "add text or set data.val_path=<file or folder>"
         )
-    order = _hash_order(ds[key])
+    order = hash_order(ds[key])
     sizes = np.array([len(t) for t in ds["text"]], dtype=np.int64)[order]
     before = np.cumsum(sizes) - sizes
     n_val = int(np.clip(np.sum(before < val_fraction * sizes.sum()), 1, len(ds) - 1))
@@ -100,12 +101,26 @@ def hub_available(timeout_s: float = 3.0) -> bool:
         return False
 
 
-def _hub_unreachable(cfg: DataConfig, reason: str) -> RuntimeError:
+_PRETRAINING_OFFLINE = ("data=wiki_excerpt (Wikipedia excerpt shipped with gensim) or data=text "
+                        "data.path=<.txt/.jsonl/.parquet file or folder>")
+
+
+def hub_unreachable(cfg: DataConfig, reason: str,
+                    alternatives: str = _PRETRAINING_OFFLINE) -> RuntimeError:
+    subset = f" ({cfg.hub_config})" if cfg.hub_config else ""
     return RuntimeError(
-        f"data={cfg.name} reads {cfg.hub_dataset} ({cfg.hub_config}) from the Hugging Face hub, "
-        f"which is unreachable ({reason}). Offline alternatives: data=wiki_excerpt (Wikipedia "
-        "excerpt shipped with gensim) or data=text data.path=<.txt/.jsonl/.parquet file or folder>"
+        f"data={cfg.name} reads {cfg.hub_dataset}{subset} from the Hugging Face hub, "
+        f"which is unreachable ({reason}). Offline alternatives: {alternatives}"
     )
+
+
+def check_hub(cfg: DataConfig, alternatives: str = _PRETRAINING_OFFLINE) -> str | None:
+    """Fail at once, naming `alternatives`, when the hub is unreachable and no offline flag is
+    set; return the offline flag's description (`datasets` may still find a split it cached)."""
+    offline = _hub_offline_reason()
+    if offline is None and not hub_available():
+        raise hub_unreachable(cfg, "no connection", alternatives)
+    return offline
 
 
 def _hub_rows_to_articles(rows: Iterable[str]) -> Iterable[str]:
@@ -123,9 +138,7 @@ def _wikitext(cfg: DataConfig, hf_cache: Path,
               skipped: dict) -> tuple[Documents, Documents]:
     from datasets import Dataset, load_dataset
 
-    offline = _hub_offline_reason()
-    if offline is None and not hub_available():
-        raise _hub_unreachable(cfg, "no connection")
+    offline = check_hub(cfg)
     out = []
     for split in ("train", "val"):
         try:
@@ -133,7 +146,7 @@ def _wikitext(cfg: DataConfig, hf_cache: Path,
                                 streaming=cfg.streaming, cache_dir=str(hf_cache))
         except (ConnectionError, OSError) as err:
             # Offline mode still finds a split that `datasets` cached earlier; anything else fails.
-            raise _hub_unreachable(cfg, offline or type(err).__name__) from err
+            raise hub_unreachable(cfg, offline or type(err).__name__) from err
         if cfg.max_samples is not None:
             rows = (rows.take(cfg.max_samples) if cfg.streaming
                     else rows.select(range(min(cfg.max_samples, len(rows)))))
@@ -154,11 +167,16 @@ def load_documents(cfg: DataConfig, hf_cache: Path,
 
     Rows dropped for having no text are counted in `skipped` (by config key, e.g. data.path).
     """
-    _check_documents(cfg)
+    _check_pretraining(cfg)
     return _SOURCES[cfg.name](cfg, hf_cache, {} if skipped is None else skipped)
 
 
-def _check_documents(cfg: DataConfig) -> None:
+def _check_pretraining(cfg: DataConfig) -> None:
+    """Documents to train a language model on: not conversations, not preference pairs."""
+    if cfg.name in SFT_SOURCES:
+        raise ValueError(f"data={cfg.name} holds conversations for supervised fine-tuning "
+                         "(h64lm/data/sft_sources.py), not pretraining text; choose a pretraining "
+                         "source such as data=wiki_excerpt or data=text")
     if cfg.name in PREFERENCE_SOURCES:
         raise ValueError(f"data={cfg.name} holds preference pairs for a reward-model or DPO stage "
                          "(h64lm/data/preference.py), not documents to train a language model on; "
@@ -167,7 +185,7 @@ def _check_documents(cfg: DataConfig) -> None:
 
 def source_identity(cfg: DataConfig) -> dict[str, Any]:
     """What determines the documents, read without loading them (for the cache fingerprint)."""
-    _check_documents(cfg)
+    _check_pretraining(cfg)
     ident: dict[str, Any] = {"name": cfg.name, "max_samples": cfg.max_samples,
                              "split_version": SPLIT_VERSION}
     if cfg.name == "wiki_excerpt":

@@ -15,7 +15,7 @@ from .config import H64LMConfig, check_positions
 from .dtypes import compute_dtype
 from .generate import generate
 from .loss import IGNORE_INDEX, chunked_cross_entropy, softcap
-from .mask import attention_bias
+from .mask import attention_bias, document_positions
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
 
@@ -79,9 +79,12 @@ class H64LMForCausalLM(nn.Module):
     def _attention_inputs(
         self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
         cache: Optional[KVCache], dtype: torch.dtype,
+        document_ids: Optional[torch.Tensor] = None,
     ) -> Tuple[Optional[Tuple[torch.Tensor, torch.Tensor]], Optional[torch.Tensor], bool]:
         """-> (rotary cos/sin, additive bias or None, is_causal) shared by every layer."""
         cfg = self.config
+        if document_ids is not None:
+            return self._document_inputs(input_ids, attention_mask, cache, dtype, document_ids)
         T = input_ids.shape[1]
         seen, stored = (cache.seen, cache.length) if cache is not None else (0, 0)
         end = seen + T
@@ -109,6 +112,26 @@ class H64LMForCausalLM(nn.Module):
         bias = attention_bias(q_slots, k_slots, key_padding, window, self.alibi_slopes, dtype)
         return rotary, bias, False
 
+    def _document_inputs(
+        self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+        cache: Optional[KVCache], dtype: torch.dtype, document_ids: torch.Tensor,
+    ) -> Tuple[Optional[Tuple[torch.Tensor, torch.Tensor]], torch.Tensor, bool]:
+        """Packed rows: attention stays inside each document and positions restart per document."""
+        if document_ids.shape != input_ids.shape:
+            raise ValueError(f"document_ids has shape {tuple(document_ids.shape)}, expected "
+                             f"{tuple(input_ids.shape)} (the shape of input_ids)")
+        if cache is not None or attention_mask is not None:
+            raise ValueError("document_ids is for packed training rows: it cannot be combined "
+                             "with attention_mask, past_key_values or use_cache")
+        T = input_ids.shape[1]
+        check_positions(self.config, T, "the packed row")
+        positions = document_positions(document_ids)  # [B, T]
+        rotary = self.rotary(positions, T) if self.rotary is not None else None
+        slots = torch.arange(T, device=input_ids.device)
+        bias = attention_bias(slots, slots, None, self.config.sliding_window, self.alibi_slopes,
+                              dtype, document_ids)
+        return rotary, bias, False
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -118,12 +141,15 @@ class H64LMForCausalLM(nn.Module):
         use_cache: bool = False,
         return_logits: bool = True,
         router_stats: bool = True,
+        *,
+        document_ids: Optional[torch.Tensor] = None,
     ) -> CausalLMOutput:
         """input_ids [B, T]; labels [B, T] already aligned (labels[b, t] is the target of
         position t, -100 ignored); attention_mask [B, cached + T] (1 = token, 0 = left padding).
         router_stats=False skips the router losses and loads (aux, z = 0, router = []): for
         decoding, where they cost a dozen small ops per MoE layer per token and nobody reads
-        them; it cannot be combined with labels."""
+        them; it cannot be combined with labels. document_ids [B, T] marks packed documents:
+        attention never crosses a change of id and positions restart at each one."""
         if labels is not None and not router_stats:
             raise ValueError("router_stats=False drops the router losses from the loss: "
                              "pass labels only with router_stats=True")
@@ -132,7 +158,8 @@ class H64LMForCausalLM(nn.Module):
             cache = KVCache(self.config.num_layers, self.config.sliding_window)
         h = self.embed_tokens(input_ids)  # [B, T, hidden]
         dtype = compute_dtype(h)
-        rotary, bias, is_causal = self._attention_inputs(input_ids, attention_mask, cache, dtype)
+        rotary, bias, is_causal = self._attention_inputs(input_ids, attention_mask, cache, dtype,
+                                                         document_ids)
 
         stats = []
         for i, layer in enumerate(self.layers):

@@ -8,10 +8,10 @@ from h64lm.data import DataConfig
 CONF = Path(__file__).resolve().parents[2] / "conf" / "data"
 
 
-@pytest.mark.parametrize("name", ["wiki_excerpt", "wikitext103", "wikitext2", "text"])
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONF.glob("*.yaml")))
 def test_yaml_builds_a_valid_config(name):
     node = OmegaConf.load(CONF / f"{name}.yaml") or OmegaConf.create({})
-    if name == "text":
+    if name in ("text", "chat"):
         assert OmegaConf.is_missing(node, "path")  # the user must say which file
         node.path = "corpus.txt"
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), node))

@@ -16,7 +16,7 @@ def _options(group: str) -> list[str]:
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
 def test_every_preset_composes_and_validates(group, option):
     overrides = [f"{group}={option}"]
-    if option == "text":
+    if option in ("text", "chat"):
         overrides.append("data.path=/nonexistent/checked-later.txt")
     cfg = compose_cfg(overrides)
     run = build_run_config(cfg)

@@ -1,0 +1,1 @@
+"""Offline tasks with verifiable answers, generated from a seed (no download)."""
