@@ -97,17 +97,6 @@ def generate_from_checkpoint(run_cfg: RunConfig, out_dir: Path, d: Dist) -> None
         print(f"written to {out_dir / 'generations.txt'}", flush=True)
 
 
-def _checkpoint_step(path: Path) -> int | None:
-    """The training step a checkpoint file or sharded directory holds (its tensors are memory-mapped,
-    not read); None for a layout that does not say."""
-    extras = Path(path) / "extras" / "rank_0.pt" if Path(path).is_dir() else Path(path)
-    try:
-        step = torch.load(extras, map_location="cpu", weights_only=True, mmap=True).get("step")
-    except (OSError, RuntimeError, AttributeError, ValueError):
-        return None
-    return int(step) if isinstance(step, int) else None
-
-
 def export_checkpoint(run_cfg: RunConfig, out_dir: Path, d: Dist) -> Path:
     """A Hugging Face folder (h64lm/hf/export.py) of the checkpoint, with the run's tokenizer; the
     folder's h64lm_export.json and the printed line name the checkpoint and its step."""
@@ -116,14 +105,14 @@ def export_checkpoint(run_cfg: RunConfig, out_dir: Path, d: Dist) -> Path:
 
     out = Path(run_cfg.out) if run_cfg.out else out_dir / "hf"
     check_export_target(out, run_cfg.export.overwrite)  # before loading anything
-    path = resolve_checkpoint_path(run_cfg.checkpoint)
+    path = resolve(run_cfg.checkpoint)
     model, saved = load_trained_model(path, torch.device("cpu"))
-    step = _checkpoint_step(path)
+    step = read_extras(path)["step"]
     if d.is_main:
         info = export_hf(model, load_tokenizer(saved.data), out, overwrite=run_cfg.export.overwrite,
                          record={"checkpoint": str(path), "step": step})
         remote = ", trust_remote_code=True" if info["trust_remote_code"] else ""
-        print(f"exported {path} (step {step if step is not None else 'unknown'}) as {info['architecture']} "
+        print(f"exported {path} (step {step}) as {info['architecture']} "
               f"to {out}; load it with AutoModelForCausalLM.from_pretrained('{out}'{remote})", flush=True)
     return out
 
