@@ -105,10 +105,11 @@ def poison_training_forward(loss_steps: Collection[int] = (), grad_steps: Collec
         if labels is None or not torch.is_grad_enabled():
             return out
         calls[0] += 1
+        # the objective builds the loss from the cross-entropy (the model's `loss` is not read)
         if calls[0] in loss_steps:
-            out.loss = out.loss * value
+            out.ce = out.ce * value
         if calls[0] in grad_steps:
-            out.loss = PoisonGrad.apply(out.loss)
+            out.ce = PoisonGrad.apply(out.ce)
         return out
 
     H64LMForCausalLM.forward = poisoned

@@ -24,11 +24,11 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from h64lm.config import RunConfig, run_config_from_yaml, run_config_yaml
-from h64lm.data import TokenLoader, check_vocab, load_tokenizer, prepare_corpus, validation_windows
-from h64lm.model import H64LMForCausalLM, active_parameters_per_token, count_parameters, flops_per_token
+from h64lm.data import check_vocab, load_tokenizer, validation_windows
+from h64lm.model import active_parameters_per_token, count_parameters, flops_per_token
 from h64lm.model.moe import routing_snapshot
-from h64lm.parallel import clip_grad_norm_, load_sharded, save_consolidated
-from h64lm.train.balancing import prepare_global_balance, update_router_bias
+from h64lm.parallel import ParallelLayout, clip_grad_norm_, load_sharded, save_consolidated
+from h64lm.train.balancing import RouterBiasUpdate
 from h64lm.train.checkpoint import FORMAT_VERSION, CheckpointManager, load_model_state, save_weights
 from h64lm.train.control import SignalFlag, TrainingDiverged, TrainingStopped, rng_state, set_rng_state
 from h64lm.train.distributed import Dist, seed_everything
@@ -39,17 +39,11 @@ from h64lm.train.mfu import peak_flops
 from h64lm.train.optim import build_optimizer, build_scheduler
 from h64lm.train.precision import resolve_precision
 from h64lm.train.resume import find_resume_state
-from h64lm.train.sharded import (
-    ShardedCheckpoints,
-    build_sharded_model,
-    check_parallel_layout,
-    is_sharded,
-    load_file_state,
-)
-from h64lm.train.step import StepStats, no_sync_unless, reduce_stats
+from h64lm.train.sharded import ShardedCheckpoints, build_model, load_file_state
+from h64lm.train.stage import StageFactory, pretraining_stage
+from h64lm.train.step import StepStats, forward_backward, reduce_stats
 from h64lm.train.wandb_sink import WandbSink, wandb_group
-from h64lm.train.wrap import wrap_for_training
-from h64lm.validation import ConfigError, check
+from h64lm.validation import ConfigError
 
 __all__ = ["Trainer"]
 
@@ -62,48 +56,45 @@ def _memory_gb(device: torch.device) -> float:
 
 class Trainer:
     def __init__(self, run: RunConfig, run_dir: Path, overrides: list[str], d: Dist,
-                 sweep_dir: str | None = None, log: Callable[[str], None] | None = None):
+                 sweep_dir: str | None = None, log: Callable[[str], None] | None = None,
+                 stage: StageFactory = pretraining_stage):
         self.run, self.run_dir, self.overrides, self.d = run, Path(run_dir), overrides, d
         self.sweep_dir = sweep_dir
         self.log = log or (tqdm.write if d.is_main else (lambda *a, **k: None))
         t, data = run.train, run.data
         self.accum = t.micro_batches_per_step(d.world_size)
-        check_parallel_layout(run, d.world_size)
-        self.sharded = is_sharded(run, d.world_size)  # FSDP and/or expert parallelism
+        self.layout = ParallelLayout.from_run(run, d.world_size)  # the one check of hardware.*
+        self._sharded = self.layout.sharded  # the checkpoint format (DCP directories vs files)
         resume_state = find_resume_state(t.resume, self.run_dir, t.max_steps, self.log)
 
         seed_everything(t.seed)
         self.tokenizer = load_tokenizer(data)
         check_vocab(self.tokenizer, run.model.vocab_size)
-        corpus = prepare_corpus(data, self.tokenizer)
-        self.loader = TokenLoader(corpus.train, data.seq_len, t.batch_size, t.seed, d.rank, d.world_size)
-        self.val_tokens = corpus.val
-        self.val_windows = {n: validation_windows(corpus.val, n, data.val_windows)
+        built = stage(run, d, self.tokenizer)
+        self.loader, self.objective, self.val_tokens = built.loader, built.objective, built.val_tokens
+        self.val_windows = {n: validation_windows(self.val_tokens, n, data.val_windows)
                             for n in [data.seq_len, *t.extra_eval_seq_lens]}
 
         self.precision = resolve_precision(run.hardware.precision, d.device)
-        if self.sharded:
-            self.model, self.train_model, fsdp_bf16 = build_sharded_model(run, d, self.precision)
-            self.precision = dataclasses.replace(self.precision, autocast_enabled=not fsdp_bf16)
+        init = None
+        if resume_state is None and t.init_from:  # on the full model, before it is split
+            def init(model: torch.nn.Module) -> None:
+                initialize_from(model, t.init_from, t.init_noise_std, t.seed, self.log)
+        self.model, self.train_model, fsdp_bf16 = build_model(run, self.layout, d, self.precision, init)
+        self.precision = dataclasses.replace(self.precision, autocast_enabled=not fsdp_bf16)
+        if self._sharded:
             self.sharded_checkpoints = ShardedCheckpoints(self.run_dir, t.keep_last, d)
-        else:
-            self.model = H64LMForCausalLM(run.model).to(d.device)
         self.optimizer = build_optimizer(self.model, run.optim, d.device)
         self.scheduler = build_scheduler(self.optimizer, run.optim, t.max_steps)
         self.scaler = self.precision.grad_scaler()
+        self.bias_update = RouterBiasUpdate(self.model, self.optimizer) if run.model.router_bias_update_rate > 0 else None
         self.checkpoints = CheckpointManager(self.run_dir, t.keep_last)
         self.step, self.tokens_seen, self.skipped_steps, self.bad_in_a_row = 0, 0, 0, 0
         self.history, self.wandb_run_id = History(), None
         if resume_state is not None:
             self._restore(resume_state)
-        elif t.init_from:
-            check(not self.sharded, "train.init_from is applied in one process: initialise there, then continue "
-                  "with hardware.strategy=fsdp / hardware.ep through train.resume")
-            initialize_from(self.model, t.init_from, t.init_noise_std, t.seed, self.log)
         self.routing_windows = self.val_windows[data.seq_len][:8, :-1]  # fixed tokens for routing stats
         self.routing: dict[str, Any] | None = None  # the last routing snapshot
-        if not self.sharded:
-            self.train_model = wrap_for_training(self.model, run, d)
 
         self.tokens_per_step = t.batch_size * self.accum * data.seq_len * d.world_size
         self.flops_per_token = flops_per_token(run.model, data.seq_len)
@@ -130,7 +121,7 @@ class Trainer:
                      f"optim.schedule_steps={saved.train.max_steps} would keep the decayed schedule instead")
         if "sharded_path" in state:  # a sharded directory, whatever layout saved it
             state = {**state, **load_sharded(Path(state["sharded_path"]), self.model, self.optimizer)}
-        elif self.sharded:  # a one-process file
+        elif self._sharded:  # a one-process file
             load_file_state(self.model, self.optimizer, state, self.run)
         else:
             load_model_state(self.model, state["model"])
@@ -167,7 +158,7 @@ class Trainer:
     def save(self, final: bool = True) -> Path:
         """Rank 0 writes the step checkpoint (sharded: every rank writes its shards, in the
         background with train.async_save unless `final`); every rank returns its path."""
-        if self.sharded:
+        if self._sharded:
             background = self.run.train.async_save and not final
             path = self.sharded_checkpoints.save(self.model, self.optimizer, self.extras(), self.step, background)
             self.log(f"step {self.step}: {'saving' if background else 'saved'} {path.name}/")
@@ -181,24 +172,15 @@ class Trainer:
     # ----------------------------------------------------------------------------- one step
     def train_step(self, stop_requested: bool) -> StepStats:
         """Forward/backward over the micro-batches, then one (possibly skipped) update."""
-        d, mcfg = self.d, self.run.model
-        losses = torch.zeros(4, device=d.device)  # [loss, ce, aux, z], mean over micro-batches
-        loads: dict[int, torch.Tensor] = {}
-        dropped: dict[int, torch.Tensor] = {}
-        batches = [[t.to(d.device, non_blocking=True) for t in self.loader.next_batch()]
-                   for _ in range(self.accum)]
-        if mcfg.router_aux_loss_scope == "global" and mcfg.moe_layer_indices():
-            prepare_global_balance(self.model, [x for x, _ in batches])  # f_i of the whole step
-        for micro, (x, y) in enumerate(batches):
-            with no_sync_unless(micro == self.accum - 1, self.train_model):
-                with self.precision.autocast():
-                    out = self.train_model(x, labels=y, return_logits=False)
-                self.scaler.scale(out.loss / self.accum).backward()
-            losses += torch.stack([out.loss, out.ce, out.aux, out.z]).detach().float() / self.accum
-            for r in out.router:
-                loads[r["layer"]] = loads.get(r["layer"], 0) + r["load"].detach().float() / self.accum
-                dropped[r["layer"]] = dropped.get(r["layer"], 0) + r["dropped"].detach().float() / self.accum
-        stats = reduce_stats(losses, loads, dropped, stop_requested, d.world_size)
+        d = self.d
+        batches = [self.loader.next_batch() for _ in range(self.accum)]
+        terms, loads, dropped = forward_backward(
+            self.objective, self.train_model, self.model, batches, d.world_size, d.device,
+            self.precision.autocast, lambda loss: self.scaler.scale(loss).backward())
+        bad_router = self.bias_update.nonfinite() if self.bias_update is not None else None
+        stats = reduce_stats(terms, loads, dropped, stop_requested, d.world_size, bad_router)
+        if self.bias_update is not None:  # applied by the optimizer's post-step hook, if it steps
+            self.bias_update.set_loads({i: torch.tensor(r.load) for i, r in stats.router.items()})
 
         self.scaler.unscale_(self.optimizer)
         # Sharded gradients live on several meshes; this sums squares where they are sharded. It
@@ -215,8 +197,6 @@ class Trainer:
             stats.skipped = stats.nonfinite or not math.isfinite(stats.grad_norm)
             if not stats.skipped:
                 self.optimizer.step()
-        if mcfg.router_bias_update_rate > 0 and not stats.skipped:  # DeepSeek-V3 aux-loss-free balancing
-            update_router_bias(self.model, {i: torch.tensor(r.load) for i, r in stats.router.items()})
         self.optimizer.zero_grad(set_to_none=True)
         stats.lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
@@ -232,7 +212,7 @@ class Trainer:
 
     def _any_stop_requested(self) -> bool:
         """Whether a stop was requested; on every rank alike when the ranks must act in step."""
-        if not self.sharded:
+        if not self.layout.sharded:  # only sharded weights make every rank act at once
             return self._stop_requested()
         flag = torch.tensor(float(self._stop_requested()), device=self.d.device)
         torch.distributed.all_reduce(flag)
@@ -258,7 +238,7 @@ class Trainer:
         """Continuations of `train.sample_prompts`, appended to samples.txt and printed (rank 0)."""
         t, g = self.run.train, self.run.gen
         # sharded weights: every rank generates in step (same prompts and seed), rank 0 writes
-        if not ((self.d.is_main or self.sharded) and t.sample_tokens and t.sample_prompts):
+        if not ((self.d.is_main or self.layout.sharded) and t.sample_tokens and t.sample_prompts):
             return {}
         if self._any_stop_requested():
             return {}
@@ -295,8 +275,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- the run
     def _record(self, stats: StepStats, elapsed: float) -> dict[str, Any]:
-        record = {"step": self.step, "tokens": self.tokens_seen, "loss": stats.loss, "ce": stats.ce,
-                  "aux": stats.aux, "z": stats.z, "lr": stats.lr, "grad_norm": stats.grad_norm,
+        record = {"step": self.step, "tokens": self.tokens_seen, **stats.terms, "lr": stats.lr, "grad_norm": stats.grad_norm,
                   "skipped_steps": self.skipped_steps, "tokens_per_s": self.tokens_per_step / elapsed,
                   "step_time_s": elapsed, "mem_gb": _memory_gb(self.d.device)}
         if self.peak:
@@ -308,9 +287,10 @@ class Trainer:
     def _check_divergence(self) -> None:
         if self.bad_in_a_row >= self.run.train.max_bad_steps:
             path = self.save()
+            lr = "optim.muon_lr (and optim.lr)" if self.run.optim.name == "muon" else "optim.lr"
             raise TrainingDiverged(
-                f"loss or gradients were NaN/Inf for {self.bad_in_a_row} steps in a row (step {self.step}); "
-                f"saved the last good weights in {path}. Lower optim.lr, raise optim.warmup_steps, keep "
+                f"loss or gradients{' or router biases' if self.bias_update else ''} were NaN/Inf for "
+                f"{self.bad_in_a_row} steps in a row (step {self.step}); saved the last good weights in {path}. Lower {lr}, raise optim.warmup_steps, keep "
                 "optim.grad_clip on, or use hardware.precision=bf16 instead of fp16, then resume with "
                 "train.resume=auto")
 
@@ -339,7 +319,7 @@ class Trainer:
     def _save_best(self, record: dict[str, Any]) -> None:
         if record["val_loss"] > self.history.best_val_loss():
             return
-        if self.sharded:  # collective: every rank writes its shards
+        if self._sharded:  # collective: every rank writes its shards
             self.sharded_checkpoints.save_best(self.model, self.optimizer, self.extras(), self.step)
             save_consolidated(self.model, self.run_dir / "best_model.safetensors")
         elif self.d.is_main:
@@ -406,7 +386,7 @@ class Trainer:
             sink.finish(exit_code=exit_code)
 
     def _finish_saves(self) -> None:
-        if self.sharded:
+        if self._sharded:
             self.sharded_checkpoints.wait()
 
     def _announce(self) -> None:
@@ -414,7 +394,7 @@ class Trainer:
         self.log(f"model: {n_total / 1e6:.2f}M parameters, {n_active / 1e6:.2f}M active per token; "
                  f"{self.tokens_per_step} tokens per step on {self.d.world_size} process(es), "
                  f"{self.precision.name} on {self.d.device.type}"
-                 + (f", {self.run.hardware.strategy} ep={self.run.hardware.ep}" if self.sharded else ""))
+                 + (f", {self.layout.strategy} ep={self.layout.ep}" if self.d.enabled else ""))
 
     def _open_sink(self) -> WandbSink:
         if not self.d.is_main:

@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 
 from h64lm.model import H64LMConfig, H64LMForCausalLM
 from h64lm.parallel import (
+    ParallelLayout,
     build_mesh,
     build_parallel_model,
     clip_grad_norm_,
@@ -47,11 +48,12 @@ def batches(cfg: H64LMConfig, steps: int, seed: int = 7) -> List[torch.Tensor]:
 
 def build(cfg: H64LMConfig, strategy: str, ep: int = 1) -> torch.nn.Module:
     """strategy: single | fsdp | ddp; meta init + materialise for every layout."""
-    mesh = (None if strategy == "single"
-            else build_mesh(dist.get_world_size(), ep, "cpu", cfg.num_experts))
-    return build_parallel_model(lambda: H64LMForCausalLM(cfg), mesh,
-                                "ddp" if strategy == "single" else strategy, SEED,
-                                torch.device("cpu"))
+    if strategy == "single":
+        layout, mesh = ParallelLayout(1, "ddp", 1, cfg.num_experts), None
+    else:
+        layout = ParallelLayout(dist.get_world_size(), strategy, ep, cfg.num_experts)
+        mesh = build_mesh(layout, "cpu")
+    return build_parallel_model(lambda: H64LMForCausalLM(cfg), layout, mesh, SEED, torch.device("cpu"))
 
 
 def local_rows(batch: torch.Tensor) -> torch.Tensor:
