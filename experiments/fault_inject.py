@@ -62,9 +62,9 @@ def _hang_inside_save(marker: Path, after_step: int) -> None:
 
 
 def _slow_evaluation(seconds: float, marker: Path | None) -> None:
-    from h64lm.train import loop
+    from h64lm.eval import validation
 
-    evaluate = loop.evaluate
+    evaluate = validation.evaluate
 
     def slow_evaluate(model, windows, batch_size, precision, d, should_stop):
         if marker is not None and not marker.exists():
@@ -76,7 +76,7 @@ def _slow_evaluation(seconds: float, marker: Path | None) -> None:
 
         return evaluate(model, windows, batch_size, precision, d, sleep_then_ask)
 
-    loop.evaluate = slow_evaluate
+    validation.evaluate = slow_evaluate
 
 
 def poison_training_forward(loss_steps: Collection[int] = (), grad_steps: Collection[int] = (),

@@ -9,12 +9,9 @@ from a checkpoint, so stopping at step k and resuming reproduces the uninterrupt
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import resource
 import signal
-import socket
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -26,15 +23,14 @@ from tqdm import tqdm
 from h64lm.config import RunConfig, run_config_from_yaml, run_config_yaml
 from h64lm.data import check_vocab, load_tokenizer, validation_windows
 from h64lm.model import active_parameters_per_token, count_parameters, flops_per_token
-from h64lm.model.moe import routing_snapshot
 from h64lm.parallel import ParallelLayout, clip_grad_norm_, load_sharded, save_consolidated
 from h64lm.train.balancing import RouterBiasUpdate
+from h64lm.train.callbacks import Callback, ValidationLoss, default_callbacks
 from h64lm.train.checkpoint import FORMAT_VERSION, CheckpointManager, load_model_state, save_weights
 from h64lm.train.control import SignalFlag, TrainingDiverged, TrainingStopped, rng_state, set_rng_state
 from h64lm.train.distributed import Dist, seed_everything
-from h64lm.train.evaluate import evaluate, sample_continuations
 from h64lm.train.init_from import initialize_from
-from h64lm.train.metrics import History, MetricsFile, plot_run, read_metrics
+from h64lm.train.metrics import History
 from h64lm.train.mfu import peak_flops
 from h64lm.train.optim import build_optimizer, build_scheduler
 from h64lm.train.precision import resolve_precision
@@ -42,7 +38,6 @@ from h64lm.train.resume import find_resume_state
 from h64lm.train.sharded import ShardedCheckpoints, build_model, load_file_state
 from h64lm.train.stage import StageFactory, pretraining_stage
 from h64lm.train.step import StepStats, forward_backward, reduce_stats
-from h64lm.train.wandb_sink import WandbSink, wandb_group
 from h64lm.validation import ConfigError
 
 __all__ = ["Trainer"]
@@ -57,7 +52,7 @@ def _memory_gb(device: torch.device) -> float:
 class Trainer:
     def __init__(self, run: RunConfig, run_dir: Path, overrides: list[str], d: Dist,
                  sweep_dir: str | None = None, log: Callable[[str], None] | None = None,
-                 stage: StageFactory = pretraining_stage):
+                 stage: StageFactory = pretraining_stage, callbacks: list[Callback] | None = None):
         self.run, self.run_dir, self.overrides, self.d = run, Path(run_dir), overrides, d
         self.sweep_dir = sweep_dir
         self.log = log or (tqdm.write if d.is_main else (lambda *a, **k: None))
@@ -93,8 +88,8 @@ class Trainer:
         self.history, self.wandb_run_id = History(), None
         if resume_state is not None:
             self._restore(resume_state)
-        self.routing_windows = self.val_windows[data.seq_len][:8, :-1]  # fixed tokens for routing stats
-        self.routing: dict[str, Any] | None = None  # the last routing snapshot
+        self.validation = ValidationLoss()
+        self.callbacks = default_callbacks(run) if callbacks is None else callbacks
 
         self.tokens_per_step = t.batch_size * self.accum * data.seq_len * d.world_size
         self.flops_per_token = flops_per_token(run.model, data.seq_len)
@@ -206,72 +201,18 @@ class Trainer:
         self.bad_in_a_row = self.bad_in_a_row + 1 if stats.skipped else 0
         return stats
 
-    # ----------------------------------------------------------------------------- evaluation
-    def _stop_requested(self) -> bool:
+    # ----------------------------------------------------------------------------- stop requests
+    def stop_requested(self) -> bool:
+        """Whether this rank received SIGINT/SIGTERM."""
         return self.signals is not None and bool(self.signals.signum)
 
-    def _any_stop_requested(self) -> bool:
+    def any_stop_requested(self) -> bool:
         """Whether a stop was requested; on every rank alike when the ranks must act in step."""
         if not self.layout.sharded:  # only sharded weights make every rank act at once
-            return self._stop_requested()
-        flag = torch.tensor(float(self._stop_requested()), device=self.d.device)
+            return self.stop_requested()
+        flag = torch.tensor(float(self.stop_requested()), device=self.d.device)
         torch.distributed.all_reduce(flag)
         return bool(flag > 0)
-
-    def evaluate(self) -> dict[str, float] | None:
-        """Validation loss at the training length (and `train.extra_eval_seq_lens`); None when a
-        stop signal interrupted it (checked between batches, so a stop never waits for it)."""
-        batch = self.run.train.val_batch_size or self.run.train.batch_size
-        result = {}
-        for n, windows in self.val_windows.items():
-            out = evaluate(self.model, windows, batch, self.precision, self.d, self._stop_requested)
-            if out is None:
-                return None
-            suffix = "" if n == self.run.data.seq_len else f"_len{n}"
-            result[f"val_loss{suffix}"], result[f"val_ppl{suffix}"] = out
-        if self.run.model.moe_layer_indices():
-            self.routing = routing_snapshot(self.model, self.routing_windows.to(self.d.device).split(4),
-                                            previous=self.routing)
-        return result
-
-    def sample(self) -> dict[str, str]:
-        """Continuations of `train.sample_prompts`, appended to samples.txt and printed (rank 0)."""
-        t, g = self.run.train, self.run.gen
-        # sharded weights: every rank generates in step (same prompts and seed), rank 0 writes
-        if not ((self.d.is_main or self.layout.sharded) and t.sample_tokens and t.sample_prompts):
-            return {}
-        if self._any_stop_requested():
-            return {}
-        prompts = list(t.sample_prompts)
-        self.log(f"step {self.step}: sampling {t.sample_tokens} tokens for {len(prompts)} prompts")
-        with self.precision.autocast():
-            texts = sample_continuations(
-                self.model, self.tokenizer, prompts, t.sample_tokens, self.d.device,
-                temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
-                repetition_penalty=g.repetition_penalty, seed=g.seed)
-        if not self.d.is_main:
-            return {}
-        with open(self.run_dir / "samples.txt", "a") as f:
-            f.write(f"## step {self.step}\n")
-            f.writelines(f"{text!r}\n" for text in texts)
-        for text in texts:
-            self.log(f"  sample: {text!r}")
-        return dict(zip(prompts, texts))
-
-    def downstream(self) -> dict[str, float]:
-        """The local lm-eval tasks on rank 0 (`train.downstream_every`): {"downstream/<task>/<metric>"}."""
-        if not self.d.is_main or self._stop_requested():
-            return {}
-        from h64lm.eval import LOCAL_TASKS, downstream_metrics
-
-        t = self.run.train
-        metrics = downstream_metrics(self.model, self.tokenizer, list(LOCAL_TASKS), self.val_tokens,
-                                     self.run_dir / "downstream", str(self.d.device),
-                                     t.val_batch_size or t.batch_size, limit=t.downstream_limit)
-        flat = {f"downstream/{task}/{k}": v for task, m in metrics.items() for k, v in m.items()}
-        self.log(f"step {self.step}: " + "  ".join(f"{k.split('/', 1)[1]} {v:.3f}" for k, v in flat.items()
-                                                   if k.endswith(("/acc", "/word_perplexity"))))
-        return flat
 
     # ----------------------------------------------------------------------------- the run
     def _record(self, stats: StepStats, elapsed: float) -> dict[str, Any]:
@@ -294,27 +235,10 @@ class Trainer:
                 "optim.grad_clip on, or use hardware.precision=bf16 instead of fp16, then resume with "
                 "train.resume=auto")
 
-    def _evaluate_and_record(self, record: dict[str, Any], step_losses: list[float]) -> bool:
-        """Evaluate, sample and update the history; False when a stop interrupted the evaluation."""
-        ev = self.evaluate()
-        if ev is None:
-            return False
-        record.update(ev)
-        if self.routing is not None:
-            record["routing"] = self.routing["layers"]
-        finite = [v for v in step_losses if math.isfinite(v)]
-        mean_loss = sum(finite) / len(finite) if finite else math.nan
-        self.history.add(step=self.step, tokens=self.tokens_seen, train_loss=mean_loss,
-                         val_loss=ev["val_loss"], val_ppl=ev["val_ppl"], learning_rate=record["lr"])
-        if self.d.is_main:
-            self.history.save(self.run_dir / "training_history.json")
-            self.log(f"step {self.step}: train loss {record['loss']:.4f} (this step), "
-                     f"{mean_loss:.4f} (mean since last eval)  val {ev['val_loss']:.4f}  ppl {ev['val_ppl']:.1f}")
-        self.sample()
-        if t_down := self.run.train.downstream_every:
-            if self.step % t_down == 0 or self.step == self.run.train.max_steps:
-                record.update(self.downstream())
-        return True
+    def _evaluate(self, record: dict[str, Any], step_losses: list[float]) -> bool:
+        """Validation loss and history, then every callback's evaluation; False when a stop
+        interrupted it."""
+        return self.validation(self, record, step_losses) and all(cb.on_eval(self, record) for cb in self.callbacks)
 
     def _save_best(self, record: dict[str, Any]) -> None:
         if record["val_loss"] > self.history.best_val_loss():
@@ -329,17 +253,16 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         d, t = self.d, self.run.train
         self._announce()
-        metrics = MetricsFile(self.run_dir / "metrics.jsonl", resume_step=self.step) if d.is_main else None
-        sink = self._open_sink()
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not d.is_main, dynamic_ncols=True)
         step_losses: list[float] = []
-        exit_code, state = 1, "failed"
-        self._write_status("running")
+        state, summary = "failed", None
         try:
             with SignalFlag() as self.signals:
                 while self.step < t.max_steps:
                     start = time.perf_counter()
-                    stats = self.train_step(stop_requested=self._stop_requested())
+                    stats = self.train_step(stop_requested=self.stop_requested())
                     if d.device.type == "cuda":
                         torch.cuda.synchronize(d.device)
                     record = self._record(stats, time.perf_counter() - start)
@@ -351,11 +274,10 @@ class Trainer:
                     stop = stats.stop_requested
                     is_eval = self.step % t.eval_every == 0 or self.step == t.max_steps
                     if is_eval and not stop:
-                        stop = not self._evaluate_and_record(record, step_losses)
+                        stop = not self._evaluate(record, step_losses)
                         step_losses.clear()
-                    if d.is_main and (self.step % t.log_every == 0 or is_eval):
-                        metrics.write(record)
-                        sink.log({k: v for k, v in record.items() if k != "step"}, step=self.step)
+                    for cb in self.callbacks:
+                        cb.on_record(self, record, is_eval)
                     if self.step % t.save_every == 0 or self.step == t.max_steps or stop:
                         saved = self.save(final=stop or self.step == t.max_steps)
                     if "val_loss" in record:
@@ -370,8 +292,8 @@ class Trainer:
                     f"no step of this run had a finite loss and gradients ({self.step} skipped); nothing was "
                     "learned. Lower optim.lr or check the data, then train again")
             self._finish_saves()
-            exit_code, state = 0, "finished"
-            return self._finish(sink)
+            state, summary = "finished", self._summary()
+            return summary
         except TrainingStopped:
             state = "stopped"
             raise
@@ -379,11 +301,9 @@ class Trainer:
             state = "diverged"
             raise
         finally:
-            self._write_status(state)
             bar.close()
-            if metrics is not None:
-                metrics.close()
-            sink.finish(exit_code=exit_code)
+            for cb in self.callbacks:
+                cb.on_fit_end(self, state, summary)
 
     def _finish_saves(self) -> None:
         if self._sharded:
@@ -396,26 +316,9 @@ class Trainer:
                  f"{self.precision.name} on {self.d.device.type}"
                  + (f", {self.layout.strategy} ep={self.layout.ep}" if self.d.enabled else ""))
 
-    def _open_sink(self) -> WandbSink:
-        if not self.d.is_main:
-            return WandbSink.disabled()
-        lg = self.run.logger
-        sink = WandbSink(lg, self.run_dir, OmegaConf.to_container(OmegaConf.structured(self.run)),
-                         self.overrides, wandb_group(lg, self.run.experiment_name, self.sweep_dir),
-                         run_id=self.wandb_run_id)
-        self.wandb_run_id = sink.run_id
-        return sink
-
-    def _write_status(self, state: str) -> None:
-        """`status.json`: running / finished / stopped / diverged / failed, for sweep reports."""
-        if self.d.is_main:
-            status = {"state": state, "step": self.step, "pid": os.getpid(), "host": socket.gethostname(),
-                      "time": time.time()}
-            (self.run_dir / "status.json").write_text(json.dumps(status))
-
-    def _finish(self, sink: WandbSink) -> dict[str, Any]:
+    def _summary(self) -> dict[str, Any]:
         h = self.history.data
-        summary = {
+        return {
             "step": self.step,
             "tokens": self.tokens_seen,
             "best_val_loss": self.history.best_val_loss(),
@@ -427,7 +330,3 @@ class Trainer:
             "parameters": count_parameters(self.model),
             "active_parameters": active_parameters_per_token(self.run.model),
         }
-        if self.d.is_main:
-            plot_run(self.run_dir, read_metrics(self.run_dir / "metrics.jsonl"), self.history)
-            sink.summary(summary)
-        return summary
