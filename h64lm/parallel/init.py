@@ -41,7 +41,8 @@ def materialize(model: nn.Module, build: Callable[[], nn.Module], seed: int,
                 device: torch.device, prepare: Optional[Callable[[nn.Module], None]] = None) -> nn.Module:
     """`model`: built under `torch.device("meta")` and already parallelised. `build()` makes the
     same model for real on CPU (rank 0 calls it once, after `torch.manual_seed(seed)`; the global
-    RNG is restored afterwards), then `prepare(reference)` when given. -> model, with real weights on `device` (in place)."""
+    RNG is restored afterwards), then `prepare(reference)` when given (e.g. weights from another
+    checkpoint, applied to the full model). -> model, with real weights on `device` (in place)."""
     ties = _tied_names(model)
     model.to_empty(device=device)  # gives each name its own new tensor: tie them again
     for first, other in ties:

@@ -1,6 +1,10 @@
 """The training loop: plain PyTorch, one process or many under torchrun.
 
 One optimizer step = `train.grad_accum` micro-batches of `train.batch_size` sequences per rank.
+Every layout (one process, DDP, FSDP, expert parallelism) is built and stepped the same way
+(h64lm/parallel); the stage brings the data and the objective (h64lm/train/stage.py), the step
+function knows no loss term (h64lm/train/step.py), and everything around the loop (evaluation,
+sampling, metrics, W&B, status) is a callback (h64lm/train/callbacks/).
 Everything that decides what happens at a step (data windows, learning rate, RNG) is restored
 from a checkpoint, so stopping at step k and resuming reproduces the uninterrupted run exactly
 (bit for bit on the CPU in fp32).
@@ -82,7 +86,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, run.optim, d.device)
         self.scheduler = build_scheduler(self.optimizer, run.optim, t.max_steps)
         self.scaler = self.precision.grad_scaler()
-        self.bias_update = RouterBiasUpdate(self.model, self.optimizer) if run.model.router_bias_update_rate > 0 else None
+        # aux-loss-free balancing: the one place the trainer reads the rate
+        self.bias_update = RouterBiasUpdate(self.model, self.optimizer) if run.model.router_bias_update_rate else None
         self.checkpoints = CheckpointManager(self.run_dir, t.keep_last)
         self.step, self.tokens_seen, self.skipped_steps, self.bad_in_a_row = 0, 0, 0, 0
         self.history, self.wandb_run_id = History(), None
@@ -216,9 +221,9 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- the run
     def _record(self, stats: StepStats, elapsed: float) -> dict[str, Any]:
-        record = {"step": self.step, "tokens": self.tokens_seen, **stats.terms, "lr": stats.lr, "grad_norm": stats.grad_norm,
-                  "skipped_steps": self.skipped_steps, "tokens_per_s": self.tokens_per_step / elapsed,
-                  "step_time_s": elapsed, "mem_gb": _memory_gb(self.d.device)}
+        record = {"step": self.step, "tokens": self.tokens_seen, **stats.terms,  # loss first, then each term
+                  "lr": stats.lr, "grad_norm": stats.grad_norm, "skipped_steps": self.skipped_steps,
+                  "tokens_per_s": self.tokens_per_step / elapsed, "step_time_s": elapsed, "mem_gb": _memory_gb(self.d.device)}
         if self.peak:
             record["mfu"] = self.flops_per_token * record["tokens_per_s"] / self.peak
         record["router"] = {str(i): {"load": [round(v, 5) for v in r.load], "dropped": r.dropped,
@@ -229,16 +234,17 @@ class Trainer:
         if self.bad_in_a_row >= self.run.train.max_bad_steps:
             path = self.save()
             lr = "optim.muon_lr (and optim.lr)" if self.run.optim.name == "muon" else "optim.lr"
+            what = "loss or gradients" + (" or router biases" if self.bias_update else "")
             raise TrainingDiverged(
-                f"loss or gradients{' or router biases' if self.bias_update else ''} were NaN/Inf for "
-                f"{self.bad_in_a_row} steps in a row (step {self.step}); saved the last good weights in {path}. Lower {lr}, raise optim.warmup_steps, keep "
-                "optim.grad_clip on, or use hardware.precision=bf16 instead of fp16, then resume with "
-                "train.resume=auto")
+                f"{what} were NaN/Inf for {self.bad_in_a_row} steps in a row (step {self.step}); saved the last "
+                f"good weights in {path}. Lower {lr}, raise optim.warmup_steps, keep optim.grad_clip on, or use "
+                "hardware.precision=bf16 instead of fp16, then resume with train.resume=auto")
 
     def _evaluate(self, record: dict[str, Any], step_losses: list[float]) -> bool:
         """Validation loss and history, then every callback's evaluation; False when a stop
         interrupted it."""
-        return self.validation(self, record, step_losses) and all(cb.on_eval(self, record) for cb in self.callbacks)
+        return (self.validation(self, record, step_losses)
+                and all(cb.on_eval(self, record) for cb in self.callbacks))
 
     def _save_best(self, record: dict[str, Any]) -> None:
         if record["val_loss"] > self.history.best_val_loss():
