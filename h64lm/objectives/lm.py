@@ -17,6 +17,7 @@ from h64lm.data.batch import Batch
 from h64lm.model.config import H64LMConfig
 from h64lm.objectives.base import ObjectiveOutput, StepShare
 from h64lm.objectives.router_terms import RouterTerm, router_terms
+from h64lm.train.balancing import prepare_global_balance
 
 __all__ = ["LanguageModelling"]
 
@@ -28,12 +29,11 @@ class LanguageModelling:
 
     def prepare_step(self, model: nn.Module, batches: Sequence[Batch]) -> None:
         if self.global_balance:  # f_i of the whole step, before any micro-batch's loss
-            from h64lm.train.balancing import prepare_global_balance
-
             prepare_global_balance(model, [b.input_ids for b in batches])
 
     def __call__(self, model: nn.Module, batch: Batch, share: StepShare) -> ObjectiveOutput:
-        out = model(batch.input_ids, labels=batch.labels, return_logits=False)
+        packed = {} if batch.document_ids is None else {"document_ids": batch.document_ids}
+        out = model(batch.input_ids, labels=batch.labels, return_logits=False, **packed)
         ce = out.ce * share.weight
         total = ce
         values = {}

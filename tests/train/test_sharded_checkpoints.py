@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from h64lm.model import H64LMConfig, H64LMForCausalLM
-from h64lm.parallel import save_sharded
+from h64lm.parallel import ParallelLayout, save_sharded
 from h64lm.train import checkpoint as ck
 from h64lm.train.distributed import Dist
 from h64lm.train.resume import find_resume_state, load_checkpoint_state, run_outputs
-from h64lm.train.sharded import ShardedCheckpoints, check_parallel_layout
+from h64lm.train.sharded import ShardedCheckpoints
 from h64lm.validation import ConfigError
 from tests.helpers import run_config
 
@@ -71,9 +71,9 @@ def test_unsaved_best_is_written_and_replaces_best_pt(tmp_path):
 def test_layout_errors_name_hardware_ep():
     run = run_config(["model.num_experts=4", "hardware.ep=2"])
     with pytest.raises(ConfigError, match=r"hardware.ep=2 must divide the world size 3"):
-        check_parallel_layout(run, 3)
+        ParallelLayout.from_run(run, 3)
     with pytest.raises(ConfigError, match=r"hardware.ep=2 needs MoE layers"):
-        check_parallel_layout(run_config(["hardware.ep=2", "model.moe_layers=none"]), 2)
+        ParallelLayout.from_run(run_config(["hardware.ep=2", "model.moe_layers=none"]), 2)
     with pytest.raises(ConfigError, match=r"^hardware.ep=3 must divide model.num_experts=8"):
         run_config(["hardware.ep=3"])
     with pytest.raises(ConfigError, match=r"^hardware.precision=fp16 is not supported with hardware.strategy=fsdp"):
