@@ -1,4 +1,4 @@
-"""Layout checks fail early, in one line naming hardware.ep."""
+"""ParallelLayout: hardware.* checked once, in one line naming the key, before any process-group work."""
 
 import pytest
 
