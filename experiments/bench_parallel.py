@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from h64lm.model import H64LMConfig, H64LMForCausalLM
-from h64lm.parallel import build_mesh, build_parallel_model, clip_grad_norm_
+from h64lm.parallel import ParallelLayout, build_mesh, build_parallel_model, clip_grad_norm_
 
 CONFIG = dict(vocab_size=4096, hidden_size=256, num_layers=4, num_attention_heads=4,
               num_kv_heads=2, intermediate_size=512, moe_intermediate_size=256, num_experts=8,
@@ -40,8 +40,8 @@ def _run(rank: int, world: int, store: str, args, queue) -> None:
     cfg = H64LMConfig(**CONFIG)
     for strategy, ep in LAYOUTS:
         ep = ep or world
-        mesh = build_mesh(world, ep, "cpu", cfg.num_experts)
-        model = build_parallel_model(lambda: H64LMForCausalLM(cfg), mesh, strategy, 0,
+        layout = ParallelLayout(world, strategy, ep, cfg.num_experts)
+        model = build_parallel_model(lambda: H64LMForCausalLM(cfg), layout, build_mesh(layout, "cpu"), 0,
                                      torch.device("cpu"))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         g = torch.Generator().manual_seed(rank)

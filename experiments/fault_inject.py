@@ -92,9 +92,9 @@ def _slow_writes(seconds: float) -> None:
 
 
 def _slow_evaluation(seconds: float, marker: Path | None) -> None:
-    from h64lm.train import loop
+    from h64lm.eval import validation
 
-    evaluate = loop.evaluate
+    evaluate = validation.evaluate
 
     def slow_evaluate(model, windows, batch_size, precision, d, should_stop):
         if marker is not None and not marker.exists():
@@ -106,7 +106,7 @@ def _slow_evaluation(seconds: float, marker: Path | None) -> None:
 
         return evaluate(model, windows, batch_size, precision, d, sleep_then_ask)
 
-    loop.evaluate = slow_evaluate
+    validation.evaluate = slow_evaluate
 
 
 def poison_training_forward(loss_steps: Collection[int] = (), grad_steps: Collection[int] = (),
@@ -135,10 +135,11 @@ def poison_training_forward(loss_steps: Collection[int] = (), grad_steps: Collec
         if labels is None or not torch.is_grad_enabled():
             return out
         calls[0] += 1
+        # the objective builds the loss from the cross-entropy (the model's `loss` is not read)
         if calls[0] in loss_steps:
-            out.loss = out.loss * value
+            out.ce = out.ce * value
         if calls[0] in grad_steps:
-            out.loss = PoisonGrad.apply(out.loss)
+            out.ce = PoisonGrad.apply(out.ce)
         return out
 
     H64LMForCausalLM.forward = poisoned

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from h64lm.data.batch import Batch
+
 __all__ = ["TokenLoader", "validation_windows"]
 
 
@@ -24,7 +26,8 @@ def _num_windows(tokens: np.ndarray, seq_len: int) -> int:
 
 
 class TokenLoader:
-    """`batch(index) -> (input_ids[B,T], labels[B,T])`, labels already shifted by one token."""
+    """`batch(index) -> (input_ids[B,T], labels[B,T])`, labels already shifted by one token;
+    `next_batch() -> Batch` (the `h64lm.data.protocol.Loader` protocol) walks the indices."""
 
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int,
                  rank: int = 0, world_size: int = 1) -> None:
@@ -74,10 +77,11 @@ class TokenLoader:
         rows = np.asarray(self.tokens[starts[:, None] + self._offsets], dtype=np.int64)  # [B,T+1]
         return torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.batch(self.index)
+    def next_batch(self) -> Batch:
+        """The next micro-batch: labels are the inputs shifted by one token (every one a target)."""
+        input_ids, labels = self.batch(self.index)
         self.index += 1
-        return out
+        return Batch(input_ids, labels)
 
     def state_dict(self) -> dict[str, Any]:
         return {"index": self.index, "seed": self.seed, "seq_len": self.seq_len,

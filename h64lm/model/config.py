@@ -54,8 +54,9 @@ class H64LMConfig:
     gradient_checkpointing: bool = False
     # Switch loss counts from: the micro-batch, each sequence, or the optimizer step's global batch
     router_aux_loss_scope: str = bounded("micro_batch", choices=AUX_LOSS_SCOPES)
-    # DeepSeek-V3 aux-loss-free balancing: per-expert selection bias step per update (0 = off)
-    router_bias_update_rate: float = bounded(0.0, ge=0)
+    # DeepSeek-V3 aux-loss-free balancing: per-expert selection bias step per update (0 = off;
+    # DeepSeek-V3 used 0.001). <= 1: the bias only orders the experts, far larger steps overflow it
+    router_bias_update_rate: float = bounded(0.0, ge=0, le=1)
     # routing scores: softmax over experts (Mixtral) or per-expert sigmoid (DeepSeek-V3)
     router_score: str = bounded("softmax", choices=ROUTER_SCORES)
     # renormalise the k gate weights to sum to one; null = yes for k > 1, no at k = 1 (Switch)

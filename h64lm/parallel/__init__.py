@@ -15,11 +15,12 @@ from .expert_parallel import ExpertParallel, all_to_all, apply_expert_parallel
 from .fsdp import apply_fsdp
 from .grad import clip_grad_norm_
 from .init import materialize
-from .mesh import ParallelMesh, build_mesh, check_layout
-from .setup import STRATEGIES, build_parallel_model
+from .layout import STRATEGIES, ParallelLayout
+from .mesh import ParallelMesh, build_mesh
+from .setup import build_parallel_model
 
 __all__ = [
-    "ParallelMesh", "build_mesh", "check_layout", "build_parallel_model", "STRATEGIES",
+    "ParallelLayout", "ParallelMesh", "build_mesh", "build_parallel_model", "STRATEGIES",
     "apply_fsdp", "apply_ddp", "apply_expert_parallel", "ExpertParallel", "all_to_all",
     "materialize", "clip_grad_norm_", "save_sharded", "load_sharded", "verify_sharded",
     "SaveHandle", "ShardedCheckpointError", "consolidated_state_dict", "save_consolidated",

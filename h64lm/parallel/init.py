@@ -11,7 +11,7 @@ broadcast separately (they are small) and copied in.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -38,10 +38,11 @@ def _tied_names(model: nn.Module) -> list:
 
 
 def materialize(model: nn.Module, build: Callable[[], nn.Module], seed: int,
-                device: torch.device) -> nn.Module:
+                device: torch.device, prepare: Optional[Callable[[nn.Module], None]] = None) -> nn.Module:
     """`model`: built under `torch.device("meta")` and already parallelised. `build()` makes the
     same model for real on CPU (rank 0 calls it once, after `torch.manual_seed(seed)`; the global
-    RNG is restored afterwards). -> model, with real weights on `device` (in place)."""
+    RNG is restored afterwards), then `prepare(reference)` when given (e.g. weights from another
+    checkpoint, applied to the full model). -> model, with real weights on `device` (in place)."""
     ties = _tied_names(model)
     model.to_empty(device=device)  # gives each name its own new tensor: tie them again
     for first, other in ties:
@@ -53,6 +54,8 @@ def materialize(model: nn.Module, build: Callable[[], nn.Module], seed: int,
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             reference = build()
+        if prepare is not None:
+            prepare(reference)
         full, buffers = reference.state_dict(), _non_persistent_buffers(reference)
     if distributed:
         box = [{k: b.cpu() for k, b in buffers.items()}]

@@ -11,23 +11,11 @@ links when ep <= GPUs per node). Three views of it are used:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
-
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-__all__ = ["ParallelMesh", "build_mesh", "check_layout"]
+from .layout import ParallelLayout
 
-
-def check_layout(world_size: int, ep: int, num_experts: Optional[int] = None) -> None:
-    """One-line errors, before any process group work, for an `ep` that cannot split the run."""
-    if ep < 1:
-        raise ValueError(f"hardware.ep={ep} must be >= 1")
-    if world_size % ep:
-        raise ValueError(f"hardware.ep={ep} must divide the world size {world_size}; "
-                         "change hardware.ep or the number of processes")
-    if num_experts is not None and num_experts % ep:
-        raise ValueError(f"hardware.ep={ep} must divide model.num_experts={num_experts}; "
-                         "change hardware.ep or model.num_experts")
+__all__ = ["ParallelMesh", "build_mesh"]
 
 
 @dataclass(frozen=True)
@@ -38,11 +26,9 @@ class ParallelMesh:
     edp: DeviceMesh  # the ranks holding the same experts
 
 
-def build_mesh(world_size: int, ep: int, device_type: str,
-               num_experts: Optional[int] = None) -> ParallelMesh:
-    """-> the [edp, ep] mesh and its three views. Needs an initialised process group of
-    `world_size` ranks (gloo or nccl); `num_experts` (when given) is checked against `ep`."""
-    check_layout(world_size, ep, num_experts)
-    root = init_device_mesh(device_type, (world_size // ep, ep), mesh_dim_names=("edp", "ep"))
+def build_mesh(layout: ParallelLayout, device_type: str) -> ParallelMesh:
+    """-> the [edp, ep] mesh of a (validated) layout and its three views; unused dims have
+    size 1. Needs an initialised process group of `layout.world_size` ranks (gloo or nccl)."""
+    root = init_device_mesh(device_type, (layout.edp, layout.ep), mesh_dim_names=("edp", "ep"))
     # the flattened view is kept here: slicing it back out of the root is deprecated
     return ParallelMesh(root=root, dp=root._flatten("dp"), ep=root["ep"], edp=root["edp"])

@@ -28,10 +28,11 @@ from typing import List, Optional
 
 from h64lm.model.config import H64LMConfig
 from h64lm.model.flops import flops_per_token
+from h64lm.parallel.layout import ParallelLayout
 from h64lm.train.muon import NS_BATCH_NUMEL
 
 from .activations import PRECISIONS, activation_bytes
-from .params import check_layout, state_bytes
+from .params import state_bytes
 
 __all__ = ["Layout", "plan_layout", "plan_layouts", "recommend", "DEFAULT_HEADROOM"]
 
@@ -72,7 +73,7 @@ def plan_layout(config: H64LMConfig, *, seq_len: int, micro_batch: int, grad_acc
                 mfu: Optional[float] = None, gpu_mem_gb: Optional[float] = None,
                 headroom: float = DEFAULT_HEADROOM) -> Layout:
     """Per-GPU bytes, tokens, FLOPs and time of one optimizer step for one layout."""
-    check_layout(config, gpus, strategy, ep)
+    ParallelLayout(gpus, strategy, ep, config.num_experts, bool(config.moe_layer_indices()))
     for key, value in (("seq_len", seq_len), ("micro_batch", micro_batch),
                        ("grad_accum", grad_accum)):
         if value < 1:

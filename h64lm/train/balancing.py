@@ -14,8 +14,7 @@ Call sequence for one optimizer step (the trainer's side; `raw` is the model wit
     counts = prepare_global_balance(raw, [x for x, _ in micro], group)     # scope=global only
     for x, y in micro: (model(x, labels=y).loss / accum).backward()         # DDP averages ranks
     optimizer.step(); optimizer.zero_grad()
-    if cfg.model.router_bias_update_rate > 0:
-        update_router_bias(raw, counts or all_reduce_counts(summed out.router counts, group))
+    bias.set_loads(step's loads)          # RouterBiasUpdate: runs after optimizer.step()
 """
 
 from typing import Dict, Mapping, Optional, Sequence
@@ -27,7 +26,7 @@ from torch import nn
 from h64lm.model.moe.balance import moe_layers, set_global_counts, update_router_bias
 
 __all__ = ["prepare_global_balance", "update_router_bias", "all_reduce_counts",
-           "accumulate_counts"]
+           "accumulate_counts", "RouterBiasUpdate"]
 
 
 def accumulate_counts(totals: Dict[int, torch.Tensor], router: Sequence[dict]) -> None:
@@ -75,3 +74,31 @@ def prepare_global_balance(model: nn.Module, micro_batches: Sequence[torch.Tenso
     total_tokens, num_micro = (int(v) for v in sizes.pop(-1).tolist())
     set_global_counts(model, sizes, total_tokens, num_micro)
     return sizes
+
+
+class RouterBiasUpdate:
+    """DeepSeek-V3 aux-loss-free balancing, registered once: an optimizer post-step hook moves
+    each router's selection bias with the loads the trainer set for the step. A skipped step
+    (no optimizer.step(), or the fp16 scaler skipping it) moves nothing.
+
+    Only built when `model.router_bias_update_rate > 0` (the one place the trainer reads it)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        self.model = model
+        self.loads: Optional[Dict[int, torch.Tensor]] = None
+        self.handle = optimizer.register_step_post_hook(self._after_step)
+
+    def set_loads(self, loads: Mapping[int, torch.Tensor]) -> None:
+        """{layer: [E]} the step's loads or routed counts over all ranks (any positive scale)."""
+        self.loads = dict(loads)
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        if self.loads is not None:
+            update_router_bias(self.model, self.loads)
+            self.loads = None
+
+    def nonfinite(self) -> torch.Tensor:
+        """0-d count of non-finite bias entries (stays on the device): a NaN/Inf bias routes
+        tokens arbitrarily while the loss stays finite, so the trainer treats it as divergence."""
+        biases = [layer.router.bias for layer in moe_layers(self.model).values()]
+        return sum((~torch.isfinite(b)).sum() for b in biases) if biases else torch.zeros(())

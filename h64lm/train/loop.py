@@ -1,6 +1,10 @@
 """The training loop: plain PyTorch, one process or many under torchrun.
 
 One optimizer step = `train.grad_accum` micro-batches of `train.batch_size` sequences per rank.
+Every layout (one process, DDP, FSDP, expert parallelism) is built and stepped the same way
+(h64lm/parallel); the stage brings the data and the objective (h64lm/train/stage.py), the step
+function knows no loss term (h64lm/train/step.py), and everything around the loop (evaluation,
+sampling, metrics, W&B, status) is a callback (h64lm/train/callbacks/).
 Everything that decides what happens at a step (data windows, learning rate, RNG) is restored
 from a checkpoint, so stopping at step k and resuming reproduces the uninterrupted run exactly
 (bit for bit on the CPU in fp32).
@@ -9,12 +13,9 @@ from a checkpoint, so stopping at step k and resuming reproduces the uninterrupt
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import resource
 import signal
-import socket
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -24,27 +25,25 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from h64lm.config import RunConfig, run_config_from_yaml, run_config_yaml
-from h64lm.data import TokenLoader, check_vocab, load_tokenizer, prepare_corpus, validation_windows
-from h64lm.model import H64LMForCausalLM, active_parameters_per_token, count_parameters, flops_per_token
+from h64lm.data import check_vocab, load_tokenizer, validation_windows
+from h64lm.model import active_parameters_per_token, count_parameters, flops_per_token
 from h64lm.model.architecture import architecture, architecture_differences
-from h64lm.model.moe import routing_snapshot
-from h64lm.parallel import clip_grad_norm_
-from h64lm.train.balancing import prepare_global_balance, update_router_bias
+from h64lm.parallel import ParallelLayout, clip_grad_norm_
 from h64lm.runtime.checkpoint import FORMAT_VERSION, Checkpointer
+from h64lm.train.balancing import RouterBiasUpdate
+from h64lm.train.callbacks import Callback, ValidationLoss, default_callbacks
 from h64lm.train.control import SignalFlag, TrainingDiverged, TrainingStopped, rng_state, set_rng_state
 from h64lm.train.distributed import Dist, seed_everything
-from h64lm.train.evaluate import evaluate, sample_continuations
 from h64lm.train.init_from import adopt_source_architecture, initialize_from
-from h64lm.train.metrics import History, MetricsFile, plot_run, read_metrics
+from h64lm.train.metrics import History
 from h64lm.train.mfu import peak_flops
 from h64lm.train.optim import build_optimizer, build_scheduler
 from h64lm.train.precision import resolve_precision
 from h64lm.train.resume import find_resume_state
-from h64lm.train.sharded import build_sharded_model, check_parallel_layout, is_sharded
-from h64lm.train.step import StepStats, no_sync_unless, reduce_stats
-from h64lm.train.wandb_sink import WandbSink, wandb_group
-from h64lm.train.wrap import wrap_for_training
-from h64lm.validation import ConfigError, check
+from h64lm.train.sharded import build_model
+from h64lm.train.stage import StageFactory, pretraining_stage
+from h64lm.train.step import StepStats, forward_backward, reduce_stats
+from h64lm.validation import ConfigError
 
 __all__ = ["Trainer"]
 
@@ -57,48 +56,44 @@ def _memory_gb(device: torch.device) -> float:
 
 class Trainer:
     def __init__(self, run: RunConfig, run_dir: Path, overrides: list[str], d: Dist,
-                 sweep_dir: str | None = None, log: Callable[[str], None] | None = None):
+                 sweep_dir: str | None = None, log: Callable[[str], None] | None = None,
+                 stage: StageFactory = pretraining_stage, callbacks: list[Callback] | None = None):
         run = adopt_source_architecture(run, overrides, log or (print if d.is_main else (lambda _: None)))
         self.run, self.run_dir, self.overrides, self.d = run, Path(run_dir), overrides, d
         self.sweep_dir = sweep_dir
         self.log = log or (tqdm.write if d.is_main else (lambda *a, **k: None))
         t, data = run.train, run.data
         self.accum = t.micro_batches_per_step(d.world_size)
-        check_parallel_layout(run, d.world_size)
-        self.sharded = is_sharded(run, d.world_size)  # FSDP and/or expert parallelism
+        self.layout = ParallelLayout.from_run(run, d.world_size)  # the one check of hardware.*
         resume_state = find_resume_state(t.resume, self.run_dir, t.max_steps, self.log)
 
         seed_everything(t.seed)
         self.tokenizer = load_tokenizer(data)
         check_vocab(self.tokenizer, run.model.vocab_size)
-        corpus = prepare_corpus(data, self.tokenizer)
-        self.loader = TokenLoader(corpus.train, data.seq_len, t.batch_size, t.seed, d.rank, d.world_size)
-        self.val_tokens = corpus.val
-        self.val_windows = {n: validation_windows(corpus.val, n, data.val_windows)
+        built = stage(run, d, self.tokenizer)
+        self.loader, self.objective, self.val_tokens = built.loader, built.objective, built.val_tokens
+        self.val_windows = {n: validation_windows(self.val_tokens, n, data.val_windows)
                             for n in [data.seq_len, *t.extra_eval_seq_lens]}
 
         self.precision = resolve_precision(run.hardware.precision, d.device)
-        if self.sharded:
-            self.model, self.train_model, fsdp_bf16 = build_sharded_model(run, d, self.precision)
-            self.precision = dataclasses.replace(self.precision, autocast_enabled=not fsdp_bf16)
-        else:
-            self.model = H64LMForCausalLM(run.model).to(d.device)
+        init = None
+        if resume_state is None and t.init_from:  # on the full model, before it is split
+            def init(model: torch.nn.Module) -> None:
+                initialize_from(model, t.init_from, t.init_noise_std, t.seed, self.log)
+        self.model, self.train_model, fsdp_bf16 = build_model(run, self.layout, d, self.precision, init)
+        self.precision = dataclasses.replace(self.precision, autocast_enabled=not fsdp_bf16)
         self.optimizer = build_optimizer(self.model, run.optim, d.device)
         self.scheduler = build_scheduler(self.optimizer, run.optim, t.max_steps)
         self.scaler = self.precision.grad_scaler()
+        # aux-loss-free balancing: the one place the trainer reads the rate
+        self.bias_update = RouterBiasUpdate(self.model, self.optimizer) if run.model.router_bias_update_rate else None
         self.checkpoints = Checkpointer(self.run_dir, t.keep_last, t.async_save, self.log)
         self.step, self.tokens_seen, self.skipped_steps, self.bad_in_a_row = 0, 0, 0, 0
         self.history, self.wandb_run_id = History(), None
         if resume_state is not None:
             self._restore(resume_state)
-        elif t.init_from:
-            check(not self.sharded, "train.init_from is applied in one process: initialise there, then continue "
-                  "with hardware.strategy=fsdp / hardware.ep through train.resume")
-            initialize_from(self.model, t.init_from, t.init_noise_std, t.seed, self.log)
-        self.routing_windows = self.val_windows[data.seq_len][:8, :-1]  # fixed tokens for routing stats
-        self.routing: dict[str, Any] | None = None  # the last routing snapshot
-        if not self.sharded:
-            self.train_model = wrap_for_training(self.model, run, d)
+        self.validation = ValidationLoss()
+        self.callbacks = default_callbacks(run) if callbacks is None else callbacks
 
         self.tokens_per_step = t.batch_size * self.accum * data.seq_len * d.world_size
         self.flops_per_token = flops_per_token(run.model, data.seq_len)
@@ -165,24 +160,15 @@ class Trainer:
     # ----------------------------------------------------------------------------- one step
     def train_step(self, stop_requested: bool) -> StepStats:
         """Forward/backward over the micro-batches, then one (possibly skipped) update."""
-        d, mcfg = self.d, self.run.model
-        losses = torch.zeros(4, device=d.device)  # [loss, ce, aux, z], mean over micro-batches
-        loads: dict[int, torch.Tensor] = {}
-        dropped: dict[int, torch.Tensor] = {}
-        batches = [[t.to(d.device, non_blocking=True) for t in self.loader.next_batch()]
-                   for _ in range(self.accum)]
-        if mcfg.router_aux_loss_scope == "global" and mcfg.moe_layer_indices():
-            prepare_global_balance(self.model, [x for x, _ in batches])  # f_i of the whole step
-        for micro, (x, y) in enumerate(batches):
-            with no_sync_unless(micro == self.accum - 1, self.train_model):
-                with self.precision.autocast():
-                    out = self.train_model(x, labels=y, return_logits=False)
-                self.scaler.scale(out.loss / self.accum).backward()
-            losses += torch.stack([out.loss, out.ce, out.aux, out.z]).detach().float() / self.accum
-            for r in out.router:
-                loads[r["layer"]] = loads.get(r["layer"], 0) + r["load"].detach().float() / self.accum
-                dropped[r["layer"]] = dropped.get(r["layer"], 0) + r["dropped"].detach().float() / self.accum
-        stats = reduce_stats(losses, loads, dropped, stop_requested, d.world_size)
+        d = self.d
+        batches = [self.loader.next_batch() for _ in range(self.accum)]
+        terms, loads, dropped = forward_backward(
+            self.objective, self.train_model, self.model, batches, d.world_size, d.device,
+            self.precision.autocast, lambda loss: self.scaler.scale(loss).backward())
+        bad_router = self.bias_update.nonfinite() if self.bias_update is not None else None
+        stats = reduce_stats(terms, loads, dropped, stop_requested, d.world_size, bad_router)
+        if self.bias_update is not None:  # applied by the optimizer's post-step hook, if it steps
+            self.bias_update.set_loads({i: torch.tensor(r.load) for i, r in stats.router.items()})
 
         self.scaler.unscale_(self.optimizer)
         # Sharded gradients live on several meshes; this sums squares where they are sharded. It
@@ -199,8 +185,6 @@ class Trainer:
             stats.skipped = stats.nonfinite or not math.isfinite(stats.grad_norm)
             if not stats.skipped:
                 self.optimizer.step()
-        if mcfg.router_bias_update_rate > 0 and not stats.skipped:  # DeepSeek-V3 aux-loss-free balancing
-            update_router_bias(self.model, {i: torch.tensor(r.load) for i, r in stats.router.items()})
         self.optimizer.zero_grad(set_to_none=True)
         stats.lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
@@ -210,79 +194,24 @@ class Trainer:
         self.bad_in_a_row = self.bad_in_a_row + 1 if stats.skipped else 0
         return stats
 
-    # ----------------------------------------------------------------------------- evaluation
-    def _stop_requested(self) -> bool:
+    # ----------------------------------------------------------------------------- stop requests
+    def stop_requested(self) -> bool:
+        """Whether this rank received SIGINT/SIGTERM."""
         return self.signals is not None and bool(self.signals.signum)
 
-    def _any_stop_requested(self) -> bool:
+    def any_stop_requested(self) -> bool:
         """Whether a stop was requested; on every rank alike when the ranks must act in step."""
-        if not self.sharded:
-            return self._stop_requested()
-        flag = torch.tensor(float(self._stop_requested()), device=self.d.device)
+        if not self.layout.sharded:  # only sharded weights make every rank act at once
+            return self.stop_requested()
+        flag = torch.tensor(float(self.stop_requested()), device=self.d.device)
         torch.distributed.all_reduce(flag)
         return bool(flag > 0)
 
-    def evaluate(self) -> dict[str, float] | None:
-        """Validation loss at the training length (and `train.extra_eval_seq_lens`); None when a
-        stop signal interrupted it (checked between batches, so a stop never waits for it)."""
-        batch = self.run.train.val_batch_size or self.run.train.batch_size
-        result = {}
-        for n, windows in self.val_windows.items():
-            out = evaluate(self.model, windows, batch, self.precision, self.d, self._stop_requested)
-            if out is None:
-                return None
-            suffix = "" if n == self.run.data.seq_len else f"_len{n}"
-            result[f"val_loss{suffix}"], result[f"val_ppl{suffix}"] = out
-        if self.run.model.moe_layer_indices():
-            self.routing = routing_snapshot(self.model, self.routing_windows.to(self.d.device).split(4),
-                                            previous=self.routing)
-        return result
-
-    def sample(self) -> dict[str, str]:
-        """Continuations of `train.sample_prompts`, appended to samples.txt and printed (rank 0)."""
-        t, g = self.run.train, self.run.gen
-        # sharded weights: every rank generates in step (same prompts and seed), rank 0 writes
-        if not ((self.d.is_main or self.sharded) and t.sample_tokens and t.sample_prompts):
-            return {}
-        if self._any_stop_requested():
-            return {}
-        prompts = list(t.sample_prompts)
-        self.log(f"step {self.step}: sampling {t.sample_tokens} tokens for {len(prompts)} prompts")
-        with self.precision.autocast():
-            texts = sample_continuations(
-                self.model, self.tokenizer, prompts, t.sample_tokens, self.d.device,
-                temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
-                repetition_penalty=g.repetition_penalty, seed=g.seed)
-        if not self.d.is_main:
-            return {}
-        with open(self.run_dir / "samples.txt", "a") as f:
-            f.write(f"## step {self.step}\n")
-            f.writelines(f"{text!r}\n" for text in texts)
-        for text in texts:
-            self.log(f"  sample: {text!r}")
-        return dict(zip(prompts, texts))
-
-    def downstream(self) -> dict[str, float]:
-        """The local lm-eval tasks on rank 0 (`train.downstream_every`): {"downstream/<task>/<metric>"}."""
-        if not self.d.is_main or self._stop_requested():
-            return {}
-        from h64lm.eval import LOCAL_TASKS, downstream_metrics
-
-        t = self.run.train
-        metrics = downstream_metrics(self.model, self.tokenizer, list(LOCAL_TASKS), self.val_tokens,
-                                     self.run_dir / "downstream", str(self.d.device),
-                                     t.val_batch_size or t.batch_size, limit=t.downstream_limit)
-        flat = {f"downstream/{task}/{k}": v for task, m in metrics.items() for k, v in m.items()}
-        self.log(f"step {self.step}: " + "  ".join(f"{k.split('/', 1)[1]} {v:.3f}" for k, v in flat.items()
-                                                   if k.endswith(("/acc", "/word_perplexity"))))
-        return flat
-
     # ----------------------------------------------------------------------------- the run
     def _record(self, stats: StepStats, elapsed: float) -> dict[str, Any]:
-        record = {"step": self.step, "tokens": self.tokens_seen, "loss": stats.loss, "ce": stats.ce,
-                  "aux": stats.aux, "z": stats.z, "lr": stats.lr, "grad_norm": stats.grad_norm,
-                  "skipped_steps": self.skipped_steps, "tokens_per_s": self.tokens_per_step / elapsed,
-                  "step_time_s": elapsed, "mem_gb": _memory_gb(self.d.device)}
+        record = {"step": self.step, "tokens": self.tokens_seen, **stats.terms,  # loss first, then each term
+                  "lr": stats.lr, "grad_norm": stats.grad_norm, "skipped_steps": self.skipped_steps,
+                  "tokens_per_s": self.tokens_per_step / elapsed, "step_time_s": elapsed, "mem_gb": _memory_gb(self.d.device)}
         if self.peak:
             record["mfu"] = self.flops_per_token * record["tokens_per_s"] / self.peak
         record["router"] = {str(i): {"load": [round(v, 5) for v in r.load], "dropped": r.dropped,
@@ -292,33 +221,18 @@ class Trainer:
     def _check_divergence(self) -> None:
         if self.bad_in_a_row >= self.run.train.max_bad_steps:
             path = self.save()
+            lr = "optim.muon_lr (and optim.lr)" if self.run.optim.name == "muon" else "optim.lr"
+            what = "loss or gradients" + (" or router biases" if self.bias_update else "")
             raise TrainingDiverged(
-                f"loss or gradients were NaN/Inf for {self.bad_in_a_row} steps in a row (step {self.step}); "
-                f"saved the last good weights in {path}. Lower optim.lr, raise optim.warmup_steps, keep "
-                "optim.grad_clip on, or use hardware.precision=bf16 instead of fp16, then resume with "
-                "train.resume=auto")
+                f"{what} were NaN/Inf for {self.bad_in_a_row} steps in a row (step {self.step}); saved the last "
+                f"good weights in {path}. Lower {lr}, raise optim.warmup_steps, keep optim.grad_clip on, or use "
+                "hardware.precision=bf16 instead of fp16, then resume with train.resume=auto")
 
-    def _evaluate_and_record(self, record: dict[str, Any], step_losses: list[float]) -> bool:
-        """Evaluate, sample and update the history; False when a stop interrupted the evaluation."""
-        ev = self.evaluate()
-        if ev is None:
-            return False
-        record.update(ev)
-        if self.routing is not None:
-            record["routing"] = self.routing["layers"]
-        finite = [v for v in step_losses if math.isfinite(v)]
-        mean_loss = sum(finite) / len(finite) if finite else math.nan
-        self.history.add(step=self.step, tokens=self.tokens_seen, train_loss=mean_loss,
-                         val_loss=ev["val_loss"], val_ppl=ev["val_ppl"], learning_rate=record["lr"])
-        if self.d.is_main:
-            self.history.save(self.run_dir / "training_history.json")
-            self.log(f"step {self.step}: train loss {record['loss']:.4f} (this step), "
-                     f"{mean_loss:.4f} (mean since last eval)  val {ev['val_loss']:.4f}  ppl {ev['val_ppl']:.1f}")
-        self.sample()
-        if t_down := self.run.train.downstream_every:
-            if self.step % t_down == 0 or self.step == self.run.train.max_steps:
-                record.update(self.downstream())
-        return True
+    def _evaluate(self, record: dict[str, Any], step_losses: list[float]) -> bool:
+        """Validation loss and history, then every callback's evaluation; False when a stop
+        interrupted it."""
+        return (self.validation(self, record, step_losses)
+                and all(cb.on_eval(self, record) for cb in self.callbacks))
 
     def _save_best(self, record: dict[str, Any]) -> None:
         if record["val_loss"] > self.history.best_val_loss():
@@ -328,17 +242,16 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         d, t = self.d, self.run.train
         self._announce()
-        metrics = MetricsFile(self.run_dir / "metrics.jsonl", resume_step=self.step) if d.is_main else None
-        sink = self._open_sink()
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not d.is_main, dynamic_ncols=True)
         step_losses: list[float] = []
-        exit_code, state = 1, "failed"
-        self._write_status("running")
+        state, summary = "failed", None
         try:
             with SignalFlag() as self.signals:
                 while self.step < t.max_steps:
                     start = time.perf_counter()
-                    stats = self.train_step(stop_requested=self._stop_requested())
+                    stats = self.train_step(stop_requested=self.stop_requested())
                     if d.device.type == "cuda":
                         torch.cuda.synchronize(d.device)
                     record = self._record(stats, time.perf_counter() - start)
@@ -350,11 +263,10 @@ class Trainer:
                     stop = stats.stop_requested
                     is_eval = self.step % t.eval_every == 0 or self.step == t.max_steps
                     if is_eval and not stop:
-                        stop = not self._evaluate_and_record(record, step_losses)
+                        stop = not self._evaluate(record, step_losses)
                         step_losses.clear()
-                    if d.is_main and (self.step % t.log_every == 0 or is_eval):
-                        metrics.write(record)
-                        sink.log({k: v for k, v in record.items() if k != "step"}, step=self.step)
+                    for cb in self.callbacks:
+                        cb.on_record(self, record, is_eval)
                     if self.step % t.save_every == 0 or self.step == t.max_steps or stop:
                         saved = self.save(final=stop or self.step == t.max_steps)
                     if "val_loss" in record:
@@ -369,8 +281,8 @@ class Trainer:
                     f"no step of this run had a finite loss and gradients ({self.step} skipped); nothing was "
                     "learned. Lower optim.lr or check the data, then train again")
             self._finish_saves()
-            exit_code, state = 0, "finished"
-            return self._finish(sink)
+            state, summary = "finished", self._summary()
+            return summary
         except TrainingStopped:
             state = "stopped"
             raise
@@ -378,11 +290,9 @@ class Trainer:
             state = "diverged"
             raise
         finally:
-            self._write_status(state)
             bar.close()
-            if metrics is not None:
-                metrics.close()
-            sink.finish(exit_code=exit_code)
+            for cb in self.callbacks:
+                cb.on_fit_end(self, state, summary)
 
     def _finish_saves(self) -> None:
         self.checkpoints.wait()
@@ -392,28 +302,11 @@ class Trainer:
         self.log(f"model: {n_total / 1e6:.2f}M parameters, {n_active / 1e6:.2f}M active per token; "
                  f"{self.tokens_per_step} tokens per step on {self.d.world_size} process(es), "
                  f"{self.precision.name} on {self.d.device.type}"
-                 + (f", {self.run.hardware.strategy} ep={self.run.hardware.ep}" if self.sharded else ""))
+                 + (f", {self.layout.strategy} ep={self.layout.ep}" if self.d.enabled else ""))
 
-    def _open_sink(self) -> WandbSink:
-        if not self.d.is_main:
-            return WandbSink.disabled()
-        lg = self.run.logger
-        sink = WandbSink(lg, self.run_dir, OmegaConf.to_container(OmegaConf.structured(self.run)),
-                         self.overrides, wandb_group(lg, self.run.experiment_name, self.sweep_dir),
-                         run_id=self.wandb_run_id)
-        self.wandb_run_id = sink.run_id
-        return sink
-
-    def _write_status(self, state: str) -> None:
-        """`status.json`: running / finished / stopped / diverged / failed, for sweep reports."""
-        if self.d.is_main:
-            status = {"state": state, "step": self.step, "pid": os.getpid(), "host": socket.gethostname(),
-                      "time": time.time()}
-            (self.run_dir / "status.json").write_text(json.dumps(status))
-
-    def _finish(self, sink: WandbSink) -> dict[str, Any]:
+    def _summary(self) -> dict[str, Any]:
         h = self.history.data
-        summary = {
+        return {
             "step": self.step,
             "tokens": self.tokens_seen,
             "best_val_loss": self.history.best_val_loss(),
@@ -425,7 +318,3 @@ class Trainer:
             "parameters": count_parameters(self.model),
             "active_parameters": active_parameters_per_token(self.run.model),
         }
-        if self.d.is_main:
-            plot_run(self.run_dir, read_metrics(self.run_dir / "metrics.jsonl"), self.history)
-            sink.summary(summary)
-        return summary

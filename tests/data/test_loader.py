@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from h64lm.data import TokenLoader, validation_windows
+from h64lm.data import Batch, Loader, TokenLoader, validation_windows
 
 SEQ = 8
 
@@ -66,7 +66,7 @@ def test_exact_resume(tokens):
     resumed.load_state_dict(state)
     for want in uninterrupted[9:]:
         got = resumed.next_batch()
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert torch.equal(got.input_ids, want.input_ids) and torch.equal(got.labels, want.labels)
 
 
 def test_resume_with_other_world_size_same_global_batch(tokens):
@@ -75,8 +75,17 @@ def test_resume_with_other_world_size_same_global_batch(tokens):
     halves = [TokenLoader(tokens, SEQ, batch_size=2, seed=0, rank=r, world_size=2) for r in (0, 1)]
     for h in halves:
         h.load_state_dict(one.state_dict())
-    both = torch.cat([h.next_batch()[0] for h in halves])
-    assert torch.equal(both, one.next_batch()[0])
+    both = torch.cat([h.next_batch().input_ids for h in halves])
+    assert torch.equal(both, one.next_batch().input_ids)
+
+
+def test_next_batch_is_a_batch_of_shifted_tokens(tokens):
+    loader = TokenLoader(tokens, SEQ, batch_size=4, seed=1)
+    assert isinstance(loader, Loader)
+    batch = loader.next_batch()
+    assert isinstance(batch, Batch) and batch.document_ids is None
+    assert torch.equal(batch.input_ids[:, 1:], batch.labels[:, :-1])  # labels = inputs shifted by one
+    assert batch.num_targets() == batch.labels.numel()
 
 
 @pytest.mark.parametrize("change, match", [

@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 
 from h64lm.model import H64LMConfig, H64LMForCausalLM
 from h64lm.parallel import (
+    ParallelLayout,
     build_mesh,
     build_parallel_model,
     clip_grad_norm_,
@@ -45,13 +46,16 @@ def batches(cfg: H64LMConfig, steps: int, seed: int = 7) -> List[torch.Tensor]:
             for _ in range(steps)]
 
 
-def build(cfg: H64LMConfig, strategy: str, ep: int = 1) -> torch.nn.Module:
-    """strategy: single | fsdp | ddp; meta init + materialise for every layout."""
-    mesh = (None if strategy == "single"
-            else build_mesh(dist.get_world_size(), ep, "cpu", cfg.num_experts))
-    return build_parallel_model(lambda: H64LMForCausalLM(cfg), mesh,
-                                "ddp" if strategy == "single" else strategy, SEED,
-                                torch.device("cpu"))
+def build(cfg: H64LMConfig, strategy: str, ep: int = 1, prepare: Optional[Callable] = None) -> torch.nn.Module:
+    """strategy: single | fsdp | ddp; meta init + materialise for every layout; `prepare(model)`
+    edits the full reference model before it is split."""
+    if strategy == "single":
+        layout, mesh = ParallelLayout(1, "ddp", 1, cfg.num_experts), None
+    else:
+        layout = ParallelLayout(dist.get_world_size(), strategy, ep, cfg.num_experts)
+        mesh = build_mesh(layout, "cpu")
+    return build_parallel_model(lambda: H64LMForCausalLM(cfg), layout, mesh, SEED, torch.device("cpu"),
+                                prepare=prepare)
 
 
 def local_rows(batch: torch.Tensor) -> torch.Tensor:
@@ -143,3 +147,20 @@ def train_save_resume(cfg_overrides: dict, strategy: str, ep: int, steps: int, p
             handle.wait()
         save_consolidated(model, Path(path).with_suffix(".safetensors"))
     return numbers
+
+
+def shift_weights(model: torch.nn.Module) -> None:
+    """A stand-in for train.init_from: every parameter of the full model moved by its index."""
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            p.add_(0.01 * (i + 1))
+
+
+def full_weights_summary(cfg_overrides: dict, strategy: str, ep: int, prepared: bool) -> Dict[str, List[float]]:
+    """The full (gathered) state dict of a freshly built layout -> {name: [sum, sum of squares]}."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    model = build(tiny_config(**cfg_overrides), strategy, ep, shift_weights if prepared else None)
+    model = getattr(model, "module", model)
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    return {k: [v.double().sum().item(), v.double().square().sum().item()] for k, v in state.items()}

@@ -132,3 +132,34 @@ def test_router_bias_updates_balance_a_router_that_prefers_one_expert(score):
     assert not torch.equal(routing.experts.sort(-1).values, s.topk(2).indices.sort(-1).values)
     assert "layers.0.ffn.router.bias" in model.state_dict()
     assert all(n != "layers.0.ffn.router.bias" for n, _ in model.named_parameters())
+
+
+def test_bias_moves_only_when_the_optimizer_steps_and_a_nan_bias_is_counted():
+    """The post-step hook: a step moves b by rate * sign(mean - c); a skipped step (no
+    optimizer.step()) moves nothing; a NaN bias shows in `nonfinite()` (divergence signal)."""
+    from h64lm.train.balancing import RouterBiasUpdate
+
+    model = build(num_layers=1, moe_layers="all", num_experts=4, router_bias_update_rate=0.25)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    bias = model.layers[0].ffn.router.bias
+    hook = RouterBiasUpdate(model, optimizer)
+    hook.set_loads({0: torch.tensor([0.4, 0.3, 0.2, 0.1])})  # mean 0.25
+    assert torch.equal(bias, torch.zeros(4))  # nothing before the step
+    optimizer.step()
+    assert torch.equal(bias, torch.tensor([-0.25, -0.25, 0.25, 0.25]))
+    hook.set_loads({0: torch.tensor([0.4, 0.3, 0.2, 0.1])})  # this step is skipped: no optimizer.step()
+    hook.set_loads({0: torch.tensor([0.1, 0.1, 0.1, 0.7])})  # the next step's loads replace them
+    optimizer.step()
+    assert torch.equal(bias, torch.tensor([0.0, 0.0, 0.5, 0.0]))
+    assert hook.nonfinite().item() == 0
+    with torch.no_grad():
+        bias[1] = float("nan")
+    assert hook.nonfinite().item() == 1
+
+
+def test_bias_rate_above_one_is_a_config_error():
+    from h64lm.model import H64LMConfig
+    from h64lm.validation import ConfigError
+
+    with pytest.raises(ConfigError, match="model.router_bias_update_rate"):
+        H64LMConfig(router_bias_update_rate=1e30)

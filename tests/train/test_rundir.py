@@ -132,10 +132,10 @@ def test_stop_during_evaluation_saves_within_seconds(tmp_path, corpus, monkeypat
     import os
     import signal
 
-    from h64lm.train import loop
+    from h64lm.eval import validation
     from h64lm.train.control import TrainingStopped
 
-    real = loop.evaluate
+    real = validation.evaluate
     calls = []
 
     def slow_evaluate(model, windows, batch, precision, d, should_stop):
@@ -146,7 +146,7 @@ def test_stop_during_evaluation_saves_within_seconds(tmp_path, corpus, monkeypat
             return should_stop()
         return real(model, windows, 1, precision, d, stop_later)
 
-    monkeypatch.setattr(loop, "evaluate", slow_evaluate)
+    monkeypatch.setattr(validation, "evaluate", slow_evaluate)
     args = FAST + ["data=text", f"data.path={corpus}", "train.max_steps=6", "data.val_windows=64"]
     with pytest.raises(TrainingStopped) as stopped:
         run(run_config(args), tmp_path, args)

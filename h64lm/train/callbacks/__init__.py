@@ -1,0 +1,19 @@
+"""What happens around the training loop, one object per concern (see `Callback`)."""
+
+from h64lm.train.callbacks.base import Callback
+from h64lm.train.callbacks.evaluation import Downstream, RoutingSnapshots, Sampling, ValidationLoss
+from h64lm.train.callbacks.logging import MetricsLog, StatusFile
+
+__all__ = ["Callback", "ValidationLoss", "RoutingSnapshots", "Sampling", "Downstream", "MetricsLog",
+           "StatusFile", "default_callbacks"]
+
+
+def default_callbacks(run) -> list[Callback]:
+    """The callbacks of a `RunConfig`, in the order they run at an evaluation step."""
+    callbacks: list[Callback] = []
+    if run.model.moe_layer_indices():
+        callbacks.append(RoutingSnapshots())
+    callbacks.append(Sampling())
+    if run.train.downstream_every:
+        callbacks.append(Downstream())
+    return callbacks + [MetricsLog(), StatusFile()]

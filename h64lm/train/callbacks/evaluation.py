@@ -1,0 +1,102 @@
+"""Evaluation-time callbacks: validation loss, routing snapshots, samples, downstream tasks."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from h64lm.eval import validation
+from h64lm.model.moe import routing_snapshot
+from h64lm.train.callbacks.base import Callback
+from h64lm.train.evaluate import sample_continuations
+
+if TYPE_CHECKING:
+    from h64lm.train.loop import Trainer
+
+__all__ = ["ValidationLoss", "RoutingSnapshots", "Sampling", "Downstream"]
+
+
+class ValidationLoss:
+    """Validation loss at the training length and `train.extra_eval_seq_lens`, then the history.
+    Run by the trainer before the `Callback`s: best checkpoints and the history depend on it."""
+
+    def __call__(self, trainer: "Trainer", record: dict[str, Any], step_losses: list[float]) -> bool:
+        run = trainer.run
+        batch = run.train.val_batch_size or run.train.batch_size
+        for n, windows in trainer.val_windows.items():
+            out = validation.evaluate(trainer.model, windows, batch, trainer.precision, trainer.d,
+                                      trainer.stop_requested)
+            if out is None:  # a stop signal arrived (checked between batches)
+                return False
+            suffix = "" if n == run.data.seq_len else f"_len{n}"
+            record[f"val_loss{suffix}"], record[f"val_ppl{suffix}"] = out
+        finite = [v for v in step_losses if math.isfinite(v)]
+        mean_loss = sum(finite) / len(finite) if finite else math.nan
+        trainer.history.add(step=trainer.step, tokens=trainer.tokens_seen, train_loss=mean_loss,
+                            val_loss=record["val_loss"], val_ppl=record["val_ppl"], learning_rate=record["lr"])
+        if trainer.d.is_main:
+            trainer.history.save(trainer.run_dir / "training_history.json")
+            trainer.log(f"step {trainer.step}: train loss {record['loss']:.4f} (this step), {mean_loss:.4f} "
+                        f"(mean since last eval)  val {record['val_loss']:.4f}  ppl {record['val_ppl']:.1f}")
+        return True
+
+
+class RoutingSnapshots(Callback):
+    """Per-layer expert loads and routing changes on 8 fixed validation windows (MoE models)."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, Any] | None = None
+
+    def on_eval(self, trainer: "Trainer", record: dict[str, Any]) -> bool:
+        windows = trainer.val_windows[trainer.run.data.seq_len][:8, :-1]  # [8, T] fixed tokens
+        self.last = routing_snapshot(trainer.model, windows.to(trainer.d.device).split(4), previous=self.last)
+        record["routing"] = self.last["layers"]
+        return True
+
+
+class Sampling(Callback):
+    """Continuations of `train.sample_prompts`, appended to samples.txt and printed (rank 0)."""
+
+    def on_eval(self, trainer: "Trainer", record: dict[str, Any]) -> bool:
+        t, g, d = trainer.run.train, trainer.run.gen, trainer.d
+        # sharded weights: every rank generates in step (same prompts and seed), rank 0 writes
+        if not ((d.is_main or trainer.layout.sharded) and t.sample_tokens and t.sample_prompts):
+            return True
+        if trainer.any_stop_requested():
+            return True
+        prompts = list(t.sample_prompts)
+        trainer.log(f"step {trainer.step}: sampling {t.sample_tokens} tokens for {len(prompts)} prompts")
+        with trainer.precision.autocast():
+            texts = sample_continuations(
+                trainer.model, trainer.tokenizer, prompts, t.sample_tokens, d.device,
+                temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
+                repetition_penalty=g.repetition_penalty, seed=g.seed)
+        if d.is_main:
+            with open(trainer.run_dir / "samples.txt", "a") as f:
+                f.write(f"## step {trainer.step}\n")
+                f.writelines(f"{text!r}\n" for text in texts)
+            for text in texts:
+                trainer.log(f"  sample: {text!r}")
+        return True
+
+
+class Downstream(Callback):
+    """The local lm-eval tasks on rank 0 every `train.downstream_every` steps and at the last:
+    record["downstream/<task>/<metric>"]."""
+
+    def on_eval(self, trainer: "Trainer", record: dict[str, Any]) -> bool:
+        t = trainer.run.train
+        if not (trainer.step % t.downstream_every == 0 or trainer.step == t.max_steps):
+            return True
+        if not trainer.d.is_main or trainer.stop_requested():
+            return True
+        from h64lm.eval import LOCAL_TASKS, downstream_metrics
+
+        metrics = downstream_metrics(trainer.model, trainer.tokenizer, list(LOCAL_TASKS), trainer.val_tokens,
+                                     trainer.run_dir / "downstream", str(trainer.d.device),
+                                     t.val_batch_size or t.batch_size, limit=t.downstream_limit)
+        flat = {f"downstream/{task}/{k}": v for task, m in metrics.items() for k, v in m.items()}
+        trainer.log(f"step {trainer.step}: " + "  ".join(
+            f"{k.split('/', 1)[1]} {v:.3f}" for k, v in flat.items() if k.endswith(("/acc", "/word_perplexity"))))
+        record.update(flat)
+        return True
