@@ -52,4 +52,16 @@ def test_nan_router_bias_diverges_with_the_muon_advice(tmp_path):
     assert "optim.muon_lr" in str(err.value)
     assert [s for s, _, _ in spy.records] == [1, 2, 3]  # steps 3 and 4 are bad: stop after step 4's check
     assert spy.ends == [("diverged", False)]
-    assert (tmp_path / "checkpoints" / "step_0000004.pt").is_file()
+    assert (tmp_path / "checkpoints" / "step_0000004").is_dir()
+
+
+def test_too_little_text_for_downstream_tasks_is_refused_before_the_first_step(tmp_path):
+    from h64lm.cli import run
+    from tests.helpers import FAST, text_corpus
+
+    args = FAST + ["data=text", f"data.path={text_corpus(tmp_path)}", "train.downstream_every=1",
+                   "train.downstream_limit=100000"]
+    with pytest.raises(ValueError, match=r"^train.downstream_every: .* fewer than train.downstream_limit=100000"):
+        run(run_config(args), tmp_path / "run", args)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -9,6 +9,7 @@ from h64lm.eval import validation
 from h64lm.model.moe import routing_snapshot
 from h64lm.train.callbacks.base import Callback
 from h64lm.train.evaluate import sample_continuations
+from h64lm.validation import check
 
 if TYPE_CHECKING:
     from h64lm.train.loop import Trainer
@@ -82,7 +83,19 @@ class Sampling(Callback):
 
 class Downstream(Callback):
     """The local lm-eval tasks on rank 0 every `train.downstream_every` steps and at the last:
-    record["downstream/<task>/<metric>"]."""
+    record["downstream/<task>/<metric>"]. Each task holds `train.downstream_limit` examples."""
+
+    def on_fit_start(self, trainer: "Trainer") -> None:
+        """On every rank, before the first step: too little validation text for the tasks is one
+        line now, not a failure after the whole run has trained."""
+        from h64lm.eval.downstream import validation_text
+        from h64lm.eval.local_tasks import passages
+
+        limit = trainer.run.train.downstream_limit
+        found = len(passages(validation_text(trainer.tokenizer, trainer.val_tokens)))
+        check(found >= limit, f"train.downstream_every: the validation text has {found} usable sentences "
+              f"for the local tasks, fewer than train.downstream_limit={limit}; lower train.downstream_limit "
+              "or give more validation text (data.val_path, data.val_fraction)")
 
     def on_eval(self, trainer: "Trainer", record: dict[str, Any]) -> bool:
         t = trainer.run.train
@@ -94,7 +107,8 @@ class Downstream(Callback):
 
         metrics = downstream_metrics(trainer.model, trainer.tokenizer, list(LOCAL_TASKS), trainer.val_tokens,
                                      trainer.run_dir / "downstream", str(trainer.d.device),
-                                     t.val_batch_size or t.batch_size, limit=t.downstream_limit)
+                                     t.val_batch_size or t.batch_size, limit=t.downstream_limit,
+                                     local_examples=t.downstream_limit)
         flat = {f"downstream/{task}/{k}": v for task, m in metrics.items() for k, v in m.items()}
         trainer.log(f"step {trainer.step}: " + "  ".join(
             f"{k.split('/', 1)[1]} {v:.3f}" for k, v in flat.items() if k.endswith(("/acc", "/word_perplexity"))))
