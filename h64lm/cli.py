@@ -32,14 +32,15 @@ from h64lm.train.rundir import RunDirLock, adopt_launch_record, discard_launch
 from h64lm.train.wandb_sink import check_can_log
 from h64lm.validation import ConfigError
 
-__all__ = ["main", "run", "check_command_line", "mistyped_key", "EXIT_CODES"]
+__all__ = ["main", "run", "check_command_line", "mistyped_key", "unwritable_output", "EXIT_CODES"]
 
 EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_CHECKPOINT, EXIT_PEER = 2, 3, 4, 5
 EXIT_CODES = [
     (TrainingDiverged, EXIT_DIVERGED),
     (CheckpointError, EXIT_CHECKPOINT),
     (PeerFailure, EXIT_PEER),
-    ((ConfigError, ValueError, FileNotFoundError, PermissionError), EXIT_BAD_INPUT),
+    # any other OSError (a folder made read-only under a running job, ...): one line, not a traceback
+    ((ConfigError, ValueError, OSError), EXIT_BAD_INPUT),
 ]
 
 
@@ -60,10 +61,24 @@ def check_command_line(argv: list[str]) -> None:
         print(f"error: {' and '.join(given)} cannot be combined; to see each job's config, run without -m "
               "(python run.py --cfg job OVERRIDES)", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
-    message = mistyped_key(argv[1:])
+    message = mistyped_key(argv[1:]) or unwritable_output(argv[1:])
     if message:
         print(f"error: {message}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
+
+
+def unwritable_output(args: list[str]) -> str | None:
+    """Hydra creates the run folder (and its `.hydra/`) before any of our code runs, and reports a
+    read-only one as a traceback: check the folder it will write under first. The nearest existing
+    ancestor of `hydra.run.dir` / `hydra.sweep.dir` (or of `outputs/` here) must be writable."""
+    given = dict(a.partition("=")[::2] for a in args if a.startswith(("hydra.run.dir=", "hydra.sweep.dir=")))
+    targets = {k: Path(v) for k, v in given.items() if "${" not in v} or {"the output folder": Path("outputs")}
+    for key, target in targets.items():
+        existing = next(p for p in [target, *target.absolute().parents] if p.exists())
+        if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
+            return (f"{existing} is not writable (read-only or no permission), so the run cannot write "
+                    f"{target}; set {key if key.startswith('hydra') else 'hydra.run.dir'}=<a writable folder>")
+    return None
 
 
 def mistyped_key(args: list[str]) -> str | None:

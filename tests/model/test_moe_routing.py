@@ -60,6 +60,25 @@ def test_sequence_scope_is_the_mean_of_per_sequence_switch_losses():
     assert abs(stats["aux"].item() - whole.item()) > 1e-4  # the scope changes the loss
 
 
+def test_sequence_scope_with_the_selection_bias_counts_the_biased_choices():
+    """The definition stated in h64lm/model/moe/losses.py: f_i counts the realised (biased) top-k."""
+    layer = _layer(router_aux_loss_scope="sequence", router_bias_update_rate=0.01)
+    layer.router.bias[0] = 100.0  # expert 0 is chosen for every token, whatever its score
+    x = torch.randn(3, 10, 32)
+    _, stats = layer(x)
+    probs = F.linear(x, layer.router.weight).softmax(-1)  # [B, T, E], unbiased
+    biased = (probs + layer.router.bias).topk(2, dim=-1).indices
+    unbiased = probs.topk(2, dim=-1).indices
+
+    def loss(chosen):
+        f = F.one_hot(chosen, 6).float().sum(2).mean(1) / 2  # [B, E]: share of each sequence's choices
+        return (6 * (f * probs.mean(1)).sum(-1)).mean()
+
+    assert (biased[..., 0] == 0).all()
+    assert stats["aux"].item() == pytest.approx(loss(biased).item(), rel=1e-5)
+    assert abs(stats["aux"].item() - loss(unbiased).item()) > 1e-3
+
+
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_switch_loss_scale_against_hugging_face(k):
     """One layer: HF = k * ours (HF divides counts by N, ours by N*k). Several layers that route

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from h64lm.train.metrics import read_metrics
-from h64lm.train.sharded import check_parallel_layout
+from h64lm.parallel import ParallelLayout
 from h64lm.validation import ConfigError
 from tests.helpers import FAST, run_cli, run_config, text_corpus
 
@@ -89,9 +89,9 @@ def test_muon_under_fsdp_and_expert_parallel_matches_one_process(tmp_path):
 def test_layout_errors_name_hardware_ep():
     run = run_config(["model.num_experts=4", "hardware.ep=2"])
     with pytest.raises(ConfigError, match=r"hardware.ep=2 must divide the world size 3"):
-        check_parallel_layout(run, 3)
+        ParallelLayout.from_run(run, 3)
     with pytest.raises(ConfigError, match=r"hardware.ep=2 needs MoE layers"):
-        check_parallel_layout(run_config(["hardware.ep=2", "model.moe_layers=none"]), 2)
+        ParallelLayout.from_run(run_config(["hardware.ep=2", "model.moe_layers=none"]), 2)
     with pytest.raises(ConfigError, match=r"^hardware.ep=3 must divide model.num_experts=8"):
         run_config(["hardware.ep=3"])
     with pytest.raises(ConfigError, match=r"^hardware.precision=fp16 is not supported with hardware.strategy=fsdp"):

@@ -9,6 +9,12 @@ for the tokens behind f_i and P_i (`model.router_aux_loss_scope`):
                complementary sequence-wise loss);
   global       f_i from the counts of the whole optimizer step (all micro-batches, all ranks);
                see `switch_loss_global`.
+With the auxiliary-loss-free bias (`model.router_bias_update_rate > 0`), f_i counts the choices
+actually made, the top-k of the BIASED scores, in every scope. DeepSeek-V3 (eq. 18) writes its
+sequence-wise f_i over the unbiased top-k; we count the realised assignments because f_i is meant
+to be the load each expert receives: the bias balances that load, and the loss (whose gradient
+flows through P_i only) adds pressure where the realised load is still uneven, rather than a
+second controller steering the unbiased argmax towards a target nothing routes by.
 
 Relation to Hugging Face's `load_balancing_loss_func` (Mixtral): it divides the counts by N, not
 N*k, so at one layer it is k times ours (k at balance, ours 1); over several layers it pools all
