@@ -83,7 +83,7 @@ def test_needs_are_marked(cmd: DocCommand):
 
 def _placeholders(args: list[str], base_run: Path, work: Path) -> list[str]:
     """Doc placeholders -> real paths: RUN / RUN_DIR (a trained run), /my/corpus.jsonl and
-    file.txt (local corpora), multirun/NAME/<time> (the newest sweep), step_NNNNNNN.pt (the
+    file.txt (local corpora), multirun/NAME/<time> (the newest sweep), step_NNNNNNN[.pt] (the
     oldest step checkpoint of that run)."""
     out = []
     for a in args:
@@ -93,10 +93,10 @@ def _placeholders(args: list[str], base_run: Path, work: Path) -> list[str]:
         if m:
             found = sorted((work / m.group(1)).iterdir())
             a = str(found[-1]) if found else a
-        m = re.fullmatch(r"(.*=)?(.*/checkpoints)/step_\d{7}\.pt", a)
+        m = re.fullmatch(r"(.*=)?(.*/checkpoints)/step_\d{7}(\.pt)?", a)
         if m:
-            found = sorted((work / m.group(2)).glob("step_*.pt"))
-            a = (m.group(1) or "") + (str(found[0]) if found else m.group(2) + "/missing.pt")
+            found = sorted((work / m.group(2)).glob("step_*" + (m.group(3) or "")))
+            a = (m.group(1) or "") + (str(found[0]) if found else m.group(2) + "/missing")
         out.append(a)
     return out
 
