@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 
 from h64lm.model import H64LMForCausalLM
-from h64lm.runtime.checkpoint import Checkpointer, verify
-from h64lm.runtime.checkpoint import trust
+from h64lm.runtime.checkpoint import Checkpointer, trust, verify
 from h64lm.train.optim import build_optimizer
 from tests.helpers import run_config
 

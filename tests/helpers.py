@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -13,7 +15,24 @@ from h64lm.config import CONF_DIR as CONF
 from h64lm.config import RunConfig, build_run_config
 from h64lm.config import compose as compose_cfg
 
-__all__ = ["CONF", "FAST", "ROOT", "compose_cfg", "run_cli", "run_config", "text_corpus", "wandb_offline_records"]
+__all__ = ["CONF", "FAST", "ROOT", "compose_cfg", "run_cli", "run_config", "text_corpus", "tmpfs",
+           "wandb_offline_records"]
+
+
+@contextlib.contextmanager
+def tmpfs(mnt: Path, options: str):
+    """A small tmpfs mounted at `mnt` (`options`: e.g. "size=2M", "ro,size=1M"): a real full or
+    read-only disk, the only way to deny root a write. Skips the test where it cannot be mounted."""
+    import pytest
+
+    mnt.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root and a kernel that lets this container mount one")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def run_config(overrides: list[str]) -> RunConfig:

@@ -16,7 +16,8 @@ IGNORE_INDEX = -100  # label of a position that has no target (prompt tokens, pa
 class Batch:
     input_ids: torch.Tensor  # [B, T] token ids
     labels: torch.Tensor  # [B, T] next-token targets aligned with input_ids; IGNORE_INDEX = no target
-    document_ids: Optional[torch.Tensor] = None  # [B, T] packed documents: attention and positions restart where it changes; None = one document per row
+    # [B, T] packed documents: attention and positions restart where it changes; None = one per row
+    document_ids: Optional[torch.Tensor] = None
 
     def to(self, device: torch.device) -> "Batch":
         return Batch(*(None if t is None else t.to(device, non_blocking=True)

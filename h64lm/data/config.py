@@ -91,7 +91,8 @@ def resolve_cache_dir(cfg: DataConfig) -> Path:
     """`data.cache_dir`, else `$H64LM_CACHE_DIR` (tests and CI redirect it), else ~/.cache/h64lm."""
     chosen = cfg.cache_dir or expand_path(os.environ.get("H64LM_CACHE_DIR"), "$H64LM_CACHE_DIR")
     path = Path(chosen) if chosen else Path.home() / ".cache" / "h64lm"
-    key = "data.cache_dir" if cfg.cache_dir else "$H64LM_CACHE_DIR" if chosen else "data.cache_dir (default ~/.cache/h64lm)"
+    key = ("data.cache_dir" if cfg.cache_dir else "$H64LM_CACHE_DIR" if chosen
+           else "data.cache_dir (default ~/.cache/h64lm)")
     try:  # every cache builder writes here: one line now instead of an OSError traceback later
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -18,11 +18,22 @@ import torch
 
 from h64lm.data.batch import Batch
 
-__all__ = ["TokenLoader", "validation_windows"]
+__all__ = ["TokenLoader", "check_loader_args", "validation_windows"]
 
 
 def _num_windows(tokens: np.ndarray, seq_len: int) -> int:
     return max(0, (len(tokens) - 1) // seq_len)
+
+
+def check_loader_args(seq_len: int, batch_size: int, seed: int, rank: int, world_size: int,
+                      unit: str) -> None:
+    """The arguments every loader shares; `unit` names what the seed orders (window, example)."""
+    if seq_len < 1 or batch_size < 1:
+        raise ValueError(f"data.seq_len={seq_len} and train.batch_size={batch_size} must be >= 1")
+    if seed < 0:
+        raise ValueError(f"train.seed={seed} must be >= 0 (it seeds the {unit} order)")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
 
 
 class TokenLoader:
@@ -31,13 +42,7 @@ class TokenLoader:
 
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int,
                  rank: int = 0, world_size: int = 1) -> None:
-        if seq_len < 1 or batch_size < 1:
-            raise ValueError(f"data.seq_len={seq_len} and train.batch_size={batch_size} "
-                             "must be >= 1")
-        if seed < 0:
-            raise ValueError(f"train.seed={seed} must be >= 0 (it seeds the window order)")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        check_loader_args(seq_len, batch_size, seed, rank, world_size, "window")
         self.tokens = tokens
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.rank, self.world_size = rank, world_size

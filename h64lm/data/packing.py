@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from h64lm.data.batch import IGNORE_INDEX, Batch
+from h64lm.data.loader import check_loader_args
 
 __all__ = ["Example", "PackedLoader", "pack_windows", "packed_batches", "with_document_ids"]
 
@@ -96,13 +97,7 @@ class PackedLoader:
 
     def __init__(self, examples: Sequence[Example], seq_len: int, batch_size: int, seed: int,
                  pad_id: int, rank: int = 0, world_size: int = 1) -> None:
-        if seq_len < 1 or batch_size < 1:
-            raise ValueError(f"data.seq_len={seq_len} and train.batch_size={batch_size} "
-                             "must be >= 1")
-        if seed < 0:
-            raise ValueError(f"train.seed={seed} must be >= 0 (it seeds the example order)")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        check_loader_args(seq_len, batch_size, seed, rank, world_size, "example")
         self.data = _Examples(examples, seq_len, pad_id)
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.rank, self.world_size = rank, world_size

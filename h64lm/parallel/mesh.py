@@ -11,6 +11,7 @@ links when ep <= GPUs per node). Three views of it are used:
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from .layout import ParallelLayout

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from h64lm.config import RunConfig, run_config_from_yaml, run_config_yaml

@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 
 from h64lm.config import RunConfig
-from h64lm.data import Loader, TokenLoader, Tokenizer, prepare_corpus
+from h64lm.data import Loader, Tokenizer, TokenLoader, prepare_corpus
 from h64lm.objectives import LanguageModelling, Objective
 from h64lm.train.distributed import Dist
 

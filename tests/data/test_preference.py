@@ -6,8 +6,15 @@ import re
 import pytest
 
 from h64lm.data.config import DataConfig
-from h64lm.data.preference import (PreferencePair, arithmetic_pairs, load_pairs, pair_from_row,
-                                   parse_hh, read_pair_files, split_pairs)
+from h64lm.data.preference import (
+    PreferencePair,
+    arithmetic_pairs,
+    load_pairs,
+    pair_from_row,
+    parse_hh,
+    read_pair_files,
+    split_pairs,
+)
 from h64lm.data.sources import load_documents
 from h64lm.objectives.rewards import exact_match_reward
 

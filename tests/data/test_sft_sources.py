@@ -121,9 +121,8 @@ def test_oasst_tree_follows_the_best_ranked_replies(tmp_path):
 
 @pytest.mark.parametrize("name", ["alpaca", "dolly", "gsm8k", "oasst"])
 def test_hub_presets_fail_at_once_offline(tmp_path, name):
-    from tests.helpers import compose_cfg
-
     from h64lm.config import build_run_config
+    from tests.helpers import compose_cfg
     cfg = build_run_config(compose_cfg([f"data={name}", f"data.cache_dir={tmp_path}"])).data
     with pytest.raises(RuntimeError, match=r"unreachable \(HF_HUB_OFFLINE=1\).*data=arithmetic.*"
                                            r"data=chat data.path="):

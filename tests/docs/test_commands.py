@@ -46,7 +46,6 @@ from tests.docs.commands import (
     sweep_axes,
 )
 
-
 COMMANDS = doc_commands()
 FAST = first_of_each_kind(COMMANDS)
 # Run in the slow run: run.py commands (cut short), snippets, and the scripts that are quick once

@@ -3,25 +3,18 @@ change, exit 2, before any work; never an OSError traceback."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import FAST, run_cli, text_corpus
+from tests.helpers import FAST, run_cli, text_corpus, tmpfs
 
 
 @pytest.fixture
 def read_only(tmp_path) -> Path:
-    """A read-only tmpfs: the only way to deny root a write (permission bits do not)."""
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1M", "tmpfs", str(mnt)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("needs root and a kernel that lets this container mount a tmpfs")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    with tmpfs(tmp_path / "ro", "ro,size=1M") as mnt:
+        yield mnt
 
 
 def _one_line_error(proc: subprocess.CompletedProcess) -> str:

@@ -4,9 +4,9 @@ memory by default; through the saved folder for all 36 in the slow run, a few he
 HF `generate()` reproduces ours token for token; sharding and the tokenizer round-trip."""
 
 import itertools
+import json
 import os
 import stat
-import json
 
 import pytest
 import torch

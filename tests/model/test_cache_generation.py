@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from h64lm.model import KVCache, left_pad
-from h64lm.model.sampling import (apply_repetition_penalty, filter_top_p, sample_categorical,
-                                  select_next)
+from h64lm.model.sampling import apply_repetition_penalty, filter_top_p, sample_categorical, select_next
 
 ENCODINGS = ["rope", "alibi", "rope+alibi"]
 

@@ -6,8 +6,14 @@ import statistics
 import pytest
 import torch
 
-from h64lm.objectives.policy import (clipped_policy_loss, clipped_value_loss, gae,
-                                     group_advantages, k3_kl, terminal_rewards)
+from h64lm.objectives.policy import (
+    clipped_policy_loss,
+    clipped_value_loss,
+    gae,
+    group_advantages,
+    k3_kl,
+    terminal_rewards,
+)
 
 
 def test_group_advantages_match_a_hand_loop():

@@ -2,8 +2,13 @@
 
 import pytest
 
-from h64lm.objectives.rewards import (exact_match_reward, extract_answer, format_reward,
-                                      normalise_answer, weighted_rewards)
+from h64lm.objectives.rewards import (
+    exact_match_reward,
+    extract_answer,
+    format_reward,
+    normalise_answer,
+    weighted_rewards,
+)
 
 SOLUTION = "Tom has 3 apples and buys 4 more.\n3 + 4 = 7\n#### 7"
 

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from h64lm.runtime.checkpoint import read_full_state, resolve
 from h64lm.cli import run
+from h64lm.runtime.checkpoint import read_full_state, resolve
 from h64lm.train.metrics import read_metrics
 from tests.helpers import FAST, run_config, text_corpus
 

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from h64lm.train.metrics import read_metrics
 from h64lm.parallel import ParallelLayout
+from h64lm.train.metrics import read_metrics
 from h64lm.validation import ConfigError
 from tests.helpers import FAST, run_cli, run_config, text_corpus
 

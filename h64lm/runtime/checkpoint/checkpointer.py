@@ -23,8 +23,8 @@ from torch import nn
 
 from .errors import CheckpointError, os_error_line
 from .layout import BEST, fsync_dir, prune, step_name, write_last_pointer
-from .trust import verify
 from .store import begin_save, finish_save, load_into, shard_error, state_of, write_shards
+from .trust import verify
 from .weights import save_consolidated
 
 __all__ = ["Checkpointer"]

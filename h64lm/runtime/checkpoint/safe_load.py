@@ -18,8 +18,8 @@ import pickle
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import filesystem as dcp_fs
-from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint import metadata as dcp_meta
+from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 

@@ -9,6 +9,7 @@ import pytest
 from torch.distributed.checkpoint import filesystem as dcp_fs
 
 from h64lm.runtime.checkpoint import CheckpointError, find_newest, verify
+from tests.helpers import tmpfs
 from tests.runtime.checkpoint.helpers import saved_run, tiny
 
 
@@ -46,13 +47,8 @@ def test_injected_write_error_is_one_line(tmp_path, monkeypatch, code, cause):
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 2 MiB tmpfs (needs root and a kernel that lets this container mount one)."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mnt)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("mounting a tmpfs needs root; the injected-error test covers the same path")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    with tmpfs(tmp_path / "disk", "size=2M") as mnt:
+        yield mnt
 
 
 def test_real_full_disk(tiny_disk):

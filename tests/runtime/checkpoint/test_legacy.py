@@ -14,7 +14,7 @@ import torch
 
 from h64lm.cli import run
 from h64lm.modes import load_trained_model
-from h64lm.runtime.checkpoint import CheckpointError, MANIFEST, read_full_state
+from h64lm.runtime.checkpoint import MANIFEST, CheckpointError, read_full_state
 from h64lm.train.distributed import Dist
 from h64lm.train.loop import Trainer
 from h64lm.train.metrics import read_metrics
