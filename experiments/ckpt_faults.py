@@ -26,7 +26,7 @@ import subprocess
 from pathlib import Path
 
 from experiments.fault_procs import TORCHRUN, differences, run_cli, run_losses, saved_step, start_run
-from h64lm.cli import EXIT_CHECKPOINT
+from h64lm.cli import EXIT_BAD_INPUT, EXIT_CHECKPOINT
 from h64lm.runtime.checkpoint import find_newest, verify
 
 __all__ = ["checkpoint_faults", "fault_disk_full"]
@@ -158,7 +158,31 @@ def fault_read_only(lab, t) -> None:
         subprocess.run(["umount", "-l", str(ckpts)], check=False)
 
 
+def fault_read_only_folders(lab, t) -> None:
+    """The run, sweep and cache folders on a read-only disk: one line naming the folder, exit 2,
+    before Hydra or a cache builder writes (they raised OSError tracebacks before)."""
+    mnt = lab.fresh("read_only_disk", make=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1M", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        t.notes.append("skipped: mounting a read-only tmpfs needs root")
+        return
+    try:
+        cases = [("run folder", lab.base + [f"hydra.run.dir={mnt / 'run'}"], {}),
+                 ("sweep folder", ["-m", *lab.base, f"hydra.sweep.dir={mnt / 'sweep'}"], {}),
+                 ("cache folder", lab.base + [f"hydra.run.dir={lab.fresh('ro_cache_run')}"],
+                  {"H64LM_CACHE_DIR": str(mnt / "cache")})]
+        for name, args, env in cases:
+            proc = run_cli(args, lab.dir, env=env)
+            lines = _errors(proc.stderr)
+            ok = (proc.returncode == EXIT_BAD_INPUT and len(lines) == 1 and str(mnt) in lines[0]
+                  and "Traceback" not in proc.stderr)
+            t.trial(ok, note=f"{name} read-only: exit {proc.returncode}, one line: {ok}")
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
 def checkpoint_faults(lab) -> list:
     return [("19 checkpoint damage", lambda t: fault_checkpoint_damage(lab, t)),
             ("20 background saves, 2 processes", lambda t: fault_background_saves(lab, t)),
-            ("21 read-only checkpoints", lambda t: fault_read_only(lab, t))]
+            ("21 read-only checkpoints", lambda t: fault_read_only(lab, t)),
+            ("23 read-only run/cache", lambda t: fault_read_only_folders(lab, t))]

@@ -306,12 +306,12 @@ def fault_bad_data(lab: Lab, t: Tally) -> None:
 
     folder = lab.fresh("bad_data")
     write_bad_files(folder)
-    real_model = loop.H64LMForCausalLM
+    real_build = loop.build_model  # every layout builds its model through it
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was built although the data was bad")
 
-    loop.H64LMForCausalLM = refuse
+    loop.build_model = refuse
     try:
         for case in bad_data_cases(folder, lab.corpus):
             args = FAST + ["data=text"] + case.overrides
@@ -323,7 +323,7 @@ def fault_bad_data(lab: Lab, t: Tally) -> None:
             ok = "\n" not in message and message.startswith(case.message_start)
             t.trial(ok, note=f"{case.name}: " + ("one line" if ok else repr(message[:70])))
     finally:
-        loop.H64LMForCausalLM = real_model
+        loop.build_model = real_build
 
 
 def fault_ddp_kill(lab: Lab, t: Tally) -> None:
