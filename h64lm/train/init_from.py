@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from h64lm.config import RunConfig, run_config_from_yaml
+from h64lm.hf import import_hf, import_hf_config
 from h64lm.model import H64LMConfig
 from h64lm.model.architecture import architecture, architecture_differences, architecture_fields
 from h64lm.model.upcycle import upcycle_state_dict
@@ -57,8 +58,6 @@ def adopt_source_architecture(run: RunConfig, overrides: list[str],
     explicit = model_keys_set(overrides)
     if explicit is None:
         return run  # a preset names the architecture; initialize_from compares
-    from h64lm.hf import import_hf_config
-
     try:
         src = import_hf_config(init_from[3:])
     except (OSError, ValueError) as e:
@@ -81,8 +80,6 @@ def adopt_source_architecture(run: RunConfig, overrides: list[str],
 
 def _source(init_from: str) -> tuple[H64LMConfig, dict]:
     if init_from.startswith("hf:"):
-        from h64lm.hf import import_hf
-
         try:
             return import_hf(init_from[3:])
         except (OSError, ValueError) as e:

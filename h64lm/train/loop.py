@@ -28,17 +28,17 @@ from h64lm.config import RunConfig, run_config_from_yaml, run_config_yaml
 from h64lm.data import check_vocab, load_tokenizer, validation_windows
 from h64lm.model import active_parameters_per_token, count_parameters, flops_per_token
 from h64lm.model.architecture import architecture, architecture_differences
+from h64lm.objectives.balancing import RouterBiasUpdate
+from h64lm.optim.optimizer import build_optimizer, build_scheduler
 from h64lm.parallel import ParallelLayout, clip_grad_norm_
 from h64lm.runtime.checkpoint import FORMAT_VERSION, Checkpointer
-from h64lm.train.balancing import RouterBiasUpdate
+from h64lm.runtime.control import SignalFlag, TrainingDiverged, TrainingStopped, rng_state, set_rng_state
+from h64lm.runtime.distributed import Dist, seed_everything
+from h64lm.runtime.precision import resolve_precision
 from h64lm.train.callbacks import Callback, ValidationLoss, default_callbacks
-from h64lm.train.control import SignalFlag, TrainingDiverged, TrainingStopped, rng_state, set_rng_state
-from h64lm.train.distributed import Dist, seed_everything
 from h64lm.train.init_from import adopt_source_architecture, initialize_from
 from h64lm.train.metrics import History
 from h64lm.train.mfu import peak_flops
-from h64lm.train.optim import build_optimizer, build_scheduler
-from h64lm.train.precision import resolve_precision
 from h64lm.train.resume import find_resume_state
 from h64lm.train.sharded import build_model
 from h64lm.train.stage import StageFactory, pretraining_stage

@@ -16,7 +16,7 @@ def test_table_matches_the_code():
 def test_table_sees_known_readers():
     """The rule finds readers that are known by hand, so a table of nothing cannot pass."""
     assert "h64lm/train/sharded.py" in consumers("hardware.*")  # FSDP / expert parallelism
-    assert "h64lm/train/wrap.py" in consumers("hardware.*")  # DDP, compile
+    assert "h64lm/runtime/distributed.py" in consumers("hardware.*")  # backend, device
     assert "h64lm/train/wandb_sink.py" in consumers("logger.*")
     assert "h64lm/modes.py" in consumers("eval.*")
 

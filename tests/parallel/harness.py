@@ -17,15 +17,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from h64lm.model import H64LMConfig, H64LMForCausalLM
-from h64lm.parallel import (
-    ParallelLayout,
-    build_mesh,
-    build_parallel_model,
-    clip_grad_norm_,
-    load_sharded,
-    save_consolidated,
-    save_sharded,
-)
+from h64lm.parallel import ParallelLayout, build_mesh, build_parallel_model, clip_grad_norm_
+from h64lm.runtime.checkpoint.sharded import load_sharded, save_consolidated, save_sharded
 
 SEED = 1234
 GLOBAL_BATCH, SEQ = 4, 16

@@ -8,9 +8,9 @@ import torch
 from h64lm.config import OptimConfig
 from h64lm.model import H64LMForCausalLM
 from h64lm.model.config import H64LMConfig
+from h64lm.optim.optimizer import build_optimizer, param_groups
 from h64lm.plan.measure import measure_state
 from h64lm.plan.params import parameter_shapes, state_bytes
-from h64lm.train.optim import build_optimizer, param_groups
 
 SMALL = dict(vocab_size=256, hidden_size=32, num_layers=3, num_attention_heads=4, num_kv_heads=2,
              intermediate_size=64, moe_intermediate_size=24, num_experts=4,

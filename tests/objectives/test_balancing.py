@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from h64lm.train.balancing import accumulate_counts, prepare_global_balance, update_router_bias
+from h64lm.objectives.balancing import accumulate_counts, prepare_global_balance, update_router_bias
 from tests.model.conftest import build
 
 GLOBAL = dict(moe_layers="all", router_aux_loss_scope="global", router_aux_loss_coef=0.5)
@@ -137,7 +137,7 @@ def test_router_bias_updates_balance_a_router_that_prefers_one_expert(score):
 def test_bias_moves_only_when_the_optimizer_steps_and_a_nan_bias_is_counted():
     """The post-step hook: a step moves b by rate * sign(mean - c); a skipped step (no
     optimizer.step()) moves nothing; a NaN bias shows in `nonfinite()` (divergence signal)."""
-    from h64lm.train.balancing import RouterBiasUpdate
+    from h64lm.objectives.balancing import RouterBiasUpdate
 
     model = build(num_layers=1, moe_layers="all", num_experts=4, router_bias_update_rate=0.25)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)

@@ -9,9 +9,9 @@ import torch
 from h64lm.config import ConfigError, OptimConfig
 from h64lm.model import H64LMConfig, H64LMForCausalLM
 from h64lm.model.moe.experts import Experts
-from h64lm.train import muon
-from h64lm.train.muon import NS_DTYPES, Matrix, MuonAdamW, matrices, newton_schulz
-from h64lm.train.optim import build_optimizer
+from h64lm.optim import muon
+from h64lm.optim.muon import NS_DTYPES, Matrix, MuonAdamW, matrices, newton_schulz
+from h64lm.optim.optimizer import build_optimizer
 
 MUON = dict(momentum=0.95, nesterov=True, ns_steps=5)
 
