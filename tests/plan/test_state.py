@@ -8,6 +8,7 @@ import torch
 from h64lm.config import OptimConfig
 from h64lm.model import H64LMForCausalLM
 from h64lm.model.config import H64LMConfig
+from h64lm.objectives.lm import lm_loss
 from h64lm.optim.optimizer import build_optimizer, param_groups
 from h64lm.plan.measure import measure_state
 from h64lm.plan.params import parameter_shapes, state_bytes
@@ -35,7 +36,7 @@ def test_state_bytes_equal_measured(name, fused):
                                   foreach=None if fused else True)
     x = torch.randint(0, config.vocab_size, (2, 16))
     measured = measure_state(model, optimizer,
-                             lambda: model(x, labels=x, return_logits=False).loss)
+                             lambda: lm_loss(model(x, labels=x, return_logits=False), config))
     planned = state_bytes(config)
     assert (planned.params, planned.grads, planned.optimizer) == (
         measured["params"], measured["grads"], measured["optimizer"])
@@ -49,7 +50,7 @@ def test_muon_state_bytes_equal_measured(name):
     model = H64LMForCausalLM(config)
     optimizer = build_optimizer(model, OptimConfig(name="muon"), torch.device("cpu"))
     x = torch.randint(0, config.vocab_size, (2, 16))
-    measured = measure_state(model, optimizer, lambda: model(x, labels=x, return_logits=False).loss)
+    measured = measure_state(model, optimizer, lambda: lm_loss(model(x, labels=x, return_logits=False), config))
     planned, adamw = state_bytes(config, optim="muon"), state_bytes(config)
     assert (planned.params, planned.grads, planned.optimizer) == (
         measured["params"], measured["grads"], measured["optimizer"])
