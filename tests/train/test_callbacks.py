@@ -52,4 +52,4 @@ def test_nan_router_bias_diverges_with_the_muon_advice(tmp_path):
     assert "optim.muon_lr" in str(err.value)
     assert [s for s, _, _ in spy.records] == [1, 2, 3]  # steps 3 and 4 are bad: stop after step 4's check
     assert spy.ends == [("diverged", False)]
-    assert (tmp_path / "checkpoints" / "step_0000004.pt").is_file()
+    assert (tmp_path / "checkpoints" / "step_0000004").is_dir()  # the last good weights
