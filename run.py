@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from h64lm.cli import check_command_line
 from h64lm.config import register_configs
-from h64lm.train.distributed import quiet_hydra_on_nonzero_ranks
+from h64lm.runtime.distributed import quiet_hydra_on_nonzero_ranks
 
 register_configs()
 quiet_hydra_on_nonzero_ranks()

@@ -52,8 +52,8 @@ from h64lm.model import (
     count_parameters,
     flops_per_token,
 )
+from h64lm.optim.optimizer import build_optimizer
 from h64lm.train.mfu import peak_flops
-from h64lm.train.optim import build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from h64lm.model import H64LMForCausalLM
+from h64lm.objectives.lm import lm_loss
+from h64lm.optim.optimizer import build_optimizer
 from h64lm.runtime.checkpoint import Checkpointer, trust, verify
-from h64lm.train.optim import build_optimizer
 from tests.helpers import run_config
 
 
@@ -34,7 +35,8 @@ def main() -> None:
     torch.manual_seed(0)
     model = H64LMForCausalLM(run.model)
     optimizer = build_optimizer(model, run.optim, torch.device("cpu"))
-    model(torch.randint(0, run.model.vocab_size, (1, 8)), labels=torch.randint(0, 100, (1, 8))).loss.backward()
+    out = model(torch.randint(0, run.model.vocab_size, (1, 8)), labels=torch.randint(0, 100, (1, 8)))
+    lm_loss(out, run.model).backward()
     optimizer.step()  # the optimizer state exists (Adam moments: 2 more copies of the weights)
     work = opts.dir or Path(tempfile.mkdtemp(prefix="h64lm-ckpt-bench-"))
     try:

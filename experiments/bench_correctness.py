@@ -24,6 +24,7 @@ import torch
 from experiments.bench import bench_config
 from h64lm.hf.stock import to_hf_mixtral
 from h64lm.model import H64LMForCausalLM
+from h64lm.objectives.lm import lm_loss
 
 # bf16 keeps 8 mantissa bits (~0.4% per rounding); through a few layers the logits drift by a
 # few percent of their norm, while a real bug (wrong cast, lost scale) gives O(1).
@@ -67,7 +68,7 @@ def check_training(size: str, device: torch.device, compile_model: bool, steps: 
     losses = []
     for _ in range(steps):
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-            loss = step_model(x, labels=y, return_logits=False).loss
+            loss = lm_loss(step_model(x, labels=y, return_logits=False), model.config)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

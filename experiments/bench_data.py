@@ -26,6 +26,7 @@ import torch
 
 from h64lm.data import DataConfig, TokenLoader, load_tokenizer, prepare_corpus
 from h64lm.data.sources import load_documents
+from h64lm.objectives.lm import lm_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH, SEQ = 8, 256
@@ -72,7 +73,7 @@ def _tiny_step_ms(tokens: np.ndarray, steps: int) -> float | None:
     for step in range(steps + 1):  # the first step warms up allocators and kernels
         x, y = loader.next_batch()
         started = time.perf_counter()
-        loss = model(x, labels=y).loss
+        loss = lm_loss(model(x, labels=y), model.config)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

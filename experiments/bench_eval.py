@@ -2,7 +2,7 @@
 
 The chunked cross-entropy once decided from `ctx.needs_input_grad`, which is True under no_grad
 when the weights require grad, so every validation batch also computed the head's two gradient
-GEMMs. This times `h64lm.train.evaluate.evaluate` on the default model both ways in one process,
+GEMMs. This times `h64lm.eval.samples.evaluate` on the default model both ways in one process,
 alternating A B A B, and prints the medians and their ratio.
 
     python experiments/bench_eval.py [--rounds 5] [--windows 32]
@@ -16,12 +16,12 @@ import time
 
 import torch
 
+from h64lm.eval.samples import evaluate
 from h64lm.model import H64LMConfig, H64LMForCausalLM
 from h64lm.model import loss as loss_module
 from h64lm.model import model as model_module
-from h64lm.train.distributed import Dist
-from h64lm.train.evaluate import evaluate
-from h64lm.train.precision import resolve_precision
+from h64lm.runtime.distributed import Dist
+from h64lm.runtime.precision import resolve_precision
 
 
 def _old_loss(hidden, weight, labels, chunk=loss_module.CHUNK_TOKENS):

@@ -10,6 +10,8 @@ from typing import Callable
 
 import torch
 
+from h64lm.objectives.lm import lm_loss
+
 __all__ = ["alternate", "forward_loss", "generate_call", "matmul_peak", "step_peak_bytes",
            "synchronize", "train_step"]
 
@@ -100,7 +102,7 @@ def forward_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, hf: b
             if hf:
                 return model(input_ids=x, labels=y, shift_labels=y,
                              output_router_logits=True).loss
-            return model(x, labels=y, return_logits=False).loss
+            return lm_loss(model(x, labels=y, return_logits=False), model.config)
 
     return loss
 

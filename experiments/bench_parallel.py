@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from h64lm.model import H64LMConfig, H64LMForCausalLM
+from h64lm.objectives.lm import lm_loss
 from h64lm.parallel import ParallelLayout, build_mesh, build_parallel_model, clip_grad_norm_
 
 CONFIG = dict(vocab_size=4096, hidden_size=256, num_layers=4, num_attention_heads=4,
@@ -50,7 +51,7 @@ def _run(rank: int, world: int, store: str, args, queue) -> None:
             ids = torch.randint(0, cfg.vocab_size, (BATCH, SEQ + 1), generator=g)
             dist.barrier()
             t0 = time.perf_counter()
-            model(ids[:, :-1], labels=ids[:, 1:]).loss.backward()
+            lm_loss(model(ids[:, :-1], labels=ids[:, 1:]), cfg).backward()
             clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)

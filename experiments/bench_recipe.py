@@ -19,7 +19,8 @@ import torch
 
 from h64lm.config import build_run_config, compose
 from h64lm.model import H64LMForCausalLM
-from h64lm.train.optim import build_optimizer
+from h64lm.objectives.lm import lm_loss
+from h64lm.optim.optimizer import build_optimizer
 
 RECIPE_ARMS = [f"optim={o} model.qk_norm={q} model.logit_softcap={c}"
                for o in ("adamw", "muon") for q in ("false", "true") for c in ("null", "15")]
@@ -33,7 +34,7 @@ def _arm(overrides: str, tokens: torch.Tensor):
     optimizer = build_optimizer(model, run.optim, torch.device("cpu"))
 
     def step() -> None:
-        model(tokens, labels=tokens, return_logits=False).loss.backward()  # as the trainer
+        lm_loss(model(tokens, labels=tokens, return_logits=False), run.model).backward()  # as the trainer
         torch.nn.utils.clip_grad_norm_(model.parameters(), run.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -36,7 +36,8 @@ import json, sys, time
 import torch
 from h64lm.config import build_run_config, compose
 from h64lm.model import H64LMForCausalLM
-from h64lm.train.optim import build_optimizer
+from h64lm.objectives.lm import lm_loss
+from h64lm.optim.optimizer import build_optimizer
 threads, steps, overrides = json.loads(sys.argv[1])
 if threads:
     torch.set_num_threads(threads)
@@ -48,7 +49,7 @@ tokens = torch.randint(0, run.model.vocab_size, (run.train.batch_size, run.data.
 times = []
 for i in range(steps + 1):  # the first step (allocator, optimizer state) is not timed
     start = time.perf_counter()
-    model(tokens, labels=tokens, return_logits=False).loss.backward()
+    lm_loss(model(tokens, labels=tokens, return_logits=False), run.model).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), run.optim.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

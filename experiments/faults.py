@@ -60,7 +60,7 @@ from h64lm.cli import EXIT_BAD_INPUT, EXIT_CHECKPOINT, run
 from h64lm.config import build_run_config
 from h64lm.config import compose as compose_cfg
 from h64lm.runtime.checkpoint import CheckpointError, read_extras, read_full_state, resolve, verify
-from h64lm.train.control import TrainingDiverged
+from h64lm.runtime.control import TrainingDiverged
 
 RUN = ["train.max_steps=8", "train.save_every=2", "train.eval_every=4", "train.keep_last=2"]
 DDP = ["train.batch_size=1", "hardware=ddp", "hardware.device=cpu", "hardware.precision=fp32",

@@ -9,7 +9,7 @@ still going still gets a row:
 `metrics.jsonl` carries the per-step numbers, `summary.json` exists only after a clean finish.
 
 A resumed run is read with the settings it finished with: every training launch leaves its composed
-config and overrides in `.hydra/launches/<time>/` (h64lm/train/rundir.py), and the last of them is
+config and overrides in `.hydra/launches/<time>/` (h64lm/runtime/rundir.py), and the last of them is
 what produced the final steps; `.hydra/{config,overrides}.yaml` stay the first launch's.
 """
 
@@ -33,7 +33,7 @@ from experiments.report_series import (
     router_tail_mean,
     train_seconds,
 )
-from h64lm.train.rundir import LAUNCHES
+from h64lm.runtime.rundir import LAUNCHES
 
 __all__ = [
     "BALANCE_TAIL",

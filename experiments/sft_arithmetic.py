@@ -26,6 +26,7 @@ from h64lm.data.packing import PackedLoader, packed_batches
 from h64lm.data.tasks.arithmetic import make_splits
 from h64lm.data.tasks.scoring import score_questions
 from h64lm.model import H64LMConfig, H64LMForCausalLM
+from h64lm.objectives.lm import lm_loss
 
 
 @torch.no_grad()
@@ -73,7 +74,7 @@ def main() -> None:
     for step in range(args.steps):
         batch = loader.next_batch()
         out = model(batch.input_ids, labels=batch.labels, document_ids=batch.document_ids)
-        out.loss.backward()
+        lm_loss(out, model.config).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()

@@ -23,12 +23,12 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from h64lm.config import CONF_DIR, RunConfig, build_run_config, did_you_mean, is_schema_key
-from h64lm.console import Tee, continue_command, final_summary_line, launcher
 from h64lm.cpu_threads import starvation_note
-from h64lm.train.checkpoint import CheckpointError
-from h64lm.train.control import TrainingDiverged, TrainingStopped
-from h64lm.train.distributed import Dist, PeerFailure, broadcast_object, init_distributed, is_peer_failure
-from h64lm.train.rundir import RunDirLock, adopt_launch_record, discard_launch
+from h64lm.runtime.checkpoint import CheckpointError
+from h64lm.runtime.console import Tee, continue_command, final_summary_line, launcher
+from h64lm.runtime.control import TrainingDiverged, TrainingStopped
+from h64lm.runtime.distributed import Dist, PeerFailure, broadcast_object, init_distributed, is_peer_failure
+from h64lm.runtime.rundir import RunDirLock, adopt_launch_record, discard_launch
 from h64lm.train.wandb_sink import check_can_log
 from h64lm.validation import ConfigError
 

@@ -131,7 +131,7 @@ class OptimConfig:
     # The steps the schedule spans. Set it to a finished run's old train.max_steps when extending
     # that run, to keep training at the decayed learning rate instead of stretching the schedule.
     schedule_steps: Optional[int] = bounded(None, ge=1, null="train.max_steps")
-    # muon (default, see docs/results.md): Muon on the hidden matrices (h64lm/train/muon.py),
+    # muon (default, see docs/results.md): Muon on the hidden matrices (h64lm/optim/muon.py),
     # AdamW with the keys above on embeddings, LM head, norms and routers; the same schedule scales
     # both peak lrs. adamw: AdamW on everything.
     name: str = bounded("muon", choices=OPTIMIZERS)

@@ -17,11 +17,12 @@ import torch
 
 from h64lm.config import RunConfig, run_config_from_yaml
 from h64lm.data import DataConfig, check_vocab, load_tokenizer, prepare_corpus, validation_windows
+from h64lm.eval.samples import sample_continuations
+from h64lm.eval.validation import evaluate
 from h64lm.model import H64LMForCausalLM
 from h64lm.runtime.checkpoint import load_into, read_extras, resolve
-from h64lm.train.distributed import Dist
-from h64lm.train.evaluate import evaluate, sample_continuations
-from h64lm.train.precision import resolve_precision
+from h64lm.runtime.distributed import Dist
+from h64lm.runtime.precision import resolve_precision
 
 __all__ = ["load_trained_model", "evaluate_checkpoint", "generate_from_checkpoint", "export_checkpoint",
            "plan_layouts_for"]

@@ -10,7 +10,7 @@ import yaml
 
 from h64lm.cli import EXIT_BAD_INPUT, mistyped_key
 from h64lm.config import ConfigError, build_run_config, run_config_from_yaml, run_config_yaml
-from h64lm.train.distributed import init_distributed
+from h64lm.runtime.distributed import init_distributed
 from tests.helpers import CONF, FAST, compose_cfg, run_cli, run_config
 
 

@@ -11,8 +11,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from h64lm.train.distributed import Dist
-from h64lm.train.precision import Precision
+from h64lm.runtime.distributed import Dist
+from h64lm.runtime.precision import Precision
 
 __all__ = ["evaluate"]
 

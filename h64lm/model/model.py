@@ -25,7 +25,9 @@ __all__ = ["H64LMForCausalLM", "CausalLMOutput", "init_stds"]
 @dataclass
 class CausalLMOutput:
     logits: Optional[torch.Tensor] = None  # [B, T, V]; None when return_logits=False
-    loss: Optional[torch.Tensor] = None  # ce + aux_coef * aux + z_coef * z; None without labels
+    # Mean token cross-entropy of the labels; None without labels. No composed loss: the objective
+    # (h64lm/objectives/lm.py) weighs ce, aux and z. CE is computed here, not by the objective,
+    # because under FSDP2 the LM-head weight is gathered only inside forward (chunked CE).
     ce: Optional[torch.Tensor] = None
     aux: Optional[torch.Tensor] = None  # mean over MoE layers of the Switch loss (no coefficient)
     z: Optional[torch.Tensor] = None  # mean over MoE layers of the router z-loss (no coefficient)
@@ -151,7 +153,7 @@ class H64LMForCausalLM(nn.Module):
         them; it cannot be combined with labels. document_ids [B, T] marks packed documents:
         attention never crosses a change of id and positions restart at each one."""
         if labels is not None and not router_stats:
-            raise ValueError("router_stats=False drops the router losses from the loss: "
+            raise ValueError("router_stats=False drops the router terms the objective adds to the loss: "
                              "pass labels only with router_stats=True")
         cache = past_key_values
         if cache is None and use_cache:
@@ -188,8 +190,6 @@ class H64LMForCausalLM(nn.Module):
             else:
                 out.ce = chunked_cross_entropy(h.flatten(0, 1), self.lm_head.weight,
                                                labels.flatten(), softcap=self.config.logit_softcap)
-            out.loss = (out.ce + self.config.router_aux_loss_coef * out.aux
-                        + self.config.router_z_loss_coef * out.z)
         return out
 
     @torch.no_grad()

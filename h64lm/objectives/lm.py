@@ -11,15 +11,25 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
 from torch import nn
 
 from h64lm.data.batch import Batch
 from h64lm.model.config import H64LMConfig
+from h64lm.objectives.balancing import prepare_global_balance
 from h64lm.objectives.base import ObjectiveOutput, StepShare
 from h64lm.objectives.router_terms import RouterTerm, router_terms
-from h64lm.train.balancing import prepare_global_balance
 
-__all__ = ["LanguageModelling"]
+__all__ = ["LanguageModelling", "lm_loss"]
+
+
+def lm_loss(out, config: H64LMConfig) -> torch.Tensor:
+    """ce + sum_k c_k term_k of one forward with labels: the objective's loss of a lone
+    micro-batch (w = 1, M = 1), for scripts and tests that train outside the trainer."""
+    total = out.ce
+    for term in router_terms(config):
+        total = total + term.coef * term.value(out)
+    return total
 
 
 class LanguageModelling:

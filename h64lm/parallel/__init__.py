@@ -1,15 +1,7 @@
 """Parallelism applied from outside the model: device mesh, FSDP2, expert parallelism, DDP,
-meta-device materialisation, cross-mesh gradient clipping and DCP sharded checkpoints."""
+meta-device materialisation, cross-mesh gradient clipping. Sharded checkpoints outside the
+trainer live with the other checkpoints: h64lm/runtime/checkpoint/sharded.py."""
 
-from .checkpoint import (
-                         SaveHandle,
-                         ShardedCheckpointError,
-                         consolidated_state_dict,
-                         load_sharded,
-                         save_consolidated,
-                         save_sharded,
-                         verify_sharded,
-)
 from .ddp import apply_ddp
 from .expert_parallel import ExpertParallel, all_to_all, apply_expert_parallel
 from .fsdp import apply_fsdp
@@ -22,6 +14,5 @@ from .setup import build_parallel_model
 __all__ = [
     "ParallelLayout", "ParallelMesh", "build_mesh", "build_parallel_model", "STRATEGIES",
     "apply_fsdp", "apply_ddp", "apply_expert_parallel", "ExpertParallel", "all_to_all",
-    "materialize", "clip_grad_norm_", "save_sharded", "load_sharded", "verify_sharded",
-    "SaveHandle", "ShardedCheckpointError", "consolidated_state_dict", "save_consolidated",
+    "materialize", "clip_grad_norm_",
 ]

@@ -28,8 +28,8 @@ from typing import List, Optional
 
 from h64lm.model.config import H64LMConfig
 from h64lm.model.flops import flops_per_token
+from h64lm.optim.muon import NS_BATCH_NUMEL
 from h64lm.parallel.layout import ParallelLayout
-from h64lm.train.muon import NS_BATCH_NUMEL
 
 from .activations import PRECISIONS, activation_bytes
 from .params import state_bytes

@@ -28,6 +28,7 @@ import torch
 from h64lm.model import H64LMForCausalLM
 from h64lm.model.config import H64LMConfig
 from h64lm.model.moe.experts import Experts
+from h64lm.optim.muon import muon_layouts
 
 __all__ = ["STRATEGIES", "StateBytes", "ParameterKind", "parameter_kinds", "parameter_shapes",
            "state_bytes", "check_layout"]
@@ -72,8 +73,6 @@ _KINDS: dict[str, List[ParameterKind]] = {}
 
 
 def _parameter_kinds(config: H64LMConfig) -> List[ParameterKind]:
-    from h64lm.train.muon import muon_layouts
-
     small, block_kind = _template(config)
     sparse = len(config.moe_layer_indices())
     per_kind = {DENSE: config.num_layers - sparse, SPARSE: sparse, ROOT: 1}

@@ -20,10 +20,11 @@ import torch
 from torch import nn
 
 from h64lm.config import RunConfig, run_config_from_yaml
+from h64lm.hf import import_hf, import_hf_config
 from h64lm.model import H64LMConfig
 from h64lm.model.architecture import architecture, architecture_differences, architecture_fields
 from h64lm.model.upcycle import upcycle_state_dict
-from h64lm.train.checkpoint import CheckpointError, load_model_state, load_trusted, resolve_checkpoint_path
+from h64lm.runtime.checkpoint import CheckpointError, load_model_state, read_full_state, resolve
 from h64lm.validation import ConfigError
 
 __all__ = ["adopt_source_architecture", "initialize_from", "model_keys_set"]
@@ -57,8 +58,6 @@ def adopt_source_architecture(run: RunConfig, overrides: list[str],
     explicit = model_keys_set(overrides)
     if explicit is None:
         return run  # a preset names the architecture; initialize_from compares
-    from h64lm.hf import import_hf_config
-
     try:
         src = import_hf_config(init_from[3:])
     except (OSError, ValueError) as e:
@@ -81,14 +80,12 @@ def adopt_source_architecture(run: RunConfig, overrides: list[str],
 
 def _source(init_from: str) -> tuple[H64LMConfig, dict]:
     if init_from.startswith("hf:"):
-        from h64lm.hf import import_hf
-
         try:
             return import_hf(init_from[3:])
         except (OSError, ValueError) as e:
             raise _hf_error(init_from, e) from None
     try:
-        state = load_trusted(resolve_checkpoint_path(init_from))
+        state = read_full_state(resolve(init_from))
     except CheckpointError as e:
         raise ConfigError(f"train.init_from={init_from}: {e}") from None
     return run_config_from_yaml(state["config"]).model, state["model"]

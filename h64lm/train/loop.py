@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import resource
 import signal
 import time
 from pathlib import Path
@@ -25,19 +24,20 @@ from tqdm import tqdm
 
 from h64lm.config import RunConfig, run_config_from_yaml, run_config_yaml
 from h64lm.data import check_vocab, load_tokenizer, validation_windows
-from h64lm.model import active_parameters_per_token, count_parameters, flops_per_token
+from h64lm.model import flops_per_token
 from h64lm.model.architecture import architecture, architecture_differences
+from h64lm.objectives.balancing import RouterBiasUpdate
+from h64lm.optim.optimizer import build_optimizer, build_scheduler
 from h64lm.parallel import ParallelLayout, clip_grad_norm_
 from h64lm.runtime.checkpoint import FORMAT_VERSION, Checkpointer
-from h64lm.train.balancing import RouterBiasUpdate
+from h64lm.runtime.control import SignalFlag, TrainingDiverged, TrainingStopped, rng_state, set_rng_state
+from h64lm.runtime.distributed import Dist, seed_everything
+from h64lm.runtime.precision import resolve_precision
 from h64lm.train.callbacks import Callback, ValidationLoss, default_callbacks
-from h64lm.train.control import SignalFlag, TrainingDiverged, TrainingStopped, rng_state, set_rng_state
-from h64lm.train.distributed import Dist, seed_everything
 from h64lm.train.init_from import adopt_source_architecture, initialize_from
 from h64lm.train.metrics import History
 from h64lm.train.mfu import peak_flops
-from h64lm.train.optim import build_optimizer, build_scheduler
-from h64lm.train.precision import resolve_precision
+from h64lm.train.report import announcement, run_summary, step_record
 from h64lm.train.resume import find_resume_state
 from h64lm.train.sharded import build_model
 from h64lm.train.stage import StageFactory, pretraining_stage
@@ -45,12 +45,6 @@ from h64lm.train.step import StepStats, forward_backward, reduce_stats
 from h64lm.validation import ConfigError
 
 __all__ = ["Trainer"]
-
-
-def _memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
 class Trainer:
@@ -207,16 +201,6 @@ class Trainer:
         return bool(flag > 0)
 
     # ----------------------------------------------------------------------------- the run
-    def _record(self, stats: StepStats, elapsed: float) -> dict[str, Any]:
-        record = {"step": self.step, "tokens": self.tokens_seen, **stats.terms,  # loss first, then each term
-                  "lr": stats.lr, "grad_norm": stats.grad_norm, "skipped_steps": self.skipped_steps,
-                  "tokens_per_s": self.tokens_per_step / elapsed, "step_time_s": elapsed, "mem_gb": _memory_gb(self.d.device)}
-        if self.peak:
-            record["mfu"] = self.flops_per_token * record["tokens_per_s"] / self.peak
-        record["router"] = {str(i): {"load": [round(v, 5) for v in r.load], "dropped": r.dropped,
-                                     "load_max_over_mean": r.max_over_mean} for i, r in stats.router.items()}
-        return record
-
     def _check_divergence(self) -> None:
         if self.bad_in_a_row >= self.run.train.max_bad_steps:
             path = self.save()
@@ -240,7 +224,7 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         d, t = self.d, self.run.train
-        self._announce()
+        self.log(announcement(self))
         for cb in self.callbacks:
             cb.on_fit_start(self)
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not d.is_main, dynamic_ncols=True)
@@ -253,7 +237,7 @@ class Trainer:
                     stats = self.train_step(stop_requested=self.stop_requested())
                     if d.device.type == "cuda":
                         torch.cuda.synchronize(d.device)
-                    record = self._record(stats, time.perf_counter() - start)
+                    record = step_record(self, stats, time.perf_counter() - start)
                     step_losses.append(stats.loss)
                     bar.update(1)
                     bar.set_postfix(loss=f"{stats.loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
@@ -280,7 +264,7 @@ class Trainer:
                     f"no step of this run had a finite loss and gradients ({self.step} skipped); nothing was "
                     "learned. Lower optim.lr or check the data, then train again")
             self._finish_saves()
-            state, summary = "finished", self._summary()
+            state, summary = "finished", run_summary(self)
             return summary
         except TrainingStopped:
             state = "stopped"
@@ -295,25 +279,3 @@ class Trainer:
 
     def _finish_saves(self) -> None:
         self.checkpoints.wait()
-
-    def _announce(self) -> None:
-        n_total, n_active = count_parameters(self.model), active_parameters_per_token(self.run.model)
-        self.log(f"model: {n_total / 1e6:.2f}M parameters, {n_active / 1e6:.2f}M active per token; "
-                 f"{self.tokens_per_step} tokens per step on {self.d.world_size} process(es), "
-                 f"{self.precision.name} on {self.d.device.type}"
-                 + (f", {self.layout.strategy} ep={self.layout.ep}" if self.d.enabled else ""))
-
-    def _summary(self) -> dict[str, Any]:
-        h = self.history.data
-        return {
-            "step": self.step,
-            "tokens": self.tokens_seen,
-            "best_val_loss": self.history.best_val_loss(),
-            "best_val_ppl": math.exp(min(self.history.best_val_loss(), 50.0)),
-            "final_val_loss": h["val_loss"][-1] if h["val_loss"] else None,
-            "final_val_ppl": h["val_ppl"][-1] if h["val_ppl"] else None,
-            "first_val_loss": h["val_loss"][0] if h["val_loss"] else None,
-            "skipped_steps": self.skipped_steps,
-            "parameters": count_parameters(self.model),
-            "active_parameters": active_parameters_per_token(self.run.model),
-        }

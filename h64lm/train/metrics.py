@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from h64lm.model.moe import plot_load_heatmap
+
 __all__ = ["MetricsFile", "History", "plot_run", "read_metrics"]
 
 
@@ -88,8 +90,6 @@ def plot_run(run_dir: Path, records: list[dict[str, Any]], history: History) -> 
     written.append(run_dir / "loss.png")
 
     if any(r.get("router") for r in records):  # one heat map: load / mean per expert and layer over steps
-        from h64lm.model.moe import plot_load_heatmap
-
         plot_load_heatmap(records, run_dir / "expert_load.png")
         written.append(run_dir / "expert_load.png")
     return written

@@ -21,8 +21,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from h64lm.config import RunConfig
 from h64lm.model import H64LMForCausalLM
 from h64lm.parallel import ParallelLayout, build_mesh, build_parallel_model
-from h64lm.train.distributed import Dist
-from h64lm.train.precision import Precision
+from h64lm.runtime.distributed import Dist
+from h64lm.runtime.precision import Precision
 from h64lm.train.wrap import apply_activation_checkpointing
 
 __all__ = ["build_model"]

@@ -15,7 +15,7 @@ import numpy as np
 from h64lm.config import RunConfig
 from h64lm.data import Loader, Tokenizer, TokenLoader, prepare_corpus
 from h64lm.objectives import LanguageModelling, Objective
-from h64lm.train.distributed import Dist
+from h64lm.runtime.distributed import Dist
 
 __all__ = ["Stage", "StageFactory", "pretraining_stage"]
 

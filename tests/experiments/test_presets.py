@@ -115,7 +115,7 @@ TORCH_RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MAST
 def test_each_task_of_a_multi_task_slurm_job_is_one_rank(monkeypatch):
     """tasks_per_node > 1: the environment SLURM and submitit give task 3 of 4 (2 nodes x 2)
     becomes the torchrun variables init_distributed reads."""
-    from h64lm.train.distributed import export_slurm_ranks
+    from h64lm.runtime.distributed import export_slurm_ranks
 
     for key in TORCH_RANK_VARS:  # set then unset: monkeypatch restores them after the test
         monkeypatch.setenv(key, "")
@@ -131,7 +131,7 @@ def test_each_task_of_a_multi_task_slurm_job_is_one_rank(monkeypatch):
 
 
 def test_a_single_task_job_stays_a_single_process(monkeypatch):
-    from h64lm.train.distributed import export_slurm_ranks
+    from h64lm.runtime.distributed import export_slurm_ranks
 
     for key in TORCH_RANK_VARS:
         monkeypatch.setenv(key, "")

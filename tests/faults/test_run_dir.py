@@ -1,7 +1,7 @@
 """A run directory under faults, through `python run.py`: one owner, resume=auto that never
 restarts silently, values that cannot work, a quick stop during evaluation, provenance.
 
-The in-process rules are unit-tested in tests/train/test_rundir.py; these add the process-level
+The in-process rules are unit-tested in tests/runtime/test_rundir.py; these add the process-level
 contract (exit code, one line, a directory left byte-identical) with the trials
 experiments/faults.py counts (experiments/run_faults.py).
 """

@@ -149,9 +149,7 @@ def test_model_reports_mean_over_moe_layers(small_model):
     out = model(ids, labels=ids)
     assert [r["layer"] for r in out.router] == [0, 3]
     assert out.aux.item() == pytest.approx(sum(s["aux"].item() for s in seen) / 2, rel=1e-6)
-    expected = (out.ce + model.config.router_aux_loss_coef * out.aux
-                + model.config.router_z_loss_coef * out.z)
-    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert out.ce is not None and not hasattr(out, "loss")  # the objective weighs ce, aux and z
 
 
 def test_dropless_gather_path_has_the_gradients_of_the_scatter_path():

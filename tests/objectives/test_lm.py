@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from h64lm.data import IGNORE_INDEX, Batch
 from h64lm.objectives import LanguageModelling, StepShare
+from h64lm.objectives.lm import lm_loss
 from h64lm.train.step import forward_backward
 from tests.model.conftest import build
 
@@ -84,6 +85,18 @@ def test_equal_unmasked_micro_batches_keep_the_old_loss_bit_for_bit():
     got = torch.stack([terms[k] for k in ("loss", "ce", "aux", "z")])
     assert torch.equal(got, old), (got, old)
     assert old[2] > 0 and old[3] > 0  # the router terms are really in it
+
+
+def test_lm_loss_weighs_the_models_terms_as_the_objective_does_one_micro_batch():
+    """The model returns ce, aux and z but no loss; the coefficients are the objective's."""
+    model = build(moe_layers="all", router_aux_loss_coef=0.3, router_z_loss_coef=0.1).train()
+    batch = _micro_batches(masked=False)[0]
+    out = model(batch.input_ids, labels=batch.labels, return_logits=False)
+    assert not hasattr(out, "loss")
+    loss = lm_loss(out, model.config)
+    assert torch.equal(loss, out.ce + 0.3 * out.aux + 0.1 * out.z) and out.aux > 0 and out.z > 0
+    n = batch.num_targets()
+    assert torch.equal(LanguageModelling(model.config)(model, batch, StepShare(n, n, 1, 1)).loss, loss)
 
 
 def test_step_share_weight():

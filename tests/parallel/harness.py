@@ -17,15 +17,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from h64lm.model import H64LMConfig, H64LMForCausalLM
-from h64lm.parallel import (
-    ParallelLayout,
-    build_mesh,
-    build_parallel_model,
-    clip_grad_norm_,
-    load_sharded,
-    save_consolidated,
-    save_sharded,
-)
+from h64lm.objectives.lm import lm_loss
+from h64lm.parallel import ParallelLayout, build_mesh, build_parallel_model, clip_grad_norm_
+from h64lm.runtime.checkpoint.sharded import load_sharded, save_consolidated, save_sharded
 
 SEED = 1234
 GLOBAL_BATCH, SEQ = 4, 16
@@ -69,17 +63,23 @@ def step(model, opt, batch: torch.Tensor) -> Dict[str, float]:
     """One optimizer step on this rank's rows -> global mean loss and the global grad norm."""
     rows = local_rows(batch)
     out = model(rows[:, :-1], labels=rows[:, 1:])
-    out.loss.backward()
+    local = lm_loss(out, config_of(model))
+    local.backward()
     norm = clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    loss = out.loss.detach().clone()
+    loss = local.detach().clone()
     dropped = torch.stack([r["dropped"] for r in out.router]).mean() if out.router else loss * 0
     if dist.is_initialized():
         dist.all_reduce(loss)
         loss /= dist.get_world_size()
-    return {"loss": loss.item(), "grad_norm": norm.item(), "local_loss": out.loss.item(),
+    return {"loss": loss.item(), "grad_norm": norm.item(), "local_loss": local.item(),
             "local_dropped": dropped.item()}
+
+
+def config_of(model) -> H64LMConfig:
+    """The model's config under DDP (`.module`) or FSDP2 (the module itself)."""
+    return getattr(model, "module", model).config
 
 
 def optimizer(model) -> torch.optim.Optimizer:
@@ -122,7 +122,7 @@ def local_forward(cfg_overrides: dict, strategy: str, ep: int, steps: int) -> Li
         for batch in batches(cfg, steps):
             rows = local_rows(batch)
             out = model(rows[:, :-1], labels=rows[:, 1:])
-            results.append({"loss": out.loss.item(),
+            results.append({"loss": lm_loss(out, cfg).item(),
                             "dropped": [r["dropped"].item() for r in out.router]})
     return results
 

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from safetensors.torch import load_model as load_weights  # strict by default
 
 from h64lm.model import H64LMForCausalLM
-from h64lm.parallel import (
+from h64lm.runtime.checkpoint.sharded import (
     ShardedCheckpointError,
     load_sharded,
     save_consolidated,

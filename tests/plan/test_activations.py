@@ -7,6 +7,7 @@ import torch
 
 from h64lm.model import H64LMForCausalLM
 from h64lm.model.config import H64LMConfig
+from h64lm.objectives.lm import lm_loss
 from h64lm.plan.activations import activation_bytes
 from h64lm.plan.measure import autocast_for, measure_retained, measure_saved
 from h64lm.train.wrap import apply_activation_checkpointing
@@ -35,7 +36,7 @@ def _setup(overrides, checkpointing, precision):
 
     def forward():
         with autocast_for(precision, "cpu"):
-            return model(x, labels=x, return_logits=False).loss
+            return lm_loss(model(x, labels=x, return_logits=False), config)
     return config, model, forward
 
 

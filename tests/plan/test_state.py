@@ -8,9 +8,10 @@ import torch
 from h64lm.config import OptimConfig
 from h64lm.model import H64LMForCausalLM
 from h64lm.model.config import H64LMConfig
+from h64lm.objectives.lm import lm_loss
+from h64lm.optim.optimizer import build_optimizer, param_groups
 from h64lm.plan.measure import measure_state
 from h64lm.plan.params import parameter_shapes, state_bytes
-from h64lm.train.optim import build_optimizer, param_groups
 
 SMALL = dict(vocab_size=256, hidden_size=32, num_layers=3, num_attention_heads=4, num_kv_heads=2,
              intermediate_size=64, moe_intermediate_size=24, num_experts=4,
@@ -35,7 +36,7 @@ def test_state_bytes_equal_measured(name, fused):
                                   foreach=None if fused else True)
     x = torch.randint(0, config.vocab_size, (2, 16))
     measured = measure_state(model, optimizer,
-                             lambda: model(x, labels=x, return_logits=False).loss)
+                             lambda: lm_loss(model(x, labels=x, return_logits=False), config))
     planned = state_bytes(config)
     assert (planned.params, planned.grads, planned.optimizer) == (
         measured["params"], measured["grads"], measured["optimizer"])
@@ -49,7 +50,7 @@ def test_muon_state_bytes_equal_measured(name):
     model = H64LMForCausalLM(config)
     optimizer = build_optimizer(model, OptimConfig(name="muon"), torch.device("cpu"))
     x = torch.randint(0, config.vocab_size, (2, 16))
-    measured = measure_state(model, optimizer, lambda: model(x, labels=x, return_logits=False).loss)
+    measured = measure_state(model, optimizer, lambda: lm_loss(model(x, labels=x, return_logits=False), config))
     planned, adamw = state_bytes(config, optim="muon"), state_bytes(config)
     assert (planned.params, planned.grads, planned.optimizer) == (
         measured["params"], measured["grads"], measured["optimizer"])

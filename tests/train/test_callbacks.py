@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from h64lm.model.moe import moe_layers
+from h64lm.runtime.control import TrainingDiverged
+from h64lm.runtime.distributed import Dist
 from h64lm.train.callbacks import Callback, default_callbacks
-from h64lm.train.control import TrainingDiverged
-from h64lm.train.distributed import Dist
 from h64lm.train.loop import Trainer
 from tests.helpers import run_config
 from tests.train.test_parallel_fast import ARGS, masked_stage

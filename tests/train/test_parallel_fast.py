@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 
 from h64lm.data import IGNORE_INDEX, Batch, TokenLoader
 from h64lm.objectives import LanguageModelling
-from h64lm.train.distributed import Dist
+from h64lm.runtime.distributed import Dist
 from h64lm.train.metrics import read_metrics
 from h64lm.train.stage import Stage
 from tests.helpers import FAST, run_config

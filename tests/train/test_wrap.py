@@ -4,6 +4,7 @@ never the numbers or the checkpoint names."""
 import pytest
 import torch
 
+from h64lm.objectives.lm import lm_loss
 from h64lm.train.wrap import apply_activation_checkpointing
 from tests.model.conftest import build
 
@@ -18,8 +19,9 @@ def test_activation_checkpointing_gives_same_loss_gradients_and_names():
             apply_activation_checkpointing(model)
             assert list(model.state_dict()) == names  # checkpoints interchangeable
         out = model(ids, labels=ids)
-        out.loss.backward()
-        results.append((out.loss.item(), [p.grad.clone() for p in model.parameters()]))
+        loss = lm_loss(out, model.config)
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
     assert results[0][0] == pytest.approx(results[1][0], abs=1e-6)
     for a, b in zip(results[0][1], results[1][1]):
         assert torch.allclose(a, b, atol=1e-6)

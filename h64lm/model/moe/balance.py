@@ -2,7 +2,7 @@
 
 Both functions take counts that the caller has already summed over the optimizer step's
 micro-batches and all-reduced over data-parallel ranks, so the model holds no distributed code
-(`h64lm.train.balancing` does the counting and the all-reduce).
+(`h64lm.objectives.balancing` does the counting and the all-reduce).
 """
 
 from typing import Dict, Mapping

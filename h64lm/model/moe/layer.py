@@ -62,7 +62,7 @@ class MoELayer(nn.Module):
             if self.global_balance is None:
                 raise RuntimeError(
                     "model.router_aux_loss_scope=global needs the step's global counts: call "
-                    "h64lm.train.balancing.prepare_global_balance before the step's forwards")
+                    "h64lm.objectives.balancing.prepare_global_balance before the step's forwards")
             f, scale = self.global_balance
             return switch_loss_global(routing.probs, f.to(routing.probs.device), scale)
         return switch_load_balancing_loss(routing.probs, routed_counts)

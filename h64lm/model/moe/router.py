@@ -8,7 +8,7 @@ a single weight gives p / p = 1, and the LM loss would then send the router no g
 Auxiliary-loss-free balancing (DeepSeek-V3, arXiv 2412.19437): with `use_bias`, a per-expert bias
 b [E] is added to the scores for the top-k SELECTION only; the gate weights use the unbiased scores.
 b is a persistent buffer (saved in checkpoints, never seen by the optimizer), moved from outside
-after each optimizer step by `h64lm.train.balancing.RouterBiasUpdate` (an optimizer post-step hook).
+after each optimizer step by `h64lm.objectives.balancing.RouterBiasUpdate` (an optimizer post-step hook).
 
 Logits and scores run in fp32 even under autocast: small logit differences decide the routing,
 and the z-loss squares logsumexp.

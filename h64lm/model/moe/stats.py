@@ -16,6 +16,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from h64lm.plotting import LOAD_RATIO_CMAP, clip_load_ratio, load_ratio_colorbar, load_ratio_norm
+
 from .balance import moe_layers
 
 __all__ = ["load_max_over_mean", "load_entropy", "router_entropy", "top1_changed",
@@ -117,8 +119,6 @@ def plot_load_heatmap(records: Sequence[Dict[str, Any]], path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from h64lm.plotting import LOAD_RATIO_CMAP, clip_load_ratio, load_ratio_colorbar, load_ratio_norm
 
     steps, labels, ratio = load_matrix(records)
     fig, ax = plt.subplots(figsize=(8, 1.5 + 0.18 * len(labels)))

@@ -5,7 +5,8 @@
   manifest.py: size + SHA-256 of every file, checked before anything is read; safe_load.py:
   DCP's pickled metadata and values read without running code; trust.py: which checkpoint to
   trust; legacy.py: the `.pt` files and DCP directories of the earlier layouts; weights.py:
-  loading a state dict and `best_model.safetensors`; `python -m h64lm.runtime.checkpoint`:
+  loading a state dict and `best_model.safetensors`; sharded.py: a model (+ optimizer) saved and
+  loaded outside the trainer (the parallel tests' harness); `python -m h64lm.runtime.checkpoint`:
   verify / upgrade from the command line.
 """
 

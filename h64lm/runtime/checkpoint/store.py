@@ -32,6 +32,10 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from torch.distributed.tensor import DTensor
 
+from h64lm.config import run_config_from_yaml
+from h64lm.model import H64LMForCausalLM
+from h64lm.optim.optimizer import build_optimizer
+
 from .errors import CheckpointError, os_error_line
 from .layout import fsync_dir, remove_stale_temporaries
 from .legacy import is_legacy_file, load_legacy_file, load_plain
@@ -211,10 +215,6 @@ def _load_legacy_into(path: Path, model: nn.Module, optimizer: Optional[torch.op
         return
     # A sharded model: a plain CPU copy names the file's optimizer state (indexed by position) by
     # parameter, then each rank keeps its slices of the full tensors.
-    from h64lm.config import run_config_from_yaml
-    from h64lm.model import H64LMForCausalLM
-    from h64lm.train.optim import build_optimizer
-
     saved = run_config_from_yaml(state["config"])
     plain = H64LMForCausalLM(saved.model)
     load_model_state(plain, state["model"])

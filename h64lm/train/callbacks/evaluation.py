@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from h64lm.eval import validation
+from h64lm.eval import LOCAL_TASKS, downstream_metrics, validation
+from h64lm.eval.samples import sample_continuations
 from h64lm.model.moe import routing_snapshot
 from h64lm.train.callbacks.base import Callback
-from h64lm.train.evaluate import sample_continuations
 from h64lm.validation import check
 
 if TYPE_CHECKING:
@@ -103,8 +103,6 @@ class Downstream(Callback):
             return True
         if not trainer.d.is_main or trainer.stop_requested():
             return True
-        from h64lm.eval import LOCAL_TASKS, downstream_metrics
-
         metrics = downstream_metrics(trainer.model, trainer.tokenizer, list(LOCAL_TASKS), trainer.val_tokens,
                                      trainer.run_dir / "downstream", str(trainer.d.device),
                                      t.val_batch_size or t.batch_size, limit=t.downstream_limit,

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from h64lm.cli import run
-from h64lm.train.checkpoint import CheckpointError
+from h64lm.runtime.checkpoint import CheckpointError
 from h64lm.train.metrics import read_metrics
 from h64lm.validation import ConfigError
 from tests.helpers import FAST, run_cli, run_config, text_corpus
@@ -56,7 +56,7 @@ def test_resumes_keep_the_original_provenance_and_refused_launches_change_nothin
 
 def test_a_second_live_run_in_the_directory_is_refused(tmp_path, corpus):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from h64lm.train.rundir import RunDirLock; "
+        [sys.executable, "-c", "import sys, time; from h64lm.runtime.rundir import RunDirLock; "
          "RunDirLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)", str(tmp_path)],
         stdout=subprocess.PIPE, text=True)
     try:
@@ -133,7 +133,7 @@ def test_stop_during_evaluation_saves_within_seconds(tmp_path, corpus, monkeypat
     import signal
 
     from h64lm.eval import validation
-    from h64lm.train.control import TrainingStopped
+    from h64lm.runtime.control import TrainingStopped
 
     real = validation.evaluate
     calls = []

@@ -9,9 +9,10 @@ import torch
 from h64lm.config import ConfigError, OptimConfig
 from h64lm.model import H64LMConfig, H64LMForCausalLM
 from h64lm.model.moe.experts import Experts
-from h64lm.train import muon
-from h64lm.train.muon import NS_DTYPES, Matrix, MuonAdamW, matrices, newton_schulz
-from h64lm.train.optim import build_optimizer
+from h64lm.objectives.lm import lm_loss
+from h64lm.optim import muon
+from h64lm.optim.muon import NS_DTYPES, Matrix, MuonAdamW, matrices, newton_schulz
+from h64lm.optim.optimizer import build_optimizer
 
 MUON = dict(momentum=0.95, nesterov=True, ns_steps=5)
 
@@ -143,7 +144,7 @@ def test_state_dict_round_trip_continues_identically():
     x = torch.randint(0, 64, (2, 8))
 
     def step(m, o):
-        m(x, labels=x).loss.backward()
+        lm_loss(m(x, labels=x), m.config).backward()
         o.step()
         o.zero_grad()
 
@@ -185,7 +186,7 @@ def test_a_checkpoint_from_before_ns_dtype_resumes_in_bf16():
     model = H64LMForCausalLM(H64LMConfig(vocab_size=64))
     opt = build_optimizer(model, OptimConfig(name="muon"), torch.device("cpu"))
     x = torch.randint(0, 64, (2, 8))
-    model(x, labels=x).loss.backward()
+    lm_loss(model(x, labels=x), model.config).backward()
     opt.step()
     saved = copy.deepcopy(opt.state_dict())
     assert [g.pop("ns_dtype") for g in saved["param_groups"] if g["use_muon"]] == ["fp32"]  # CPU: auto

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from h64lm.config import OptimConfig
-from h64lm.train.optim import build_optimizer, build_scheduler, lr_factor, param_groups
+from h64lm.optim.optimizer import build_optimizer, build_scheduler, lr_factor, param_groups
 
 
 def test_warmup_is_linear_from_lr_over_warmup():

@@ -10,9 +10,9 @@ counts from the previous step or a running average change the loss.
 
 Call sequence for one optimizer step (the trainer's side; `raw` is the model without DDP):
 
-    micro = [loader.next_batch() for _ in range(accum)]                    # keep the step's batches
-    counts = prepare_global_balance(raw, [x for x, _ in micro], group)     # scope=global only
-    for x, y in micro: (model(x, labels=y).loss / accum).backward()         # DDP averages ranks
+    micro = [loader.next_batch() for _ in range(accum)]                      # keep the step's batches
+    counts = prepare_global_balance(raw, [x for x, _ in micro], group)       # scope=global only
+    for x, y in micro: (lm_loss(model(x, labels=y), cfg) / accum).backward()  # DDP averages ranks
     optimizer.step(); optimizer.zero_grad()
     bias.set_loads(step's loads)          # RouterBiasUpdate: runs after optimizer.step()
 """

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from h64lm.config import build_run_config, compose
-from h64lm.console import continue_command, final_summary_line, launcher
+from h64lm.runtime.console import continue_command, final_summary_line, launcher
 
 ODD = Path("/tmp/my runs/sweep, one/3 'quoted' \"x\"")  # a space, a comma (a Hydra sweep), quotes
 

@@ -1,14 +1,13 @@
-"""Text samples from fixed prompts; the validation loss lives in h64lm/eval/validation.py (re-exported
-here for the callers of earlier versions)."""
+"""Text samples from fixed prompts (the validation loss: h64lm/eval/validation.py)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from h64lm.eval.validation import evaluate
+from h64lm.model import left_pad
 
-__all__ = ["evaluate", "sample_continuations"]
+__all__ = ["sample_continuations"]
 
 
 @torch.no_grad()
@@ -29,8 +28,6 @@ def sample_continuations(
     Prompt and continuation are decoded together: decoding them apart would drop the space that
     sentencepiece's word-start marker stands for ("Hello" + "the" -> "Hellothe"). An empty prompt
     generates from BOS alone."""
-    from h64lm.model import left_pad
-
     was_training = model.training
     model.eval()
     encoded = [tokenizer.encode(p, bos=True) for p in prompts]

@@ -9,7 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from h64lm.train.balancing import accumulate_counts, prepare_global_balance, update_router_bias
+from h64lm.objectives.balancing import accumulate_counts, prepare_global_balance, update_router_bias
+from h64lm.objectives.lm import lm_loss
 from tests.model.conftest import build
 
 GLOBAL = dict(moe_layers="all", router_aux_loss_scope="global", router_aux_loss_coef=0.5)
@@ -26,7 +27,7 @@ def _step(model, micro, group=None):
     prepare_global_balance(model, [x for x, _ in micro], group)
     total = 0.0
     for x, y in micro:
-        loss = model(x, labels=y).loss / len(micro)
+        loss = lm_loss(model(x, labels=y), model.config) / len(micro)
         loss.backward()
         total += loss.item()
     return total
@@ -39,8 +40,9 @@ def test_global_scope_over_micro_batches_equals_one_forward_of_the_global_batch(
     ref_model = build(**{**GLOBAL, "router_aux_loss_scope": "micro_batch"}).train()
     x, y = (torch.cat(t) for t in zip(*micro))
     ref = ref_model(x, labels=y)
-    ref.loss.backward()
-    assert loss == pytest.approx(ref.loss.item(), rel=1e-6)
+    ref_loss = lm_loss(ref, ref_model.config)
+    ref_loss.backward()
+    assert loss == pytest.approx(ref_loss.item(), rel=1e-6)
     for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
         assert torch.allclose(p.grad, q.grad, atol=1e-6), name
     # the micro-batch scope on the same micro-batches is a different loss
@@ -137,7 +139,7 @@ def test_router_bias_updates_balance_a_router_that_prefers_one_expert(score):
 def test_bias_moves_only_when_the_optimizer_steps_and_a_nan_bias_is_counted():
     """The post-step hook: a step moves b by rate * sign(mean - c); a skipped step (no
     optimizer.step()) moves nothing; a NaN bias shows in `nonfinite()` (divergence signal)."""
-    from h64lm.train.balancing import RouterBiasUpdate
+    from h64lm.objectives.balancing import RouterBiasUpdate
 
     model = build(num_layers=1, moe_layers="all", num_experts=4, router_bias_update_rate=0.25)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)

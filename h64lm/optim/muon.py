@@ -18,7 +18,7 @@ It is applied to each *matrix* of a parameter separately, through views (`matric
   norm below one, and the smaller K/V blocks of GQA get a share set by Q's.
 Every matrix is viewed in nn.Linear's [out, in] orientation, so an expert's lr adjustment is the
 one a Linear layer of the same shape gets. torch.optim.Muon itself takes whole 2-D parameters only;
-tests/train/test_muon.py checks this update against it matrix by matrix (bit for bit for a matrix
+tests/optim/test_muon.py checks this update against it matrix by matrix (bit for bit for a matrix
 alone; batched, to bf16 rounding).
 Matrices of one shape (a layer's experts, the layers' W_o...) go through Newton-Schulz as one
 batch: one bmm chain instead of a few hundred small matmuls per step.
@@ -39,6 +39,11 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 from torch.optim.adamw import adamw
+
+from h64lm.model.attention import Attention
+from h64lm.model.mlp import SwiGLU
+from h64lm.model.moe.experts import Experts
+from h64lm.parallel.expert_parallel import ExpertParallel  # experts split over ranks, same names
 
 __all__ = ["Matrix", "MuonAdamW", "matrices", "muon_layouts", "newton_schulz", "NS_BATCH_NUMEL", "NS_COEFFICIENTS",
            "NS_DTYPES"]
@@ -73,11 +78,6 @@ def matrices(t: Tensor, layout: Matrix) -> list[Tensor]:
 def muon_layouts(model: nn.Module, split_fused: bool) -> dict[nn.Parameter, Matrix]:
     """The hidden matrices of an H64LM model and their layouts: attention W_qkv and W_o, dense and
     shared SwiGLU, stacked experts. Embeddings, LM head, norms and routers are left to AdamW."""
-    from h64lm.model.attention import Attention
-    from h64lm.model.mlp import SwiGLU
-    from h64lm.model.moe.experts import Experts
-    from h64lm.parallel.expert_parallel import ExpertParallel  # experts split over ranks, same names
-
     layouts: dict[nn.Parameter, Matrix] = {}
     for module in model.modules():
         if isinstance(module, Attention):

@@ -9,7 +9,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from h64lm.config import OptimConfig
-from h64lm.train.muon import MuonAdamW, muon_layouts
+from h64lm.optim.muon import MuonAdamW, muon_layouts
 
 __all__ = ["build_muon", "build_optimizer", "build_scheduler", "lr_factor", "param_groups"]
 

@@ -11,9 +11,10 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from h64lm.runtime.checkpoint import CheckpointError, consolidated_state_dict, load_into, save_consolidated
-from h64lm.runtime.checkpoint.manifest import verify_manifest
-from h64lm.runtime.checkpoint.store import begin_save, finish_save, shard_error, state_of, write_shards
+from .errors import CheckpointError
+from .manifest import verify_manifest
+from .store import begin_save, finish_save, load_into, shard_error, state_of, write_shards
+from .weights import consolidated_state_dict, save_consolidated
 
 __all__ = ["ShardedCheckpointError", "SaveHandle", "save_sharded", "load_sharded", "verify_sharded",
            "consolidated_state_dict", "save_consolidated"]
