@@ -41,7 +41,7 @@ from h64lm.train.optim import build_optimizer, build_scheduler
 from h64lm.train.precision import resolve_precision
 from h64lm.train.resume import find_resume_state
 from h64lm.train.sharded import build_model
-from h64lm.train.stage import StageFactory, pretraining_stage
+from h64lm.train.stage import StageFactory, stage_factory
 from h64lm.train.step import StepStats, forward_backward, reduce_stats
 from h64lm.validation import ConfigError
 
@@ -57,7 +57,7 @@ def _memory_gb(device: torch.device) -> float:
 class Trainer:
     def __init__(self, run: RunConfig, run_dir: Path, overrides: list[str], d: Dist,
                  sweep_dir: str | None = None, log: Callable[[str], None] | None = None,
-                 stage: StageFactory = pretraining_stage, callbacks: list[Callback] | None = None):
+                 stage: StageFactory | None = None, callbacks: list[Callback] | None = None):
         run = adopt_source_architecture(run, overrides, log or (print if d.is_main else (lambda _: None)))
         self.run, self.run_dir, self.overrides, self.d = run, Path(run_dir), overrides, d
         self.sweep_dir = sweep_dir
@@ -70,10 +70,11 @@ class Trainer:
         seed_everything(t.seed)
         self.tokenizer = load_tokenizer(data)
         check_vocab(self.tokenizer, run.model.vocab_size)
-        built = stage(run, d, self.tokenizer)
+        built = (stage or stage_factory(run))(run, d, self.tokenizer)  # stage=None: stage.name's
         self.loader, self.objective, self.val_tokens = built.loader, built.objective, built.val_tokens
-        self.val_windows = {n: validation_windows(self.val_tokens, n, data.val_windows)
-                            for n in [data.seq_len, *t.extra_eval_seq_lens]}
+        self.val_batches = built.val_batches
+        self.val_windows = {} if self.val_tokens is None else {
+            n: validation_windows(self.val_tokens, n, data.val_windows) for n in [data.seq_len, *t.extra_eval_seq_lens]}
 
         self.precision = resolve_precision(run.hardware.precision, d.device)
         init = None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from h64lm.eval import validation
 from h64lm.model.moe import routing_snapshot
 from h64lm.train.callbacks.base import Callback
@@ -17,12 +19,19 @@ __all__ = ["ValidationLoss", "RoutingSnapshots", "Sampling", "Downstream"]
 
 
 class ValidationLoss:
-    """Validation loss at the training length and `train.extra_eval_seq_lens`, then the history.
-    Run by the trainer before the `Callback`s: best checkpoints and the history depend on it."""
+    """Validation loss at the training length and `train.extra_eval_seq_lens` (pretraining
+    windows) or over the stage's validation batches (SFT), then the history. Run by the trainer
+    before the `Callback`s: best checkpoints and the history depend on it."""
 
     def __call__(self, trainer: "Trainer", record: dict[str, Any], step_losses: list[float]) -> bool:
         run = trainer.run
         batch = run.train.val_batch_size or run.train.batch_size
+        if trainer.val_batches is not None:
+            out = validation.evaluate_batches(trainer.model, trainer.val_batches, trainer.precision, trainer.d,
+                                              trainer.stop_requested)
+            if out is None:
+                return False
+            record["val_loss"], record["val_ppl"] = out
         for n, windows in trainer.val_windows.items():
             out = validation.evaluate(trainer.model, windows, batch, trainer.precision, trainer.d,
                                       trainer.stop_requested)
@@ -48,7 +57,10 @@ class RoutingSnapshots(Callback):
         self.last: dict[str, Any] | None = None
 
     def on_eval(self, trainer: "Trainer", record: dict[str, Any]) -> bool:
-        windows = trainer.val_windows[trainer.run.data.seq_len][:8, :-1]  # [8, T] fixed tokens
+        if trainer.val_batches is not None:  # packed validation rows: the first 8
+            windows = torch.cat([b.input_ids for b in trainer.val_batches])[:8]  # [8, T]
+        else:
+            windows = trainer.val_windows[trainer.run.data.seq_len][:8, :-1]  # [8, T] fixed tokens
         self.last = routing_snapshot(trainer.model, windows.to(trainer.d.device).split(4), previous=self.last)
         record["routing"] = self.last["layers"]
         return True

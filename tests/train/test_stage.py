@@ -1,0 +1,136 @@
+"""stage=sft through the same trainer: masked loss, validation on held-out conversations, exact
+resume, init_from a pretrained run, and the config rules between stage and data."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from h64lm.cli import run
+from h64lm.data.batch import IGNORE_INDEX
+from h64lm.data.tasks.arithmetic import make_splits
+from h64lm.runtime.checkpoint import read_full_state
+from h64lm.train.distributed import Dist
+from h64lm.train.metrics import read_metrics
+from h64lm.validation import ConfigError
+from tests.helpers import FAST, compose_cfg, run_config, text_corpus
+
+ONE = Dist(0, 1, torch.device("cpu"))
+# FAST's tiny model; windows long enough for one arithmetic problem (~60 tokens) or two
+SFT = [a for a in FAST if not a.startswith("data.")] + [
+    "stage=sft", "data=arithmetic", "data.seq_len=96", "data.max_samples=200", "data.val_windows=4",
+    "train.sample_tokens=0", "train.keep_last=5"]
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("sft") / "full"
+    run(run_config(SFT), run_dir, SFT)
+    return run_dir
+
+
+def test_sft_run_trains_and_validates_on_held_out_conversations(sft_run):
+    records = read_metrics(sft_run / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 7))
+    val = [r["val_loss"] for r in records if "val_loss" in r]
+    assert len(val) == 2 and all(math.isfinite(v) for v in val)
+    assert val[1] < val[0]  # six AdamW/Muon steps from random weights lower the held-out loss
+    assert all(r["routing"] for r in records if "val_loss" in r)  # MoE snapshots on packed rows
+
+
+def _assistant_tokens() -> dict[tuple, int]:
+    """Each train conversation's input ids (its tokens but the last, which nothing follows) -> its
+    number of assistant tokens, straight from mistral-common (the conversation minus its prompt)."""
+    from mistral_common.protocol.instruct.messages import AssistantMessage, UserMessage
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.protocol.instruct.validator import ValidationMode
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    from h64lm.data.tokenizer import mistral_model_file
+
+    # agnostic: a conversation may end with the assistant's turn (training, not serving)
+    tok = MistralTokenizer.from_file(str(mistral_model_file()), mode=ValidationMode.agnostic)
+    out = {}
+    for p in make_splits()["train"][:200]:
+        full = tok.encode_chat_completion(ChatCompletionRequest(
+            messages=[UserMessage(content=p.question), AssistantMessage(content=p.answer)])).tokens
+        prompt = tok.encode_chat_completion(ChatCompletionRequest(
+            messages=[UserMessage(content=p.question)])).tokens
+        out[tuple(full[:-1])] = len(full) - len(prompt)
+    return out
+
+
+def test_the_loss_covers_assistant_tokens_only(tmp_path):
+    """The step's cross-entropy is the mean over the assistant tokens of its batch: the targets
+    are exactly mistral-common's assistant tokens, and the logged ce equals a direct computation
+    with the starting weights over those targets (not over every token)."""
+    from h64lm.train.loop import Trainer
+
+    trainer = Trainer(run_config(SFT), tmp_path, SFT, ONE, callbacks=[])
+    batch = copy.deepcopy(trainer.loader).next_batch()
+    counts = _assistant_tokens()
+    for row in range(batch.input_ids.shape[0]):
+        docs = batch.document_ids[row]
+        for doc in docs.unique().tolist():
+            ids = tuple(batch.input_ids[row][docs == doc].tolist())
+            targets = int((batch.labels[row][docs == doc] != IGNORE_INDEX).sum())
+            if doc == docs.max() and ids not in counts:  # the padding at the end of a window
+                assert targets == 0
+                continue
+            assert targets == counts[ids] > 0
+    with torch.no_grad():
+        logits = trainer.model(batch.input_ids, document_ids=batch.document_ids).logits
+    masked = F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX)
+    shifted = torch.cat([batch.input_ids[:, 1:], batch.input_ids[:, :1]], dim=1)  # every token's next
+    everything = F.cross_entropy(logits.flatten(0, 1), shifted.flatten())
+    stats = trainer.train_step(stop_requested=False)
+    assert stats.terms["ce"] == pytest.approx(masked.item(), rel=1e-5)
+    assert abs(masked.item() - everything.item()) > 1e-3  # the check can tell the two apart
+
+
+def test_sft_resume_from_step_k_is_bit_exact(tmp_path, sft_run):
+    """The packed loader's position, the RNG and the optimizer continue exactly (CPU, fp32)."""
+    resume = SFT + [f"train.resume={sft_run / 'checkpoints' / 'step_0000003'}"]
+    run(run_config(resume), tmp_path, resume)
+    full = {r["step"]: (r["loss"], r.get("val_loss")) for r in read_metrics(sft_run / "metrics.jsonl")}
+    again = {r["step"]: (r["loss"], r.get("val_loss")) for r in read_metrics(tmp_path / "metrics.jsonl")}
+    assert sorted(again) == [4, 5, 6]
+    assert all(again[s] == full[s] for s in again), (again, full)  # bit for bit
+    a = read_full_state(sft_run / "checkpoints" / "step_0000006")["model"]
+    b = read_full_state(tmp_path / "checkpoints" / "step_0000006")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sft_starts_from_a_pretrained_run(tmp_path):
+    from h64lm.train.loop import Trainer
+
+    pre = FAST + ["data=text", f"data.path={text_corpus(tmp_path)}", "train.max_steps=2",
+                  "train.sample_tokens=0"]
+    run(run_config(pre), tmp_path / "pre", pre)
+    sft = SFT + [f"train.init_from={tmp_path / 'pre'}"]
+    trainer = Trainer(run_config(sft), tmp_path / "sft", sft, ONE, callbacks=[])
+    pretrained = read_full_state(tmp_path / "pre" / "checkpoints" / "step_0000002")["model"]
+    state = trainer.model.state_dict()
+    assert all(torch.equal(state[k], pretrained[k]) for k in pretrained)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["stage=sft"], r"^stage=sft needs a data source of conversations .*not data=wiki_excerpt"),
+    (["data=arithmetic"], r"^data=arithmetic holds conversations for fine-tuning; add stage=sft"),
+    (["stage=sft", "data=arithmetic", "train.extra_eval_seq_lens=[64]"], r"^train\.extra_eval_seq_lens"),
+    (["stage=sft", "data=arithmetic", "train.downstream_every=5"], r"^train\.downstream_every"),
+])
+def test_stage_and_data_must_agree(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        run_config(overrides)
+
+
+def test_stage_typos_fail_at_compose_time():
+    with pytest.raises(Exception, match="sfty"):
+        compose_cfg(["stage=sfty"])
+    with pytest.raises(Exception, match="nmae"):
+        compose_cfg(["stage=sft", "stage.nmae=sft"])
+    with pytest.raises(ConfigError, match="stage.name"):
+        run_config(["stage.name=dpo"])
