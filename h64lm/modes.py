@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 
 from h64lm.config import RunConfig, run_config_from_yaml
+from h64lm.data.config import SFT_SOURCES
 from h64lm.data import DataConfig, check_vocab, load_tokenizer, prepare_corpus, validation_windows
 from h64lm.model import H64LMForCausalLM
 from h64lm.runtime.checkpoint import load_into, read_extras, resolve
 from h64lm.train.distributed import Dist
 from h64lm.train.evaluate import evaluate, sample_continuations
-from h64lm.train.precision import resolve_precision
+from h64lm.train.precision import Precision, resolve_precision
 
 __all__ = ["load_trained_model", "evaluate_checkpoint", "generate_from_checkpoint", "export_checkpoint",
            "plan_layouts_for"]
@@ -53,13 +54,16 @@ def evaluate_checkpoint(run_cfg: RunConfig, out_dir: Path, overrides: list[str],
     data = _data_for_eval(run_cfg, saved, overrides)
     tokenizer = load_tokenizer(data)
     check_vocab(tokenizer, model.config.vocab_size)
+    batch = run_cfg.train.val_batch_size or run_cfg.train.batch_size
+    precision = resolve_precision(run_cfg.hardware.precision, d.device)
+    if data.name in SFT_SOURCES:
+        return _evaluate_sft(run_cfg, data, model, precision, out_dir, d)
     corpus_val = prepare_corpus(data, tokenizer).val
     windows = validation_windows(corpus_val, data.seq_len, data.val_windows)
-    batch = run_cfg.train.val_batch_size or run_cfg.train.batch_size
     if d.is_main:
         print(f"evaluating {run_cfg.checkpoint} on {len(windows)} windows of {data.seq_len} tokens "
               f"({data.name}), batch {batch}", flush=True)
-    loss, ppl = evaluate(model, windows, batch, resolve_precision(run_cfg.hardware.precision, d.device), d)
+    loss, ppl = evaluate(model, windows, batch, precision, d)
     result = {"checkpoint": str(run_cfg.checkpoint), "data": data.name, "seq_len": data.seq_len,
               "windows": len(windows), "tokens": len(windows) * data.seq_len, "val_loss": loss, "val_ppl": ppl}
     ev = run_cfg.eval
@@ -76,6 +80,36 @@ def evaluate_checkpoint(run_cfg: RunConfig, out_dir: Path, overrides: list[str],
         (out_dir / "eval.json").write_text(json.dumps(result, indent=1))
         print(f"val_loss {loss:.4f}  val_ppl {ppl:.2f}  ({result['tokens']} tokens of {data.name}); "
               f"written to {out_dir / 'eval.json'}", flush=True)
+    return loss
+
+
+def _evaluate_sft(run_cfg: RunConfig, data: DataConfig, model: H64LMForCausalLM, precision: Precision,
+                  out_dir: Path, d: Dist) -> float:
+    """A fine-tuned checkpoint: the loss on the held-out conversations' assistant tokens (as the
+    run validated) and, for a task with a test split, exact-match accuracy (`stage.eval_examples`)."""
+    from h64lm.eval.exact_match import TASK_SOURCES, arithmetic_exact_match
+    from h64lm.eval.validation import evaluate_batches
+    from h64lm.train.stage import sft_validation_batches
+
+    t, s = run_cfg.train, run_cfg.stage
+    batches = sft_validation_batches(data, t.val_batch_size or t.batch_size)
+    if d.is_main:
+        print(f"evaluating {run_cfg.checkpoint} on {sum(len(b.input_ids) for b in batches)} packed "
+              f"windows of held-out {data.name} conversations", flush=True)
+    loss, ppl = evaluate_batches(model, batches, precision, d)
+    result = {"checkpoint": str(run_cfg.checkpoint), "data": data.name, "seq_len": data.seq_len,
+              "targets": sum(b.num_targets() for b in batches), "val_loss": loss, "val_ppl": ppl}
+    if data.name in TASK_SOURCES and s.eval_examples:
+        result["sft/exact_match"] = arithmetic_exact_match(model, s.eval_examples, s.eval_max_new_tokens,
+                                                           t.val_batch_size or t.batch_size, precision.autocast)
+        result["exact_match_examples"] = s.eval_examples
+    if d.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "eval.json").write_text(json.dumps(result, indent=1))
+        accuracy = (f"  exact match {result['sft/exact_match']:.3f} on {s.eval_examples} test problems"
+                    if "sft/exact_match" in result else "")
+        print(f"val_loss {loss:.4f}  val_ppl {ppl:.2f}  ({result['targets']} assistant tokens of {data.name})"
+              f"{accuracy}; written to {out_dir / 'eval.json'}", flush=True)
     return loss
 
 

@@ -21,10 +21,11 @@ import torch
 from h64lm.config import RunConfig
 from h64lm.data import Loader, TokenLoader, Tokenizer, prepare_corpus
 from h64lm.data.batch import Batch
+from h64lm.data.config import DataConfig
 from h64lm.objectives import LanguageModelling, Objective
 from h64lm.train.distributed import Dist
 
-__all__ = ["Stage", "StageFactory", "pretraining_stage", "sft_stage", "stage_factory"]
+__all__ = ["Stage", "StageFactory", "pretraining_stage", "sft_stage", "sft_validation_batches", "stage_factory"]
 
 
 @dataclass
@@ -68,6 +69,21 @@ def _rebatch(batches: list[Batch], size: int, limit: int | None) -> list[Batch]:
     may be smaller): `data.val_windows` bounds an evaluation's cost as in pretraining."""
     rows = [torch.cat([getattr(b, f) for b in batches])[:limit] for f in ("input_ids", "labels", "document_ids")]
     return [Batch(*(r[i:i + size] for r in rows)) for i in range(0, len(rows[0]), size)]
+
+
+def sft_validation_batches(data: DataConfig, batch_size: int) -> list[Batch]:
+    """The validation batches `sft_stage` builds, without encoding the training conversations
+    (mode=eval of a fine-tuned checkpoint)."""
+    from h64lm.data.chat import ChatFormat
+    from h64lm.data.config import resolve_cache_dir
+    from h64lm.data.packing import packed_batches
+    from h64lm.data.sft_sources import encode_conversations, load_conversations
+
+    chat = ChatFormat()
+    _, val = load_conversations(data, resolve_cache_dir(data) / "hf_datasets")
+    encoded = encode_conversations(chat, val, data.seq_len, f"data={data.name} val")
+    batches = packed_batches([(e.input_ids, e.labels) for e in encoded], data.seq_len, batch_size, chat.eos_id)
+    return _rebatch(batches, batch_size, data.val_windows)
 
 
 _FACTORIES: dict[str, StageFactory] = {"pretrain": pretraining_stage, "sft": sft_stage}

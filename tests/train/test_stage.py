@@ -21,7 +21,7 @@ ONE = Dist(0, 1, torch.device("cpu"))
 # FAST's tiny model; windows long enough for one arithmetic problem (~60 tokens) or two
 SFT = [a for a in FAST if not a.startswith("data.")] + [
     "stage=sft", "data=arithmetic", "data.seq_len=96", "data.max_samples=200", "data.val_windows=4",
-    "train.sample_tokens=0", "train.keep_last=5"]
+    "train.sample_tokens=0", "train.keep_last=5", "stage.eval_examples=6", "stage.eval_max_new_tokens=8"]
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +38,22 @@ def test_sft_run_trains_and_validates_on_held_out_conversations(sft_run):
     assert len(val) == 2 and all(math.isfinite(v) for v in val)
     assert val[1] < val[0]  # six AdamW/Muon steps from random weights lower the held-out loss
     assert all(r["routing"] for r in records if "val_loss" in r)  # MoE snapshots on packed rows
+
+
+def test_exact_match_is_logged_in_loop_and_by_mode_eval(sft_run, tmp_path):
+    """The callback and mode=eval score the same test problems with the same weights: the last
+    evaluation's numbers come back from the saved checkpoint."""
+    import json
+
+    last = [r for r in read_metrics(sft_run / "metrics.jsonl") if "val_loss" in r][-1]
+    assert 0.0 <= last["sft/exact_match"] <= 1.0
+    args = ["mode=eval", f"checkpoint={sft_run}", "hardware=cpu", "logger=none", "train.batch_size=2",
+            "stage.eval_examples=6", "stage.eval_max_new_tokens=8"]
+    run(run_config(args), tmp_path, args)
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["val_loss"] == pytest.approx(last["val_loss"], rel=1e-6)
+    assert result["sft/exact_match"] == last["sft/exact_match"]
+    assert result["targets"] > 0
 
 
 def _assistant_tokens() -> dict[tuple, int]:

@@ -1,11 +1,13 @@
 """What happens around the training loop, one object per concern (see `Callback`)."""
 
+from h64lm.eval.exact_match import TASK_SOURCES
 from h64lm.train.callbacks.base import Callback
 from h64lm.train.callbacks.evaluation import Downstream, RoutingSnapshots, Sampling, ValidationLoss
 from h64lm.train.callbacks.logging import MetricsLog, StatusFile
+from h64lm.train.callbacks.sft import ExactMatch
 
 __all__ = ["Callback", "ValidationLoss", "RoutingSnapshots", "Sampling", "Downstream", "MetricsLog",
-           "StatusFile", "default_callbacks"]
+           "StatusFile", "ExactMatch", "default_callbacks"]
 
 
 def default_callbacks(run) -> list[Callback]:
@@ -16,4 +18,6 @@ def default_callbacks(run) -> list[Callback]:
     callbacks.append(Sampling())
     if run.train.downstream_every:
         callbacks.append(Downstream())
+    if run.stage.name == "sft" and run.stage.eval_examples and run.data.name in TASK_SOURCES:
+        callbacks.append(ExactMatch())
     return callbacks + [MetricsLog(), StatusFile()]
