@@ -89,9 +89,18 @@ class TrainConfig:
     # Local downstream tasks (h64lm/eval/local_tasks.py) every N steps, logged as downstream/<task>/acc.
     downstream_every: Optional[int] = bounded(None, ge=1, null="never during training")
     downstream_limit: int = bounded(50, ge=1)  # examples per task at each in-loop evaluation
+    # Regular expressions searched in parameter names (h64lm/train/freeze.py): `freeze` keeps the
+    # matches at their starting values ([router]); a non-empty `trainable` trains only its matches
+    # ([experts]). Frozen parameters are in no optimizer group.
+    freeze: List[str] = field(default_factory=list)
+    trainable: List[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         validate_fields(self)
+        from h64lm.train.freeze import check_patterns
+
+        check_patterns(self.freeze, "train.freeze")
+        check_patterns(self.trainable, "train.trainable")
         check(all(isinstance(n, int) and n >= 1 for n in self.extra_eval_seq_lens),
               f"train.extra_eval_seq_lens={self.extra_eval_seq_lens} must hold lengths >= 1")
 

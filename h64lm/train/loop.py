@@ -83,6 +83,10 @@ class Trainer:
                 initialize_from(model, t.init_from, t.init_noise_std, t.seed, self.log)
         self.model, self.train_model, fsdp_bf16 = build_model(run, self.layout, d, self.precision, init)
         self.precision = dataclasses.replace(self.precision, autocast_enabled=not fsdp_bf16)
+        frozen = [n for n, p in self.model.named_parameters() if not p.requires_grad]
+        if frozen:  # train.freeze / train.trainable, applied when the model was built
+            self.log(f"frozen ({len(frozen)} tensors, kept out of the optimizer): {', '.join(frozen[:6])}"
+                     + (", ..." if len(frozen) > 6 else ""))
         self.optimizer = build_optimizer(self.model, run.optim, d.device)
         self.scheduler = build_scheduler(self.optimizer, run.optim, t.max_steps)
         self.scaler = self.precision.grad_scaler()
