@@ -53,7 +53,7 @@ __all__ = [
     "did_you_mean",
 ]
 
-MODES = ("train", "eval", "generate", "export", "plan")
+MODES = ("train", "eval", "generate", "chat", "export", "plan")
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
@@ -289,7 +289,8 @@ class RunConfig:
     mode: str = bounded("train", choices=MODES)
     checkpoint: Optional[str] = None  # eval/generate/export: a checkpoint file or a run directory
     out: Optional[str] = None  # export: the Hugging Face folder to write (null: RUN/exports/<time>/hf)
-    prompt: Optional[str] = None  # generate: the prompt ("" = from BOS); null: train.sample_prompts
+    # generate: the prompt ("" = from BOS; null: train.sample_prompts); chat: the first user turn
+    prompt: Optional[str] = None
     experiment_name: Optional[str] = None  # set by experiment presets; the W&B group
     experiment_reference: Optional[str] = None  # set by presets: the arm (its overrides) the sweep report compares against
     model: H64LMConfig = field(default_factory=H64LMConfig)
@@ -366,7 +367,7 @@ def default_run_dir(mode: str, checkpoint: str | None, stamp: str) -> str:
         return f"outputs/{stamp}"
     path = Path(checkpoint)
     run_dir = path if path.is_dir() else path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    kind = {"eval": "evals", "generate": "generations", "export": "exports"}[mode]
+    kind = {"eval": "evals", "generate": "generations", "chat": "chats", "export": "exports"}[mode]
     return str(run_dir / kind / stamp.replace("/", "_"))
 
 

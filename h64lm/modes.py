@@ -1,8 +1,8 @@
-"""`mode=eval` and `mode=generate`: a trained checkpoint against data or prompts; `mode=plan`: the
-memory and time of every parallel layout of the composed config (h64lm/plan).
+"""`mode=eval`, `mode=generate` and `mode=chat`: a trained checkpoint against data or prompts;
+`mode=plan`: the memory and time of every parallel layout of the composed config (h64lm/plan).
 
 Their outputs land beside the run they read (`RUN/evals/<time>/eval.json`,
-`RUN/generations/<time>/generations.txt`, chosen by the `h64lm_run_dir` resolver in
+`RUN/generations/<time>/generations.txt`, `RUN/chats/<time>/chat.txt`, chosen by the `h64lm_run_dir` resolver in
 h64lm/config.py), and the path is printed.
 """
 
@@ -23,8 +23,10 @@ from h64lm.runtime.checkpoint import load_into, read_extras, resolve
 from h64lm.train.distributed import Dist
 from h64lm.train.evaluate import evaluate, sample_continuations
 from h64lm.train.precision import Precision, resolve_precision
+from h64lm.validation import ConfigError
 
-__all__ = ["load_trained_model", "evaluate_checkpoint", "generate_from_checkpoint", "export_checkpoint",
+__all__ = ["load_trained_model", "evaluate_checkpoint", "generate_from_checkpoint", "chat_reply",
+           "chat_with_checkpoint", "export_checkpoint",
            "plan_layouts_for"]
 
 
@@ -129,6 +131,56 @@ def generate_from_checkpoint(run_cfg: RunConfig, out_dir: Path, d: Dist) -> None
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "generations.txt").write_text("\n\n".join(texts) + "\n")
         print(f"written to {out_dir / 'generations.txt'}", flush=True)
+
+
+def chat_reply(model: H64LMForCausalLM, chat, messages: list, gen, device: torch.device,
+               generator: torch.Generator | None = None) -> str:
+    """The model's next assistant turn after `messages` (Mistral's v1 chat format), sampled with
+    `gen.*` (temperature 0 = greedy) until `</s>` or `gen.max_new_tokens`."""
+    prompt = torch.tensor([chat.prompt(messages)], device=device)  # [1, T]
+    out = model.generate(prompt, gen.max_new_tokens, temperature=gen.temperature, top_k=gen.top_k,
+                         top_p=gen.top_p, repetition_penalty=gen.repetition_penalty,
+                         eos_token_id=chat.eos_id, pad_token_id=chat.eos_id, generator=generator)
+    reply = out[0, prompt.shape[1]:].tolist()
+    return chat.decode(reply[:reply.index(chat.eos_id)] if chat.eos_id in reply else reply)
+
+
+def chat_with_checkpoint(run_cfg: RunConfig, out_dir: Path, d: Dist) -> list[str]:
+    """`mode=chat`: `prompt=...` is the first user turn; when stdin is a terminal the conversation
+    goes on (history kept) until an empty line or end of input. The transcript lands in
+    RUN/chats/<time>/chat.txt. -> the assistant's replies."""
+    import sys
+
+    from h64lm.data.chat import ChatFormat, Message
+
+    interactive = sys.stdin.isatty()
+    if run_cfg.prompt is None and not interactive:
+        raise ConfigError("mode=chat needs prompt=... (the user's message) when stdin is not a terminal")
+    model, _ = load_trained_model(run_cfg.checkpoint, d.device)
+    chat, messages, replies = ChatFormat(), [], []
+    generator = torch.Generator(device=d.device).manual_seed(run_cfg.gen.seed)
+    text = run_cfg.prompt
+    while True:
+        if text is None:
+            try:
+                text = input("user> ").strip()
+            except EOFError:
+                text = ""
+            if not text:
+                break
+        messages.append(Message("user", text))
+        replies.append(chat_reply(model, chat, messages, run_cfg.gen, d.device, generator))
+        messages.append(Message("assistant", replies[-1]))
+        if d.is_main:
+            print(f"assistant> {replies[-1]}", flush=True)
+        if not interactive:
+            break
+        text = None
+    if d.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "chat.txt").write_text("".join(f"{m.role}: {m.content}\n" for m in messages))
+        print(f"written to {out_dir / 'chat.txt'}", flush=True)
+    return replies
 
 
 def export_checkpoint(run_cfg: RunConfig, out_dir: Path, d: Dist) -> Path:

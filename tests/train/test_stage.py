@@ -56,6 +56,31 @@ def test_exact_match_is_logged_in_loop_and_by_mode_eval(sft_run, tmp_path):
     assert result["targets"] > 0
 
 
+def test_chat_answers_one_prompt_greedily(sft_run, tmp_path, capsys):
+    """mode=chat with prompt=...: the reply is the greedy continuation of Mistral's chat prompt up
+    to </s>, as a plain argmax loop without the KV cache computes it."""
+    from h64lm.data.chat import ChatFormat, Message
+    from h64lm.modes import load_trained_model
+
+    question = "Mia has 7 pens. She gets 5 more. How many pens does Mia have now?"
+    args = ["mode=chat", f"checkpoint={sft_run}", "hardware=cpu", "logger=none", f"prompt={question}",
+            "gen.temperature=0", "gen.max_new_tokens=12", "gen.repetition_penalty=1.0"]
+    replies = run(run_config(args), tmp_path, args)
+    chat = ChatFormat()
+    model, _ = load_trained_model(sft_run, torch.device("cpu"))
+    ids = chat.prompt([Message("user", question)])
+    new = []
+    with torch.no_grad():
+        for _ in range(12):
+            token = int(model(torch.tensor([ids + new])).logits[0, -1].argmax())
+            if token == chat.eos_id:
+                break
+            new.append(token)
+    assert replies == [chat.decode(new)]
+    assert f"assistant> {replies[0]}" in capsys.readouterr().out
+    assert (tmp_path / "chat.txt").read_text() == f"user: {question}\nassistant: {replies[0]}\n"
+
+
 def _assistant_tokens() -> dict[tuple, int]:
     """Each train conversation's input ids (its tokens but the last, which nothing follows) -> its
     number of assistant tokens, straight from mistral-common (the conversation minus its prompt)."""
