@@ -184,8 +184,9 @@ def chat_with_checkpoint(run_cfg: RunConfig, out_dir: Path, d: Dist) -> list[str
 
 
 def export_checkpoint(run_cfg: RunConfig, out_dir: Path, d: Dist) -> Path:
-    """A Hugging Face folder (h64lm/hf/export.py) of the checkpoint, with the run's tokenizer; the
-    folder's h64lm_export.json and the printed line name the checkpoint and its step."""
+    """A Hugging Face folder (h64lm/hf/export.py) of the checkpoint, with the run's tokenizer (and
+    the chat template when the run fine-tuned on conversations, stage=sft); the folder's h64lm_export.json and the printed line name the checkpoint and its step."""
+    from h64lm.data.chat import CHAT_TEMPLATE
     from h64lm.hf import export_hf
     from h64lm.hf.export import check_export_target
 
@@ -195,8 +196,11 @@ def export_checkpoint(run_cfg: RunConfig, out_dir: Path, d: Dist) -> Path:
     model, saved = load_trained_model(path, torch.device("cpu"))
     step = read_extras(path)["step"]
     if d.is_main:
+        # a fine-tuned model is used through its chat format: tokenizer.apply_chat_template gives
+        # mistral-common's ids (h64lm/data/chat.py CHAT_TEMPLATE)
+        template = CHAT_TEMPLATE if saved.stage.name == "sft" else None
         info = export_hf(model, load_tokenizer(saved.data), out, overwrite=run_cfg.export.overwrite,
-                         record={"checkpoint": str(path), "step": step})
+                         record={"checkpoint": str(path), "step": step}, chat_template=template)
         remote = ", trust_remote_code=True" if info["trust_remote_code"] else ""
         print(f"exported {path} (step {step}) as {info['architecture']} "
               f"to {out}; load it with AutoModelForCausalLM.from_pretrained('{out}'{remote})", flush=True)

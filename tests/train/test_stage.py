@@ -81,6 +81,24 @@ def test_chat_answers_one_prompt_greedily(sft_run, tmp_path, capsys):
     assert (tmp_path / "chat.txt").read_text() == f"user: {question}\nassistant: {replies[0]}\n"
 
 
+def test_export_of_an_sft_run_carries_the_chat_template(sft_run, tmp_path):
+    """transformers' apply_chat_template on the exported tokenizer gives mistral-common's ids."""
+    from transformers import AutoTokenizer
+
+    from h64lm.data.chat import ChatFormat, Message
+
+    args = ["mode=export", f"checkpoint={sft_run}", "hardware=cpu", "logger=none", f"out={tmp_path / 'hf'}"]
+    run(run_config(args), tmp_path, args)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    turns = [("user", "What is 2+3?"), ("assistant", "2 + 3 = 5.\n#### 5"), ("user", "And 4-1?")]
+    ours = ChatFormat()
+    conversation = ours.encode([Message(r, c) for r, c in turns[:2]]).tokens
+    given = [{"role": r, "content": c} for r, c in turns]
+    assert list(tok.apply_chat_template(given[:2], return_dict=False)) == conversation
+    assert list(tok.apply_chat_template(given, add_generation_prompt=True, return_dict=False)) == \
+        ours.prompt([Message(r, c) for r, c in turns])
+
+
 def _assistant_tokens() -> dict[tuple, int]:
     """Each train conversation's input ids (its tokens but the last, which nothing follows) -> its
     number of assistant tokens, straight from mistral-common (the conversation minus its prompt)."""
