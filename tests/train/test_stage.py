@@ -45,8 +45,12 @@ def test_exact_match_is_logged_in_loop_and_by_mode_eval(sft_run, tmp_path):
     evaluation's numbers come back from the saved checkpoint."""
     import json
 
-    last = [r for r in read_metrics(sft_run / "metrics.jsonl") if "val_loss" in r][-1]
+    evals = [r for r in read_metrics(sft_run / "metrics.jsonl") if "val_loss" in r]
+    last = evals[-1]
     assert 0.0 <= last["sft/exact_match"] <= 1.0
+    table = json.loads((sft_run / "exact_match.json").read_text())  # before / after
+    assert sorted(table, key=int) == ["0", "3", "6"]
+    assert all(table[str(r["step"])] == r["sft/exact_match"] for r in evals)
     args = ["mode=eval", f"checkpoint={sft_run}", "hardware=cpu", "logger=none", "train.batch_size=2",
             "stage.eval_examples=6", "stage.eval_max_new_tokens=8"]
     run(run_config(args), tmp_path, args)
