@@ -202,20 +202,10 @@ def test_stage_typos_fail_at_compose_time():
 def test_two_process_sft_matches_one_process(tmp_path):
     """Two gloo ranks with half the micro-batch each train and validate like one process: the
     loss is normalised by the step's global count of assistant tokens, not per rank."""
-    import sys
-
-    from tests.helpers import run_cli
+    from tests.helpers import one_and_two_processes
 
     common = SFT + ["train.max_steps=3", "model.router_aux_loss_coef=0", "stage.eval_examples=0"]
-    single = run_cli(common + ["train.batch_size=2", f"hydra.run.dir={tmp_path / 'one'}"], cwd=tmp_path)
-    assert single.returncode == 0, single.stderr[-3000:]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    double = run_cli(common + ["train.batch_size=1", "hardware=ddp", "hardware.device=cpu",
-                               "hardware.precision=fp32", f"hydra.run.dir={tmp_path / 'two'}"],
-                     cwd=tmp_path, launcher=torchrun)
-    assert double.returncode == 0, double.stderr[-3000:]
-    one = read_metrics(tmp_path / "one" / "metrics.jsonl")
-    two = read_metrics(tmp_path / "two" / "metrics.jsonl")
+    one, two = one_and_two_processes(common, tmp_path)
     assert [r["step"] for r in two] == [1, 2, 3]
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
