@@ -186,6 +186,8 @@ def run(run_cfg: RunConfig, run_dir: Path, overrides: list[str], sweep_dir: str 
             return modes.evaluate_checkpoint(run_cfg, run_dir, overrides, d)
         if run_cfg.mode == "export":
             return str(modes.export_checkpoint(run_cfg, run_dir, d))
+        if run_cfg.mode == "chat":
+            return modes.chat_with_checkpoint(run_cfg, run_dir, d)
         return modes.generate_from_checkpoint(run_cfg, run_dir, d)
     except RuntimeError as e:
         if d.enabled and is_peer_failure(e):

@@ -23,7 +23,7 @@ from typing import ClassVar, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from h64lm.data.config import DataConfig
+from h64lm.data.config import SFT_SOURCES, DataConfig
 from h64lm.model.config import H64LMConfig, check_positions
 from h64lm.validation import ConfigError, bounded, check, validate_fields
 
@@ -35,6 +35,8 @@ __all__ = [
     "ExportConfig",
     "GenConfig",
     "EvalConfig",
+    "StageConfig",
+    "STAGES",
     "RunConfig",
     "ConfigError",
     "register_configs",
@@ -51,7 +53,7 @@ __all__ = [
     "did_you_mean",
 ]
 
-MODES = ("train", "eval", "generate", "export", "plan")
+MODES = ("train", "eval", "generate", "chat", "export", "plan")
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
@@ -87,9 +89,18 @@ class TrainConfig:
     # Local downstream tasks (h64lm/eval/local_tasks.py) every N steps, logged as downstream/<task>/acc.
     downstream_every: Optional[int] = bounded(None, ge=1, null="never during training")
     downstream_limit: int = bounded(50, ge=1)  # examples per task at each in-loop evaluation
+    # Regular expressions searched in parameter names (h64lm/train/freeze.py): `freeze` keeps the
+    # matches at their starting values ([router]); a non-empty `trainable` trains only its matches
+    # ([experts]). Frozen parameters are in no optimizer group.
+    freeze: List[str] = field(default_factory=list)
+    trainable: List[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         validate_fields(self)
+        from h64lm.train.freeze import check_patterns
+
+        check_patterns(self.freeze, "train.freeze")
+        check_patterns(self.trainable, "train.trainable")
         check(all(isinstance(n, int) and n >= 1 for n in self.extra_eval_seq_lens),
               f"train.extra_eval_seq_lens={self.extra_eval_seq_lens} must hold lengths >= 1")
 
@@ -241,6 +252,27 @@ class EvalConfig:
         validate_fields(self)
 
 
+STAGES = ("pretrain", "sft")
+
+
+@dataclass
+class StageConfig:
+    """What the trainer trains for (h64lm/train/stage.py): `stage=pretrain` (next-token loss on
+    windows of a text corpus) or `stage=sft` (the loss on the assistant turns of packed
+    conversations, usually starting from `train.init_from`)."""
+
+    config_group: ClassVar[str] = "stage"
+
+    name: str = bounded("pretrain", choices=STAGES)
+    # sft on data=arithmetic: held-out test problems answered greedily at each evaluation and by
+    # mode=eval, logged as sft/exact_match; 0: none
+    eval_examples: int = bounded(64, ge=0)
+    eval_max_new_tokens: int = bounded(48, ge=1)  # the longest answer generated per problem
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
+
 @dataclass
 class ExportConfig:
     config_group: ClassVar[str] = "export"
@@ -257,7 +289,8 @@ class RunConfig:
     mode: str = bounded("train", choices=MODES)
     checkpoint: Optional[str] = None  # eval/generate/export: a checkpoint file or a run directory
     out: Optional[str] = None  # export: the Hugging Face folder to write (null: RUN/exports/<time>/hf)
-    prompt: Optional[str] = None  # generate: the prompt ("" = from BOS); null: train.sample_prompts
+    # generate: the prompt ("" = from BOS; null: train.sample_prompts); chat: the first user turn
+    prompt: Optional[str] = None
     experiment_name: Optional[str] = None  # set by experiment presets; the W&B group
     experiment_reference: Optional[str] = None  # set by presets: the arm (its overrides) the sweep report compares against
     model: H64LMConfig = field(default_factory=H64LMConfig)
@@ -270,6 +303,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
 
     def __post_init__(self) -> None:
         validate_fields(self)
@@ -282,11 +316,30 @@ class RunConfig:
             check_positions(self.model, self.data.seq_len, "data.seq_len")
             for n in self.train.extra_eval_seq_lens:
                 check_positions(self.model, n, "train.extra_eval_seq_lens")
+            self._check_stage()
             for message in self._meaningless_settings():
                 warnings.warn(message, stacklevel=2)
         else:
             check(self.checkpoint is not None,
                   f"mode={self.mode} needs checkpoint=PATH (a checkpoint file or a run directory)")
+
+    def _check_stage(self) -> None:
+        """Each stage reads its own kind of data: text windows or conversations."""
+        data, t = self.data.name, self.train
+        if self.stage.name == "pretrain":
+            check(data not in SFT_SOURCES,
+                  f"data={data} holds conversations for fine-tuning; add stage=sft, or pretrain on text "
+                  "(data=wiki_excerpt | data=text data.path=...)")
+            return
+        check(data in SFT_SOURCES,
+              f"stage=sft needs a data source of conversations (data={' | data='.join(SFT_SOURCES)}), "
+              f"not data={data}; set data=arithmetic or data=chat data.path=...")
+        check(not t.extra_eval_seq_lens,
+              "train.extra_eval_seq_lens applies to pretraining windows; stage=sft validates on the "
+              "held-out conversations: leave it empty")
+        check(t.downstream_every is None,
+              "train.downstream_every reads pretraining text; with stage=sft leave it unset "
+              "(stage.eval_examples measures the fine-tuned task)")
 
     def _meaningless_settings(self) -> list[str]:
         """Settings that are valid but make a training run mean little: one line each at start-up."""
@@ -314,7 +367,7 @@ def default_run_dir(mode: str, checkpoint: str | None, stamp: str) -> str:
         return f"outputs/{stamp}"
     path = Path(checkpoint)
     run_dir = path if path.is_dir() else path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    kind = {"eval": "evals", "generate": "generations", "export": "exports"}[mode]
+    kind = {"eval": "evals", "generate": "generations", "chat": "chats", "export": "exports"}[mode]
     return str(run_dir / kind / stamp.replace("/", "_"))
 
 
@@ -326,7 +379,7 @@ def register_configs() -> None:
 
 _GROUPS = {"model": H64LMConfig, "data": DataConfig, "optim": OptimConfig, "hardware": HardwareConfig,
            "logger": LoggerConfig, "train": TrainConfig, "gen": GenConfig, "eval": EvalConfig,
-           "plan": PlanConfig}
+           "plan": PlanConfig, "stage": StageConfig}
 
 
 def build_run_config(cfg: DictConfig) -> RunConfig:

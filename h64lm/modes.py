@@ -1,8 +1,8 @@
-"""`mode=eval` and `mode=generate`: a trained checkpoint against data or prompts; `mode=plan`: the
-memory and time of every parallel layout of the composed config (h64lm/plan).
+"""`mode=eval`, `mode=generate` and `mode=chat`: a trained checkpoint against data or prompts;
+`mode=plan`: the memory and time of every parallel layout of the composed config (h64lm/plan).
 
 Their outputs land beside the run they read (`RUN/evals/<time>/eval.json`,
-`RUN/generations/<time>/generations.txt`, chosen by the `h64lm_run_dir` resolver in
+`RUN/generations/<time>/generations.txt`, `RUN/chats/<time>/chat.txt`, chosen by the `h64lm_run_dir` resolver in
 h64lm/config.py), and the path is printed.
 """
 
@@ -17,14 +17,17 @@ import torch
 
 from h64lm.config import RunConfig, run_config_from_yaml
 from h64lm.data import DataConfig, check_vocab, load_tokenizer, prepare_corpus, validation_windows
+from h64lm.data.config import SFT_SOURCES
 from h64lm.eval.samples import sample_continuations
 from h64lm.eval.validation import evaluate
 from h64lm.model import H64LMForCausalLM
 from h64lm.runtime.checkpoint import load_into, read_extras, resolve
 from h64lm.runtime.distributed import Dist
-from h64lm.runtime.precision import resolve_precision
+from h64lm.runtime.precision import Precision, resolve_precision
+from h64lm.validation import ConfigError
 
-__all__ = ["load_trained_model", "evaluate_checkpoint", "generate_from_checkpoint", "export_checkpoint",
+__all__ = ["load_trained_model", "evaluate_checkpoint", "generate_from_checkpoint", "chat_reply",
+           "chat_with_checkpoint", "export_checkpoint",
            "plan_layouts_for"]
 
 
@@ -54,13 +57,16 @@ def evaluate_checkpoint(run_cfg: RunConfig, out_dir: Path, overrides: list[str],
     data = _data_for_eval(run_cfg, saved, overrides)
     tokenizer = load_tokenizer(data)
     check_vocab(tokenizer, model.config.vocab_size)
+    batch = run_cfg.train.val_batch_size or run_cfg.train.batch_size
+    precision = resolve_precision(run_cfg.hardware.precision, d.device)
+    if data.name in SFT_SOURCES:
+        return _evaluate_sft(run_cfg, data, model, precision, out_dir, d)
     corpus_val = prepare_corpus(data, tokenizer).val
     windows = validation_windows(corpus_val, data.seq_len, data.val_windows)
-    batch = run_cfg.train.val_batch_size or run_cfg.train.batch_size
     if d.is_main:
         print(f"evaluating {run_cfg.checkpoint} on {len(windows)} windows of {data.seq_len} tokens "
               f"({data.name}), batch {batch}", flush=True)
-    loss, ppl = evaluate(model, windows, batch, resolve_precision(run_cfg.hardware.precision, d.device), d)
+    loss, ppl = evaluate(model, windows, batch, precision, d)
     result = {"checkpoint": str(run_cfg.checkpoint), "data": data.name, "seq_len": data.seq_len,
               "windows": len(windows), "tokens": len(windows) * data.seq_len, "val_loss": loss, "val_ppl": ppl}
     ev = run_cfg.eval
@@ -77,6 +83,36 @@ def evaluate_checkpoint(run_cfg: RunConfig, out_dir: Path, overrides: list[str],
         (out_dir / "eval.json").write_text(json.dumps(result, indent=1))
         print(f"val_loss {loss:.4f}  val_ppl {ppl:.2f}  ({result['tokens']} tokens of {data.name}); "
               f"written to {out_dir / 'eval.json'}", flush=True)
+    return loss
+
+
+def _evaluate_sft(run_cfg: RunConfig, data: DataConfig, model: H64LMForCausalLM, precision: Precision,
+                  out_dir: Path, d: Dist) -> float:
+    """A fine-tuned checkpoint: the loss on the held-out conversations' assistant tokens (as the
+    run validated) and, for a task with a test split, exact-match accuracy (`stage.eval_examples`)."""
+    from h64lm.eval.exact_match import TASK_SOURCES, arithmetic_exact_match
+    from h64lm.eval.validation import evaluate_batches
+    from h64lm.train.stage import sft_validation_batches
+
+    t, s = run_cfg.train, run_cfg.stage
+    batches = sft_validation_batches(data, t.val_batch_size or t.batch_size)
+    if d.is_main:
+        print(f"evaluating {run_cfg.checkpoint} on {sum(len(b.input_ids) for b in batches)} packed "
+              f"windows of held-out {data.name} conversations", flush=True)
+    loss, ppl = evaluate_batches(model, batches, precision, d)
+    result = {"checkpoint": str(run_cfg.checkpoint), "data": data.name, "seq_len": data.seq_len,
+              "targets": sum(b.num_targets() for b in batches), "val_loss": loss, "val_ppl": ppl}
+    if data.name in TASK_SOURCES and s.eval_examples:
+        result["sft/exact_match"] = arithmetic_exact_match(model, s.eval_examples, s.eval_max_new_tokens,
+                                                           t.val_batch_size or t.batch_size, precision.autocast)
+        result["exact_match_examples"] = s.eval_examples
+    if d.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "eval.json").write_text(json.dumps(result, indent=1))
+        accuracy = (f"  exact match {result['sft/exact_match']:.3f} on {s.eval_examples} test problems"
+                    if "sft/exact_match" in result else "")
+        print(f"val_loss {loss:.4f}  val_ppl {ppl:.2f}  ({result['targets']} assistant tokens of {data.name})"
+              f"{accuracy}; written to {out_dir / 'eval.json'}", flush=True)
     return loss
 
 
@@ -98,9 +134,60 @@ def generate_from_checkpoint(run_cfg: RunConfig, out_dir: Path, d: Dist) -> None
         print(f"written to {out_dir / 'generations.txt'}", flush=True)
 
 
+def chat_reply(model: H64LMForCausalLM, chat, messages: list, gen, device: torch.device,
+               generator: torch.Generator | None = None) -> str:
+    """The model's next assistant turn after `messages` (Mistral's v1 chat format), sampled with
+    `gen.*` (temperature 0 = greedy) until `</s>` or `gen.max_new_tokens`."""
+    prompt = torch.tensor([chat.prompt(messages)], device=device)  # [1, T]
+    out = model.generate(prompt, gen.max_new_tokens, temperature=gen.temperature, top_k=gen.top_k,
+                         top_p=gen.top_p, repetition_penalty=gen.repetition_penalty,
+                         eos_token_id=chat.eos_id, pad_token_id=chat.eos_id, generator=generator)
+    reply = out[0, prompt.shape[1]:].tolist()
+    return chat.decode(reply[:reply.index(chat.eos_id)] if chat.eos_id in reply else reply)
+
+
+def chat_with_checkpoint(run_cfg: RunConfig, out_dir: Path, d: Dist) -> list[str]:
+    """`mode=chat`: `prompt=...` is the first user turn; when stdin is a terminal the conversation
+    goes on (history kept) until an empty line or end of input. The transcript lands in
+    RUN/chats/<time>/chat.txt. -> the assistant's replies."""
+    import sys
+
+    from h64lm.data.chat import ChatFormat, Message
+
+    interactive = sys.stdin.isatty()
+    if run_cfg.prompt is None and not interactive:
+        raise ConfigError("mode=chat needs prompt=... (the user's message) when stdin is not a terminal")
+    model, _ = load_trained_model(run_cfg.checkpoint, d.device)
+    chat, messages, replies = ChatFormat(), [], []
+    generator = torch.Generator(device=d.device).manual_seed(run_cfg.gen.seed)
+    text = run_cfg.prompt
+    while True:
+        if text is None:
+            try:
+                text = input("user> ").strip()
+            except EOFError:
+                text = ""
+            if not text:
+                break
+        messages.append(Message("user", text))
+        replies.append(chat_reply(model, chat, messages, run_cfg.gen, d.device, generator))
+        messages.append(Message("assistant", replies[-1]))
+        if d.is_main:
+            print(f"assistant> {replies[-1]}", flush=True)
+        if not interactive:
+            break
+        text = None
+    if d.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "chat.txt").write_text("".join(f"{m.role}: {m.content}\n" for m in messages))
+        print(f"written to {out_dir / 'chat.txt'}", flush=True)
+    return replies
+
+
 def export_checkpoint(run_cfg: RunConfig, out_dir: Path, d: Dist) -> Path:
-    """A Hugging Face folder (h64lm/hf/export.py) of the checkpoint, with the run's tokenizer; the
-    folder's h64lm_export.json and the printed line name the checkpoint and its step."""
+    """A Hugging Face folder (h64lm/hf/export.py) of the checkpoint, with the run's tokenizer (and
+    the chat template when the run fine-tuned on conversations, stage=sft); the folder's h64lm_export.json and the printed line name the checkpoint and its step."""
+    from h64lm.data.chat import CHAT_TEMPLATE
     from h64lm.hf import export_hf
     from h64lm.hf.export import check_export_target
 
@@ -110,8 +197,11 @@ def export_checkpoint(run_cfg: RunConfig, out_dir: Path, d: Dist) -> Path:
     model, saved = load_trained_model(path, torch.device("cpu"))
     step = read_extras(path)["step"]
     if d.is_main:
+        # a fine-tuned model is used through its chat format: tokenizer.apply_chat_template gives
+        # mistral-common's ids (h64lm/data/chat.py CHAT_TEMPLATE)
+        template = CHAT_TEMPLATE if saved.stage.name == "sft" else None
         info = export_hf(model, load_tokenizer(saved.data), out, overwrite=run_cfg.export.overwrite,
-                         record={"checkpoint": str(path), "step": step})
+                         record={"checkpoint": str(path), "step": step}, chat_template=template)
         remote = ", trust_remote_code=True" if info["trust_remote_code"] else ""
         print(f"exported {path} (step {step}) as {info['architecture']} "
               f"to {out}; load it with AutoModelForCausalLM.from_pretrained('{out}'{remote})", flush=True)

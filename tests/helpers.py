@@ -15,7 +15,7 @@ from h64lm.config import CONF_DIR as CONF
 from h64lm.config import RunConfig, build_run_config
 from h64lm.config import compose as compose_cfg
 
-__all__ = ["CONF", "FAST", "ROOT", "compose_cfg", "run_cli", "run_config", "text_corpus", "tmpfs",
+__all__ = ["CONF", "FAST", "ROOT", "compose_cfg", "one_and_two_processes", "run_cli", "run_config", "text_corpus", "tmpfs",
            "wandb_offline_records"]
 
 
@@ -47,3 +47,18 @@ def wandb_offline_records(run_dir: Path) -> list[dict]:
     out = subprocess.run([wandb_bin, "leet", "inspect", "--json", str(runs[-1])],
                          capture_output=True, text=True, timeout=120, check=True)
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def one_and_two_processes(common: list[str], tmp_path: Path) -> tuple[list[dict], list[dict]]:
+    """metrics.jsonl records of `common` run by one process with train.batch_size=2 (in
+    tmp_path/one) and by two gloo DDP processes under torchrun with train.batch_size=1 (tmp_path/two)."""
+    from h64lm.train.metrics import read_metrics
+
+    single = run_cli(common + ["train.batch_size=2", f"hydra.run.dir={tmp_path / 'one'}"], cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    double = run_cli(common + ["train.batch_size=1", "hardware=ddp", "hardware.device=cpu",
+                               "hardware.precision=fp32", f"hydra.run.dir={tmp_path / 'two'}"],
+                     cwd=tmp_path, launcher=torchrun)
+    assert double.returncode == 0, double.stderr[-3000:]
+    return read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")

@@ -1,4 +1,6 @@
-"""Validation loss over fixed windows: the model's mean next-token loss, split across ranks."""
+"""Validation loss, split across ranks: the model's mean next-token loss over fixed windows of a
+token stream (pretraining, `evaluate`) or over the target tokens of fixed batches (packed
+conversations with prompt tokens masked, `evaluate_batches`)."""
 
 from __future__ import annotations
 
@@ -7,14 +9,49 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
+from h64lm.data.batch import IGNORE_INDEX, Batch
 from h64lm.runtime.distributed import Dist
 from h64lm.runtime.precision import Precision
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "evaluate_batches"]
+
+
+def _mean_loss(model: nn.Module, n_items: int, shard_len: int, chunk: int, d: Dist,
+               should_stop: Callable[[], bool],
+               loss_sum: Callable[[int, bool], tuple[torch.Tensor | float, int]]) -> tuple[float, float] | None:
+    """The mean over ranks of `loss_sum(i, counted)` -> (sum of token losses, tokens) for i in
+    range(0, this rank's share, chunk); `counted` False: a rank out of items repeats one for the
+    collectives and must return (0, 0). None when a stop was requested (see `evaluate`)."""
+    was_training = model.training
+    model.eval()
+    lockstep = d.enabled and any(isinstance(p, DTensor) for p in model.parameters())
+    per_rank = -(-n_items // d.world_size) if lockstep else shard_len  # the most any rank holds
+    total = torch.zeros(3, dtype=torch.float64, device=d.device)  # [sum of token losses, tokens, stopped]
+    steps = range(0, per_rank, chunk)
+    for i in tqdm(steps, desc="validation", leave=False, disable=not d.is_main or len(steps) < 4):
+        stop = should_stop()
+        if lockstep:
+            flag = torch.tensor(float(stop), device=d.device)
+            dist.all_reduce(flag)
+            stop = bool(flag > 0)
+        if stop:
+            total[2] = 1
+            break
+        losses, n = loss_sum(i, i < shard_len)
+        total[0] += losses
+        total[1] += n
+    if d.enabled:
+        dist.all_reduce(total)
+    model.train(was_training)
+    if total[2] > 0:
+        return None
+    loss = (total[0] / total[1].clamp(min=1)).item()
+    return loss, math.exp(min(loss, 50.0))
 
 
 @torch.no_grad()
@@ -30,32 +67,37 @@ def evaluate(
     Sharded weights (FSDP / expert parallelism: DTensor parameters) make every forward a
     collective, so there every rank runs the same number of batches (a rank out of windows
     repeats one, counted as 0 tokens) and the ranks agree on stopping before each batch."""
-    was_training = model.training
-    model.eval()
     shard = windows[d.rank :: d.world_size]
-    lockstep = d.enabled and any(isinstance(p, DTensor) for p in model.parameters())
-    per_rank = -(-len(windows) // d.world_size) if lockstep else len(shard)  # the most any rank holds
-    total = torch.zeros(3, dtype=torch.float64, device=d.device)  # [sum of token losses, tokens, stopped]
-    batches = range(0, per_rank, batch_size)
-    for i in tqdm(batches, desc="validation", leave=False, disable=not d.is_main or len(batches) < 4):
-        stop = should_stop()
-        if lockstep:
-            flag = torch.tensor(float(stop), device=d.device)
-            dist.all_reduce(flag)
-            stop = bool(flag > 0)
-        if stop:
-            total[2] = 1
-            break
-        w = (shard[i : i + batch_size] if i < len(shard) else windows[:1]).to(d.device, non_blocking=True)
+
+    def loss_sum(i: int, counted: bool) -> tuple[torch.Tensor, int]:
+        w = (shard[i : i + batch_size] if counted else windows[:1]).to(d.device, non_blocking=True)
         with precision.autocast():
             out = model(w[:, :-1], labels=w[:, 1:], return_logits=False)
-        n = w[:, 1:].numel() if i < len(shard) else 0
-        total[0] += out.ce.double() * n
-        total[1] += n
-    if d.enabled:
-        dist.all_reduce(total)
-    model.train(was_training)
-    if total[2] > 0:
-        return None
-    loss = (total[0] / total[1].clamp(min=1)).item()
-    return loss, math.exp(min(loss, 50.0))
+        n = w[:, 1:].numel() if counted else 0
+        return out.ce.double() * n, n
+
+    return _mean_loss(model, len(windows), len(shard), batch_size, d, should_stop, loss_sum)
+
+
+@torch.no_grad()
+def evaluate_batches(
+    model: nn.Module, batches: list[Batch], precision: Precision, d: Dist,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> tuple[float, float] | None:
+    """Mean loss (nats/target token) and perplexity over every target of `batches` (the same list
+    on every rank; rank r takes batches r, r + W, ...): the sum of token losses over the count of
+    targets, so a batch holding more assistant tokens weighs more, as in training. Stopping and
+    sharded weights are handled as in `evaluate`."""
+    shard = batches[d.rank :: d.world_size]
+
+    def loss_sum(i: int, counted: bool) -> tuple[torch.Tensor | float, int]:
+        batch = (shard[i] if counted else batches[0]).to(d.device)
+        with precision.autocast():
+            logits = model(batch.input_ids, document_ids=batch.document_ids, router_stats=False).logits
+        if not counted:
+            return 0.0, 0
+        # logits [B, T, V] -> per-token losses summed in fp32; labels [B, T] already aligned
+        return F.cross_entropy(logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction="sum").double(), batch.num_targets()
+
+    return _mean_loss(model, len(batches), len(shard), 1, d, should_stop, loss_sum)

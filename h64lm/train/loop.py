@@ -40,7 +40,7 @@ from h64lm.train.mfu import peak_flops
 from h64lm.train.report import announcement, run_summary, step_record
 from h64lm.train.resume import find_resume_state
 from h64lm.train.sharded import build_model
-from h64lm.train.stage import StageFactory, pretraining_stage
+from h64lm.train.stage import StageFactory, stage_factory
 from h64lm.train.step import StepStats, forward_backward, reduce_stats
 from h64lm.validation import ConfigError
 
@@ -50,7 +50,7 @@ __all__ = ["Trainer"]
 class Trainer:
     def __init__(self, run: RunConfig, run_dir: Path, overrides: list[str], d: Dist,
                  sweep_dir: str | None = None, log: Callable[[str], None] | None = None,
-                 stage: StageFactory = pretraining_stage, callbacks: list[Callback] | None = None):
+                 stage: StageFactory | None = None, callbacks: list[Callback] | None = None):
         run = adopt_source_architecture(run, overrides, log or (print if d.is_main else (lambda _: None)))
         self.run, self.run_dir, self.overrides, self.d = run, Path(run_dir), overrides, d
         self.sweep_dir = sweep_dir
@@ -63,10 +63,11 @@ class Trainer:
         seed_everything(t.seed)
         self.tokenizer = load_tokenizer(data)
         check_vocab(self.tokenizer, run.model.vocab_size)
-        built = stage(run, d, self.tokenizer)
+        built = (stage or stage_factory(run))(run, d, self.tokenizer)  # stage=None: stage.name's
         self.loader, self.objective, self.val_tokens = built.loader, built.objective, built.val_tokens
-        self.val_windows = {n: validation_windows(self.val_tokens, n, data.val_windows)
-                            for n in [data.seq_len, *t.extra_eval_seq_lens]}
+        self.val_batches = built.val_batches
+        self.val_windows = {} if self.val_tokens is None else {
+            n: validation_windows(self.val_tokens, n, data.val_windows) for n in [data.seq_len, *t.extra_eval_seq_lens]}
 
         self.precision = resolve_precision(run.hardware.precision, d.device)
         init = None
@@ -75,6 +76,10 @@ class Trainer:
                 initialize_from(model, t.init_from, t.init_noise_std, t.seed, self.log)
         self.model, self.train_model, fsdp_bf16 = build_model(run, self.layout, d, self.precision, init)
         self.precision = dataclasses.replace(self.precision, autocast_enabled=not fsdp_bf16)
+        frozen = [n for n, p in self.model.named_parameters() if not p.requires_grad]
+        if frozen:  # train.freeze / train.trainable, applied when the model was built
+            self.log(f"frozen ({len(frozen)} tensors, kept out of the optimizer): {', '.join(frozen[:6])}"
+                     + (", ..." if len(frozen) > 6 else ""))
         self.optimizer = build_optimizer(self.model, run.optim, d.device)
         self.scheduler = build_scheduler(self.optimizer, run.optim, t.max_steps)
         self.scaler = self.precision.grad_scaler()

@@ -23,6 +23,7 @@ from h64lm.model import H64LMForCausalLM
 from h64lm.parallel import ParallelLayout, build_mesh, build_parallel_model
 from h64lm.runtime.distributed import Dist
 from h64lm.runtime.precision import Precision
+from h64lm.train.freeze import freeze_parameters
 from h64lm.train.wrap import apply_activation_checkpointing
 
 __all__ = ["build_model"]
@@ -39,6 +40,8 @@ def build_model(run: RunConfig, layout: ParallelLayout, d: Dist, precision: Prec
 
     def build() -> nn.Module:
         model = H64LMForCausalLM(run.model)
+        # before any wrapper: the flag travels into EP / FSDP shards, and DDP skips frozen weights
+        freeze_parameters(model, run.train.freeze, run.train.trainable)
         if run.model.gradient_checkpointing:
             apply_activation_checkpointing(model)
         return model

@@ -2,29 +2,40 @@
 
 Pretraining is one stage: windows of the token stream and next-token language modelling. SFT or
 preference stages bring another loader (any `h64lm.data.protocol.Loader`) and objective
-(`h64lm.objectives`); the trainer's loop and step are the same for all of them.
+(`h64lm.objectives`); the trainer's loop and step are the same for all of them. `stage.name`
+picks the factory (`stage_factory`).
+
+Validation follows the data: pretraining validates on fixed windows of the held-out token stream
+(`val_tokens`), SFT on every held-out conversation once, packed into fixed batches
+(`val_batches`, prompt tokens masked as in training; the first `data.val_windows` windows).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
+import torch
 
 from h64lm.config import RunConfig
 from h64lm.data import Loader, Tokenizer, TokenLoader, prepare_corpus
+from h64lm.data.batch import Batch
+from h64lm.data.config import DataConfig
 from h64lm.objectives import LanguageModelling, Objective
 from h64lm.runtime.distributed import Dist
 
-__all__ = ["Stage", "StageFactory", "pretraining_stage"]
+__all__ = ["Stage", "StageFactory", "pretraining_stage", "sft_stage", "sft_validation_batches", "stage_factory"]
 
 
 @dataclass
 class Stage:
     loader: Loader  # this rank's training micro-batches, resumable
     objective: Objective
-    val_tokens: np.ndarray  # the validation token stream (validation loss, downstream tasks)
+    # the validation token stream (validation windows, routing snapshots, downstream tasks);
+    # None when the stage validates on `val_batches`
+    val_tokens: Optional[np.ndarray]
+    val_batches: Optional[list[Batch]] = None  # every validation example once, the same on every rank
 
 
 StageFactory = Callable[[RunConfig, Dist, Tokenizer], Stage]
@@ -36,3 +47,48 @@ def pretraining_stage(run: RunConfig, d: Dist, tokenizer: Tokenizer) -> Stage:
     corpus = prepare_corpus(run.data, tokenizer)
     loader = TokenLoader(corpus.train, run.data.seq_len, t.batch_size, t.seed, d.rank, d.world_size)
     return Stage(loader, LanguageModelling(run.model), corpus.val)
+
+
+def sft_stage(run: RunConfig, d: Dist, tokenizer: Tokenizer) -> Stage:
+    """Conversations of `data.*` packed into windows (`PackedLoader`); the language-modelling
+    objective sees labels only on assistant tokens, so the loss is theirs alone, normalised by
+    the step's global count of them (`StepShare`)."""
+    from h64lm.data.sft import build_sft_data
+
+    t = run.train
+    loader, val_batches, skipped = build_sft_data(run.data, t.batch_size, t.seed, d.rank, d.world_size)
+    left_out = {k: v for k, v in skipped.items() if v.get("skipped")}
+    if left_out and d.is_main:
+        print(f"data={run.data.name}: left out {left_out}", flush=True)
+    val_batches = _rebatch(val_batches, t.val_batch_size or t.batch_size, run.data.val_windows)
+    return Stage(loader, LanguageModelling(run.model), None, val_batches)
+
+
+def _rebatch(batches: list[Batch], size: int, limit: int | None) -> list[Batch]:
+    """The first `limit` rows (packed windows; None: all), in order, `size` per batch (the last
+    may be smaller): `data.val_windows` bounds an evaluation's cost as in pretraining."""
+    rows = [torch.cat([getattr(b, f) for b in batches])[:limit] for f in ("input_ids", "labels", "document_ids")]
+    return [Batch(*(r[i:i + size] for r in rows)) for i in range(0, len(rows[0]), size)]
+
+
+def sft_validation_batches(data: DataConfig, batch_size: int) -> list[Batch]:
+    """The validation batches `sft_stage` builds, without encoding the training conversations
+    (mode=eval of a fine-tuned checkpoint)."""
+    from h64lm.data.chat import ChatFormat
+    from h64lm.data.config import resolve_cache_dir
+    from h64lm.data.packing import packed_batches
+    from h64lm.data.sft_sources import encode_conversations, load_conversations
+
+    chat = ChatFormat()
+    _, val = load_conversations(data, resolve_cache_dir(data) / "hf_datasets")
+    encoded = encode_conversations(chat, val, data.seq_len, f"data={data.name} val")
+    batches = packed_batches([(e.input_ids, e.labels) for e in encoded], data.seq_len, batch_size, chat.eos_id)
+    return _rebatch(batches, batch_size, data.val_windows)
+
+
+_FACTORIES: dict[str, StageFactory] = {"pretrain": pretraining_stage, "sft": sft_stage}
+
+
+def stage_factory(run: RunConfig) -> StageFactory:
+    """The factory of `stage.name`."""
+    return _FACTORIES[run.stage.name]

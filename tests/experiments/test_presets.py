@@ -13,7 +13,7 @@ from h64lm.model import active_parameters_per_token, count_parameters
 from tests.helpers import compose_cfg, run_config
 
 EXPECTED_JOBS = {"moe_vs_dense": 3, "routing": 2 * 3 * 2 * 2, "positions": 3, "lr": 4, "balancing": 5 * 3,
-                 "recipe": 2 * 2 * 2}
+                 "recipe": 2 * 2 * 2, "sft": 1}
 
 
 def sweep_jobs(overrides: list[str]) -> list[list[str]]:
@@ -48,6 +48,13 @@ def test_a_sweep_axis_can_be_overridden_on_the_command_line():
                        "model.router_aux_loss_coef=0.01,0.1"])
     assert len(jobs) == 2 * 2 * 2
     assert all("model.capacity_factor=1.25" in job for job in jobs)
+
+
+def test_freezing_the_router_is_one_sft_sweep():
+    jobs = sweep_jobs(["experiment=sft", "train.freeze=[],[router]"])
+    runs = [run_config(job) for job in jobs]
+    assert [r.train.freeze for r in runs] == [[], ["router"]]
+    assert all(r.stage.name == "sft" and r.data.name == "arithmetic" for r in runs)
 
 
 def test_moe_vs_dense_arms_have_equal_active_parameters():

@@ -4,9 +4,10 @@ import pytest
 from hydra.errors import ConfigCompositionException
 
 from h64lm.config import ConfigError, RunConfig, build_run_config
+from h64lm.data.config import SFT_SOURCES
 from tests.helpers import CONF, compose_cfg
 
-GROUPS = ["model", "data", "optim", "hardware", "logger"]
+GROUPS = ["model", "data", "optim", "hardware", "logger", "stage"]
 
 
 def _options(group: str) -> list[str]:
@@ -18,6 +19,10 @@ def test_every_preset_composes_and_validates(group, option):
     overrides = [f"{group}={option}"]
     if option in ("text", "chat"):
         overrides.append("data.path=/nonexistent/checked-later.txt")
+    if group == "data" and option in SFT_SOURCES:  # conversations are for the fine-tuning stage
+        overrides.append("stage=sft")
+    if group == "stage" and option == "sft":
+        overrides.append("data=arithmetic")
     cfg = compose_cfg(overrides)
     run = build_run_config(cfg)
     assert isinstance(run, RunConfig)

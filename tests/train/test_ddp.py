@@ -1,11 +1,8 @@
 """Two gloo processes under torchrun train like one process with the same global batch."""
 
-import sys
-
 import pytest
 
-from h64lm.train.metrics import read_metrics
-from tests.helpers import FAST, run_cli, text_corpus
+from tests.helpers import FAST, one_and_two_processes, text_corpus
 
 
 def test_two_process_ddp_matches_one_process(tmp_path):
@@ -15,15 +12,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     # two runs must agree to float rounding.
     common = FAST + ["data=text", f"data.path={corpus}", "train.max_steps=4", "train.eval_every=2",
                      "model.router_aux_loss_coef=0"]
-    single = run_cli(common + ["train.batch_size=2", f"hydra.run.dir={tmp_path / 'one'}"], cwd=tmp_path)
-    assert single.returncode == 0, single.stderr[-3000:]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    double = run_cli(common + ["train.batch_size=1", "hardware=ddp", "hardware.device=cpu",
-                               "hardware.precision=fp32", f"hydra.run.dir={tmp_path / 'two'}"],
-                     cwd=tmp_path, launcher=torchrun)
-    assert double.returncode == 0, double.stderr[-3000:]
-    one = read_metrics(tmp_path / "one" / "metrics.jsonl")
-    two = read_metrics(tmp_path / "two" / "metrics.jsonl")
+    one, two = one_and_two_processes(common, tmp_path)
     assert [r["step"] for r in two] == [1, 2, 3, 4]
     assert [r["tokens"] for r in two] == [r["tokens"] for r in one]
     for a, b in zip(one, two):

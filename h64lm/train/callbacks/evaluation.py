@@ -5,9 +5,12 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from h64lm.eval import LOCAL_TASKS, downstream_metrics, validation
 from h64lm.eval.samples import sample_continuations
 from h64lm.model.moe import routing_snapshot
+from h64lm.model.moe.stats import top1_changed
 from h64lm.train.callbacks.base import Callback
 from h64lm.validation import check
 
@@ -18,12 +21,19 @@ __all__ = ["ValidationLoss", "RoutingSnapshots", "Sampling", "Downstream"]
 
 
 class ValidationLoss:
-    """Validation loss at the training length and `train.extra_eval_seq_lens`, then the history.
-    Run by the trainer before the `Callback`s: best checkpoints and the history depend on it."""
+    """Validation loss at the training length and `train.extra_eval_seq_lens` (pretraining
+    windows) or over the stage's validation batches (SFT), then the history. Run by the trainer
+    before the `Callback`s: best checkpoints and the history depend on it."""
 
     def __call__(self, trainer: "Trainer", record: dict[str, Any], step_losses: list[float]) -> bool:
         run = trainer.run
         batch = run.train.val_batch_size or run.train.batch_size
+        if trainer.val_batches is not None:
+            out = validation.evaluate_batches(trainer.model, trainer.val_batches, trainer.precision, trainer.d,
+                                              trainer.stop_requested)
+            if out is None:
+                return False
+            record["val_loss"], record["val_ppl"] = out
         for n, windows in trainer.val_windows.items():
             out = validation.evaluate(trainer.model, windows, batch, trainer.precision, trainer.d,
                                       trainer.stop_requested)
@@ -43,14 +53,43 @@ class ValidationLoss:
 
 
 class RoutingSnapshots(Callback):
-    """Per-layer expert loads and routing changes on 8 fixed validation windows (MoE models)."""
+    """Per-layer expert loads, router entropy and routing changes on 8 fixed validation rows (MoE
+    models): `top1_changed` against the previous evaluation and, with `against_start` (the SFT
+    stage), `top1_changed_from_start` against the model before its first step. That reference is
+    kept in RUN/routing_start.safetensors, so a resumed run compares with the same one."""
 
-    def __init__(self) -> None:
+    def __init__(self, against_start: bool = False) -> None:
         self.last: dict[str, Any] | None = None
+        self.against_start = against_start
+        self.start: dict[int, torch.Tensor] | None = None
+
+    @staticmethod
+    def _windows(trainer: "Trainer") -> torch.Tensor:
+        if trainer.val_batches is not None:  # packed validation rows: the first 8
+            windows = torch.cat([b.input_ids for b in trainer.val_batches])[:8]  # [8, T]
+        else:
+            windows = trainer.val_windows[trainer.run.data.seq_len][:8, :-1]  # [8, T] fixed tokens
+        return windows.to(trainer.d.device)
+
+    def on_fit_start(self, trainer: "Trainer") -> None:
+        if not self.against_start:
+            return
+        from safetensors.torch import load_file, save_file
+
+        path = trainer.run_dir / "routing_start.safetensors"
+        if trainer.step > 0 and path.is_file():
+            self.start = {int(k): v.to(trainer.d.device) for k, v in load_file(path).items()}
+            return
+        # collective under sharded weights: every rank runs it
+        self.start = routing_snapshot(trainer.model, self._windows(trainer).split(4))["top1"]
+        if trainer.d.is_main:
+            save_file({str(i): t.cpu().contiguous() for i, t in self.start.items()}, path)
 
     def on_eval(self, trainer: "Trainer", record: dict[str, Any]) -> bool:
-        windows = trainer.val_windows[trainer.run.data.seq_len][:8, :-1]  # [8, T] fixed tokens
-        self.last = routing_snapshot(trainer.model, windows.to(trainer.d.device).split(4), previous=self.last)
+        self.last = routing_snapshot(trainer.model, self._windows(trainer).split(4), previous=self.last)
+        if self.start is not None:
+            for i, top1 in self.last["top1"].items():
+                self.last["layers"][str(i)]["top1_changed_from_start"] = top1_changed(self.start[i], top1)
         record["routing"] = self.last["layers"]
         return True
 
