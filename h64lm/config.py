@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from h64lm.data.config import SFT_SOURCES, DataConfig
 from h64lm.model.config import H64LMConfig, check_positions
-from h64lm.validation import ConfigError, bounded, check, validate_fields
+from h64lm.validation import ConfigError, bounded, check, check_patterns, validate_fields
 
 __all__ = [
     "TrainConfig",
@@ -97,8 +97,6 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         validate_fields(self)
-        from h64lm.train.freeze import check_patterns
-
         check_patterns(self.freeze, "train.freeze")
         check_patterns(self.trainable, "train.trainable")
         check(all(isinstance(n, int) and n >= 1 for n in self.extra_eval_seq_lens),

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
-from typing import Any
+from typing import Any, Sequence
 
-__all__ = ["ConfigError", "check", "bounded", "validate_fields", "describe_bounds"]
+__all__ = ["ConfigError", "check", "check_patterns", "bounded", "validate_fields", "describe_bounds"]
 
 
 class ConfigError(ValueError):
@@ -87,3 +88,12 @@ def validate_fields(obj: Any) -> None:
             check(isinstance(value, int) and not isinstance(value, bool), f"{key}={value!r} must be an integer")
         if meta.keys() - {"null"}:
             check(_in_bounds(value, meta), f"{key}={value!r} must be {describe_bounds(meta)}")
+
+
+def check_patterns(patterns: Sequence[str], key: str) -> None:
+    """One line for a list entry that is not a regular expression (e.g. `train.freeze`)."""
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise ConfigError(f"{key}: {p!r} is not a regular expression ({e}); e.g. {key}=[router]") from e

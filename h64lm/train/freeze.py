@@ -19,16 +19,7 @@ from torch import nn
 
 from h64lm.validation import ConfigError
 
-__all__ = ["check_patterns", "frozen_names", "freeze_parameters"]
-
-
-def check_patterns(patterns: Sequence[str], key: str) -> None:
-    """One line for a pattern that is not a regular expression."""
-    for p in patterns:
-        try:
-            re.compile(p)
-        except re.error as e:
-            raise ConfigError(f"{key}: {p!r} is not a regular expression ({e}); e.g. {key}=[router]") from e
+__all__ = ["frozen_names", "freeze_parameters"]
 
 
 def frozen_names(names: Sequence[str], freeze: Sequence[str], trainable: Sequence[str]) -> list[str]:
