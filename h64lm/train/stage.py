@@ -22,10 +22,11 @@ from h64lm.config import RunConfig
 from h64lm.data import Loader, Tokenizer, TokenLoader, prepare_corpus
 from h64lm.data.batch import Batch
 from h64lm.data.config import DataConfig
+from h64lm.data.packing import with_document_ids
 from h64lm.objectives import LanguageModelling, Objective
 from h64lm.runtime.distributed import Dist
 
-__all__ = ["Stage", "StageFactory", "pretraining_stage", "sft_stage", "sft_validation_batches", "stage_factory"]
+__all__ = ["DocumentMasked", "Stage", "StageFactory", "pretraining_stage", "sft_stage", "sft_validation_batches", "stage_factory"]
 
 
 @dataclass
@@ -45,8 +46,29 @@ def pretraining_stage(run: RunConfig, d: Dist, tokenizer: Tokenizer) -> Stage:
     """The corpus of `data.*` cut into windows (`TokenLoader`), next-token prediction."""
     t = run.train
     corpus = prepare_corpus(run.data, tokenizer)
-    loader = TokenLoader(corpus.train, run.data.seq_len, t.batch_size, t.seed, d.rank, d.world_size)
+    loader: Loader = TokenLoader(corpus.train, run.data.seq_len, t.batch_size, t.seed, d.rank, d.world_size)
+    if run.data.document_mask:
+        loader = DocumentMasked(loader, tokenizer.eos_id)
     return Stage(loader, LanguageModelling(run.model), corpus.val)
+
+
+class DocumentMasked:
+    """`data.document_mask`: the pretraining windows with `document_ids`, so attention and
+    positions restart after each EOS of the corpus stream (`with_document_ids`). The loader's
+    state is its inner loader's: a run resumes exactly, with or without the switch. Validation
+    keeps plain windows, so the two settings are measured alike."""
+
+    def __init__(self, loader: Loader, eos_id: int):
+        self.loader, self.eos_id = loader, eos_id
+
+    def next_batch(self) -> Batch:
+        return with_document_ids(self.loader.next_batch(), self.eos_id)
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
 
 
 def sft_stage(run: RunConfig, d: Dist, tokenizer: Tokenizer) -> Stage:

@@ -211,3 +211,30 @@ def test_two_process_sft_matches_one_process(tmp_path):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
     assert two[-1]["val_loss"] == pytest.approx(one[-1]["val_loss"], rel=1e-5)
+
+
+def test_document_mask_marks_every_corpus_document_in_pretraining(tmp_path):
+    """data.document_mask=true: each window's document_ids count the EOS tokens before each
+    position (a new document starts after each EOS); the switch changes the training loss."""
+    from h64lm.data import load_tokenizer
+    from h64lm.train.stage import DocumentMasked, pretraining_stage
+
+    args = FAST + ["data=text", f"data.path={text_corpus(tmp_path)}", "data.document_mask=true"]
+    cfg = run_config(args)
+    tokenizer = load_tokenizer(cfg.data)
+    stage = pretraining_stage(cfg, Dist(0, 1, torch.device("cpu")), tokenizer)
+    assert isinstance(stage.loader, DocumentMasked)
+    state = stage.loader.state_dict()
+    batch = stage.loader.next_batch()
+    eos = (batch.input_ids == tokenizer.eos_id).long()
+    expected = torch.cat([torch.zeros_like(eos[:, :1]), eos[:, :-1].cumsum(1)], dim=1)
+    assert torch.equal(batch.document_ids, expected) and int(eos.sum()) > 0
+    stage.loader.load_state_dict(state)  # the inner loader's state: the same window again
+    assert torch.equal(stage.loader.next_batch().input_ids, batch.input_ids)
+
+    losses = {}
+    for mask in ("false", "true"):
+        run_args = args[:-1] + [f"data.document_mask={mask}", "train.max_steps=1"]
+        run(run_config(run_args), tmp_path / mask, run_args)
+        losses[mask] = read_metrics(tmp_path / mask / "metrics.jsonl")[0]["ce"]
+    assert losses["true"] != losses["false"]
