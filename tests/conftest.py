@@ -2,6 +2,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -22,3 +23,16 @@ def isolated_cache(tmp_path_factory) -> Path:
         os.environ.pop("H64LM_CACHE_DIR", None)
     else:
         os.environ["H64LM_CACHE_DIR"] = previous
+
+
+@pytest.fixture(autouse=True)
+def restore_thread_count():
+    """`torch.set_num_threads` is process-wide: an in-process run with hardware.num_threads=1 (or a
+    test that sets it) must not change the arithmetic of later tests, whose runs are compared bit
+    for bit with subprocesses at the default thread count."""
+    threads, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    if os.environ.get("OMP_NUM_THREADS") != env:  # inherited by every later subprocess
+        os.environ.pop("OMP_NUM_THREADS", None) if env is None else os.environ.update(OMP_NUM_THREADS=env)

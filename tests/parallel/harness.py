@@ -8,7 +8,6 @@ batch; the full Trainer is not involved.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -100,7 +99,8 @@ def _entry(rank: int, world: int, tmp: str, fn: Callable, args: tuple) -> None:
 def spawn(fn: Callable, world: int, tmp: Path, *args) -> List:
     """Run fn(*args) on `world` gloo processes -> each rank's (JSON) return value."""
     tmp.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # _entry sets one thread in each child; the parent's environment must not keep a setting that
+    # later subprocesses of other tests would inherit (their runs are compared bit for bit)
     mp.spawn(_entry, args=(world, str(tmp), fn, args), nprocs=world, join=True)
     return [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world)]
 
