@@ -123,7 +123,8 @@ def test_oasst_tree_follows_the_best_ranked_replies(tmp_path):
 def test_hub_presets_fail_at_once_offline(tmp_path, name):
     from h64lm.config import build_run_config
     from tests.helpers import compose_cfg
-    cfg = build_run_config(compose_cfg([f"data={name}", f"data.cache_dir={tmp_path}"])).data
+
+    cfg = build_run_config(compose_cfg(["stage=sft", f"data={name}", f"data.cache_dir={tmp_path}"])).data
     with pytest.raises(RuntimeError, match=r"unreachable \(HF_HUB_OFFLINE=1\).*data=arithmetic.*"
                                            r"data=chat data.path="):
         load_conversations(cfg, tmp_path)
