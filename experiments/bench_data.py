@@ -1,6 +1,6 @@
 """Data pipeline speed: tokenizer set-up, tokenization throughput, and the loader's cost.
 
-    python experiments/bench_data.py [--wikitext2 ../shared/data/wikitext-2/valid.txt]
+    python experiments/bench_data.py [--wikitext2 PATH/wikitext-2/valid.txt]
                                      [--steps 5] [--num-proc N]
 
 Prints, in a fresh temporary cache: the Mistral tokenizer's one-time conversion and its cached
@@ -84,8 +84,8 @@ def _tiny_step_ms(tokens: np.ndarray, steps: int) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--wikitext2", default=str(ROOT.parent / "shared" / "data" / "wikitext-2"
-                                                   / "valid.txt"))
+    parser.add_argument("--wikitext2", default=None,
+                        help="a local WikiText-2 valid.txt to time as well (nothing outside the repository by default)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--num-proc", type=int, default=None)
     args = parser.parse_args()
@@ -104,11 +104,11 @@ def main() -> None:
               f"cached reload {reload:.2f} s")
 
         sources = {"wiki_excerpt": DataConfig(cache_dir=tmp)}
-        if Path(args.wikitext2).is_file():
+        if args.wikitext2 and Path(args.wikitext2).is_file():
             sources["wikitext-2 valid"] = DataConfig(name="text", path=args.wikitext2,
                                                      cache_dir=tmp)
         else:
-            print(f"skipping WikiText-2 valid: {args.wikitext2} is absent")
+            print(f"skipping WikiText-2 valid: {args.wikitext2 or 'no --wikitext2 given'}")
         corpus = None
         for label, cfg in sources.items():
             rate, count = _tokenize_rate(cfg, tokenizer, cache)
