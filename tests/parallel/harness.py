@@ -164,3 +164,14 @@ def full_weights_summary(cfg_overrides: dict, strategy: str, ep: int, prepared: 
     model = getattr(model, "module", model)
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     return {k: [v.double().sum().item(), v.double().square().sum().item()] for k, v in state.items()}
+
+
+def assert_same_numbers(expected: List[Dict[str, float]], got: List[Dict[str, float]]) -> None:
+    """Per-step loss and grad norm equal up to reduction-order rounding (1e-5 relative)."""
+    import pytest
+
+    assert len(got) == len(expected)
+    for a, b in zip(expected, got):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5, abs=1e-6)
+

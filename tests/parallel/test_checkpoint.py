@@ -15,16 +15,9 @@ from h64lm.runtime.checkpoint.sharded import (
     save_sharded,
     verify_sharded,
 )
-from tests.parallel.harness import build, optimizer, spawn, tiny_config, train, train_save_resume
+from tests.parallel.harness import assert_same_numbers, build, optimizer, spawn, tiny_config, train, train_save_resume
 
 STEPS, SAVE_AT = 5, 2
-
-
-def _assert_numbers_equal(expected, got):
-    assert len(got) == len(expected)
-    for a, b in zip(expected, got):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5, abs=1e-6)
 
 
 def test_one_process_save_resume_and_integrity(tmp_path):
@@ -34,7 +27,7 @@ def test_one_process_save_resume_and_integrity(tmp_path):
     assert not (tmp_path / ".step_2.tmp").exists()  # renamed into place
     assert verify_sharded(ckpt)["world_size"] == 1
     resumed = train_save_resume({}, "single", 1, STEPS, str(ckpt), None)
-    _assert_numbers_equal(uninterrupted[SAVE_AT:], resumed)
+    assert_same_numbers(uninterrupted[SAVE_AT:], resumed)
 
     (ckpt / ".metadata").write_bytes((ckpt / ".metadata").read_bytes() + b"x")
     model = build(tiny_config(), "single")
@@ -62,7 +55,7 @@ def test_fsdp_ep2_checkpoint_resumes_in_one_process_and_back(tmp_path):
     ckpt = tmp_path / "from_two"
     spawn(train_save_resume, 2, tmp_path / "save2", {}, "fsdp", 2, STEPS, str(ckpt), SAVE_AT)
     assert verify_sharded(ckpt)["world_size"] == 2
-    _assert_numbers_equal(uninterrupted[SAVE_AT:],
+    assert_same_numbers(uninterrupted[SAVE_AT:],
                           train_save_resume({}, "single", 1, STEPS, str(ckpt), None))
     # the consolidated weights equal one process's after the same steps
     plain = H64LMForCausalLM(tiny_config())
@@ -76,7 +69,7 @@ def test_fsdp_ep2_checkpoint_resumes_in_one_process_and_back(tmp_path):
     runs = spawn(train_save_resume, 2, tmp_path / "load2", {}, "fsdp", 2, STEPS,
                  str(tmp_path / "from_one"), None)
     for run in runs:
-        _assert_numbers_equal(uninterrupted[SAVE_AT:], run)
+        assert_same_numbers(uninterrupted[SAVE_AT:], run)
 
 
 @pytest.mark.slow
@@ -85,7 +78,7 @@ def test_async_save_with_ddp_resumes_in_one_process(tmp_path):
     ckpt = tmp_path / "async"
     spawn(train_save_resume, 2, tmp_path / "run", {}, "ddp", 1, STEPS, str(ckpt), SAVE_AT, True)
     assert verify_sharded(ckpt)["world_size"] == 2
-    _assert_numbers_equal(uninterrupted[SAVE_AT:],
+    assert_same_numbers(uninterrupted[SAVE_AT:],
                           train_save_resume({}, "single", 1, STEPS, str(ckpt), None))
 
 

@@ -6,17 +6,10 @@ import json
 import pytest
 
 from h64lm.runtime.checkpoint import MANIFEST, verify
-from tests.parallel.harness import spawn
+from tests.parallel.harness import assert_same_numbers, spawn
 from tests.runtime.checkpoint.procs import resume_and_train, train_async_save
 
 STEPS, SAVE_AT = 5, 2
-
-
-def _same(expected, got):
-    assert len(got) == len(expected)
-    for a, b in zip(expected, got):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5, abs=1e-6)
 
 
 @pytest.mark.slow
@@ -33,8 +26,8 @@ def test_background_save_while_training_then_exact_resume(tmp_path, strategy, ep
     # one process resumes the 2-process checkpoint and continues as the 2-process run did
     resumed = resume_and_train("single", 1, STEPS, str(ckpt))
     assert resumed["extras"]["step"] == SAVE_AT
-    _same(runs[0]["numbers"][SAVE_AT:], resumed["numbers"])
+    assert_same_numbers(runs[0]["numbers"][SAVE_AT:], resumed["numbers"])
     # and 2 processes of the same layout resume each rank's own extras
     again = spawn(resume_and_train, 2, tmp_path / "load", strategy, ep, STEPS, str(ckpt))
     assert [r["extras"]["rank"] for r in again] == [0, 1]
-    _same(runs[0]["numbers"][SAVE_AT:], again[0]["numbers"])
+    assert_same_numbers(runs[0]["numbers"][SAVE_AT:], again[0]["numbers"])
