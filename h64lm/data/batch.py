@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -18,10 +18,16 @@ class Batch:
     labels: torch.Tensor  # [B, T] next-token targets aligned with input_ids; IGNORE_INDEX = no target
     # [B, T] packed documents: attention and positions restart where it changes; None = one per row
     document_ids: Optional[torch.Tensor] = None
+    # what a stage's objective reads besides tokens, each [B] or [B, T]: e.g. a preference pair's
+    # rows, a rollout's advantages and the sampling policy's log-probs
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to(self, device: torch.device) -> "Batch":
-        return Batch(*(None if t is None else t.to(device, non_blocking=True)
-                       for t in (self.input_ids, self.labels, self.document_ids)))
+        def move(t):
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return Batch(move(self.input_ids), move(self.labels), move(self.document_ids),
+                     {k: move(v) for k, v in self.extras.items()})
 
     def num_targets(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())

@@ -15,7 +15,7 @@ from typing import Any, Dict, List
 
 from .config import H64LMConfig
 
-__all__ = ["TRAINING_SETTINGS", "architecture", "architecture_differences", "architecture_fields"]
+__all__ = ["STAGE_HEADS", "TRAINING_SETTINGS", "architecture", "architecture_differences", "architecture_fields"]
 
 # Config fields that change how the model trains (or is initialised), not which weights it has
 # or what they compute at evaluation.
@@ -25,9 +25,15 @@ TRAINING_SETTINGS = frozenset({
     "router_bias_update_rate", "init", "initializer_range"})
 
 
+# The scalar head is the stage's choice (stage=reward, PPO's value): a run initialised from a
+# model without one starts it fresh, one from a model with one leaves it out (`initialize_from`).
+STAGE_HEADS = frozenset({"score_head"})
+
+
 def architecture_fields() -> List[str]:
-    """The H64LMConfig fields that describe the network (every field but TRAINING_SETTINGS)."""
-    return [f.name for f in fields(H64LMConfig) if f.name not in TRAINING_SETTINGS]
+    """The H64LMConfig fields that describe the network's trunk (every field but
+    TRAINING_SETTINGS and STAGE_HEADS): what a run takes from an `hf:` folder."""
+    return [f.name for f in fields(H64LMConfig) if f.name not in TRAINING_SETTINGS | STAGE_HEADS]
 
 
 def architecture(c: H64LMConfig) -> Dict[str, Any]:
@@ -42,7 +48,7 @@ def architecture(c: H64LMConfig) -> Dict[str, Any]:
         "moe_layers": moe, "position_encoding": c.position_encoding,
         "sliding_window": c.sliding_window, "rms_norm_eps": c.rms_norm_eps,
         "tie_word_embeddings": c.tie_word_embeddings, "qk_norm": c.qk_norm,
-        "logit_softcap": c.logit_softcap}
+        "logit_softcap": c.logit_softcap, "score_head": c.score_head}
     if c.uses_rope:
         arch["rope_theta"] = c.rope_theta
     if len(moe) < c.num_layers:

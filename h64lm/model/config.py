@@ -68,6 +68,10 @@ class H64LMConfig:
     # RMSNorm of every query and key head (weights [head_dim], one per projection) before RoPE,
     # as OLMo 2 / Qwen3: bounds the attention logits, which otherwise grow with the q/k weights
     qk_norm: bool = False
+    # A scalar head `score` [1, hidden] (no bias, as Hugging Face's *ForSequenceClassification)
+    # on the final hidden states beside the LM head: a reward model's reward (stage=reward) or
+    # PPO's value estimate (stage=rl stage.algorithm=ppo). The stage presets switch it on.
+    score_head: bool = False
     # normal: N(0, initializer_range), residual outputs (o_proj, down_proj) / sqrt(2 num_layers)
     # (GPT-2). small: std sqrt(2 / (5 hidden)) (Nguyen & Salazar 2019, "SmallInit") and residual
     # outputs 2 / (num_layers sqrt(hidden)) (GPT-NeoX's wang_init): scales with the width

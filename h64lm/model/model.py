@@ -14,6 +14,7 @@ from .cache import KVCache
 from .config import H64LMConfig, check_positions
 from .dtypes import compute_dtype
 from .generate import generate
+from .head_logprobs import hidden_token_logprobs
 from .loss import IGNORE_INDEX, chunked_cross_entropy, softcap
 from .mask import attention_bias, document_positions
 from .norm import RMSNorm
@@ -35,6 +36,10 @@ class CausalLMOutput:
     # assignments (before any capacity cut), "dropped": fraction}
     router: List[Dict[str, Any]] = field(default_factory=list)
     past_key_values: Optional[KVCache] = None
+    # [B, T] fp32 log p(labels[b, t]) (0 where ignored), with token_logprobs=True: policy and
+    # preference objectives read these instead of a loss
+    token_logprobs: Optional[torch.Tensor] = None
+    scores: Optional[torch.Tensor] = None  # [B, T] fp32 scalar head at every position (score_head)
 
 
 def init_stds(config: H64LMConfig) -> Tuple[float, float]:
@@ -56,6 +61,7 @@ class H64LMForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.score = nn.Linear(config.hidden_size, 1, bias=False) if config.score_head else None
         self.rotary = (RotaryEmbedding(config.head_dim, config.rope_theta,
                                        config.max_position_embeddings)
                        if config.uses_rope else None)
@@ -145,13 +151,18 @@ class H64LMForCausalLM(nn.Module):
         router_stats: bool = True,
         *,
         document_ids: Optional[torch.Tensor] = None,
+        token_logprobs: bool = False,
     ) -> CausalLMOutput:
         """input_ids [B, T]; labels [B, T] already aligned (labels[b, t] is the target of
         position t, -100 ignored); attention_mask [B, cached + T] (1 = token, 0 = left padding).
         router_stats=False skips the router losses and loads (aux, z = 0, router = []): for
         decoding, where they cost a dozen small ops per MoE layer per token and nobody reads
         them; it cannot be combined with labels. document_ids [B, T] marks packed documents:
-        attention never crosses a change of id and positions restart at each one."""
+        attention never crosses a change of id and positions restart at each one.
+        token_logprobs=True (with labels): `out.token_logprobs` [B, T] instead of `out.ce`,
+        from the hidden states without [B, T, V] logits."""
+        if token_logprobs and labels is None:
+            raise ValueError("token_logprobs=True needs labels: the log-probabilities are of the labels")
         if labels is not None and not router_stats:
             raise ValueError("router_stats=False drops the router terms the objective adds to the loss: "
                              "pass labels only with router_stats=True")
@@ -178,9 +189,13 @@ class H64LMForCausalLM(nn.Module):
         out.z = torch.stack([s["z"] for _, s in stats]).mean() if stats else zero
         out.router = [{"layer": i, "load": s["load"], "counts": s["counts"],
                        "dropped": s["dropped"]} for i, s in stats]
+        if self.score is not None:
+            out.scores = self.score(h).squeeze(-1).float()  # [B, T]
         if return_logits:
             out.logits = softcap(self.lm_head(h), self.config.logit_softcap)
-        if labels is not None:
+        if token_logprobs:
+            out.token_logprobs = hidden_token_logprobs(h, self.lm_head.weight, labels, self.config.logit_softcap)
+        elif labels is not None:
             if out.logits is not None:
                 # sum / max(count, 1): a batch whose labels are all ignored gives 0 with zero
                 # gradient (as the chunked path does), not the NaN of 0/0 from reduction="mean"

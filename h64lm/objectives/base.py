@@ -15,7 +15,7 @@ trainer all-reduces them once per step, before any backward.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -57,10 +57,12 @@ class ObjectiveOutput:
 
 
 class Objective(Protocol):
-    def prepare_step(self, model: nn.Module, batches: Sequence[Batch]) -> None:
+    def prepare_step(self, model: nn.Module, batches: Sequence[Batch]) -> Optional[Sequence[Batch]]:
         """Called once per optimizer step with the unwrapped model (no DDP / compile wrapper) and
-        this rank's micro-batches before any forward (e.g. global-batch load-balancing counts);
-        may be a no-op. Collective when the ranks must agree."""
+        this rank's micro-batches (on the device) before any forward and before the step's
+        targets are counted: e.g. global-batch load-balancing counts, or an RL stage turning
+        prompt batches into rollouts. -> the micro-batches to train on, or None to keep
+        `batches`. Collective when the ranks must agree."""
 
     def __call__(self, model: nn.Module, batch: Batch, share: StepShare) -> ObjectiveOutput:
         """Forward `batch` through `model` (the module the step trains: DDP/FSDP/compiled)."""

@@ -22,7 +22,7 @@ from torch import nn
 from h64lm.config import RunConfig, run_config_from_yaml
 from h64lm.hf import import_hf, import_hf_config
 from h64lm.model import H64LMConfig
-from h64lm.model.architecture import architecture, architecture_differences, architecture_fields
+from h64lm.model.architecture import STAGE_HEADS, architecture, architecture_differences, architecture_fields
 from h64lm.model.upcycle import upcycle_state_dict
 from h64lm.runtime.checkpoint import CheckpointError, load_model_state, read_full_state, resolve
 from h64lm.validation import ConfigError
@@ -104,6 +104,20 @@ def _with_router_bias(model: nn.Module, state: dict, init_from: str) -> dict:
     return {**{k: torch.zeros_like(v) for k, v in own.items()}, **state}
 
 
+def _with_stage_heads(model: nn.Module, state: dict, init_from: str, log: Callable[[str], None]) -> dict:
+    """The scalar head (`model.score_head`) follows this run's stage, not the source: a reward model
+    or PPO value head starts from this run's own initialisation when the source has none, and a
+    source's head is left out when this run has none (a policy from a reward model)."""
+    own = model.state_dict()
+    if "score.weight" in own and "score.weight" not in state:
+        log(f"train.init_from: {init_from} has no scalar head; model.score_head starts from its initialisation")
+        return {**state, "score.weight": own["score.weight"]}
+    if "score.weight" not in own and "score.weight" in state:
+        log(f"train.init_from: the scalar head of {init_from} is left out (model.score_head=false)")
+        return {k: v for k, v in state.items() if k != "score.weight"}
+    return state
+
+
 def _load(model: nn.Module, state: dict, init_from: str) -> None:
     try:
         load_model_state(model, _with_router_bias(model, state, init_from))
@@ -111,11 +125,16 @@ def _load(model: nn.Module, state: dict, init_from: str) -> None:
         raise ConfigError(f"train.init_from={init_from}: {e}") from None
 
 
+def _trunk(c: H64LMConfig) -> dict:
+    return {k: v for k, v in architecture(c).items() if k not in STAGE_HEADS}
+
+
 def initialize_from(model: nn.Module, init_from: str, noise_std: float, seed: int,
                     log: Callable[[str], None]) -> None:
     config: H64LMConfig = model.config
     src_cfg, state = _source(init_from)
-    differing = architecture_differences(architecture(src_cfg), architecture(config))
+    state = _with_stage_heads(model, state, init_from, log)
+    differing = architecture_differences(_trunk(src_cfg), _trunk(config))
     if not differing:
         _load(model, state, init_from)
         log(f"train.init_from: weights of {init_from} (the same model; optimizer and schedule start fresh)")

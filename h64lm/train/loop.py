@@ -65,7 +65,7 @@ class Trainer:
         check_vocab(self.tokenizer, run.model.vocab_size)
         built = (stage or stage_factory(run))(run, d, self.tokenizer)  # stage=None: stage.name's
         self.loader, self.objective, self.val_tokens = built.loader, built.objective, built.val_tokens
-        self.val_batches = built.val_batches
+        self.val_batches, self.stage_validate = built.val_batches, built.validate
         self.val_windows = {} if self.val_tokens is None else {
             n: validation_windows(self.val_tokens, n, data.val_windows) for n in [data.seq_len, *t.extra_eval_seq_lens]}
 

@@ -13,7 +13,7 @@ Validation follows the data: pretraining validates on fixed windows of the held-
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from h64lm.data.packing import with_document_ids
 from h64lm.objectives import LanguageModelling, Objective
 from h64lm.runtime.distributed import Dist
 
+if TYPE_CHECKING:
+    from h64lm.train.loop import Trainer
+
 __all__ = ["DocumentMasked", "Stage", "StageFactory", "pretraining_stage", "sft_stage", "sft_validation_batches", "stage_factory"]
 
 
@@ -37,6 +40,10 @@ class Stage:
     # None when the stage validates on `val_batches`
     val_tokens: Optional[np.ndarray]
     val_batches: Optional[list[Batch]] = None  # every validation example once, the same on every rank
+    # A stage's own validation (preference accuracy, rewards of sampled answers): trainer ->
+    # {"val_loss": ..., other metrics by name} (val_loss decides best/ and the history), or None
+    # when a stop request interrupted it. None: the language-modelling loss of val_batches/val_tokens.
+    validate: Optional[Callable[["Trainer"], Optional[dict[str, Any]]]] = None
 
 
 StageFactory = Callable[[RunConfig, Dist, Tokenizer], Stage]

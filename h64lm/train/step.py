@@ -55,7 +55,7 @@ class StepStats:
 
 def count_step_targets(batches: Sequence[Batch], world_size: int, device: torch.device) -> list[int]:
     """-> [n_m] target tokens per micro-batch, plus the step's total over all ranks appended
-    (one all-reduce). Counted on the host batches, so no device sync."""
+    (one all-reduce). On host batches there is no device sync."""
     counts = [b.num_targets() for b in batches]
     total = sum(counts)
     if world_size > 1:
@@ -71,9 +71,11 @@ def forward_backward(objective: Objective, model: nn.Module, raw_model: nn.Modul
     """-> (terms {name: this rank's sum over micro-batches}, loads {layer: [E]}, dropped {layer: []}),
     loads and dropped averaged over micro-batches. `model` is what the step trains (DDP/FSDP/
     compiled), `raw_model` the module under it; `backward(loss)` applies any loss scaling."""
-    *counts, step_targets = count_step_targets(batches, world_size, device)
-    batches = [b.to(device) for b in batches]
-    objective.prepare_step(raw_model, batches)
+    on_device = [b.to(device) for b in batches]
+    prepared = objective.prepare_step(raw_model, on_device)
+    # counted on the host batches (no device sync) unless the objective made new ones (rollouts)
+    *counts, step_targets = count_step_targets(batches if prepared is None else prepared, world_size, device)
+    batches = on_device if prepared is None else prepared
     terms: dict[str, torch.Tensor] = {}
     loads: dict[int, torch.Tensor] = {}
     dropped: dict[int, torch.Tensor] = {}

@@ -91,3 +91,30 @@ def test_damaged_folder_fails_in_one_line(exported, tmp_path, damage, named):
 ])
 def test_model_keys_set(overrides, keys):
     assert model_keys_set(overrides) == keys
+
+
+
+def test_a_scalar_head_follows_the_stage_not_the_source(monkeypatch):
+    """A reward model from a model without a head keeps its own fresh head; a policy from a
+    reward model leaves the head out; the trunk is loaded either way."""
+    from h64lm.model import H64LMConfig, H64LMForCausalLM
+    from h64lm.train import init_from
+
+    base = dict(vocab_size=97, hidden_size=32, num_layers=2, num_attention_heads=4, num_kv_heads=2,
+                intermediate_size=48, moe_intermediate_size=24, num_experts=4, num_experts_per_token=2)
+    torch.manual_seed(0)
+    plain = H64LMForCausalLM(H64LMConfig(**base))
+    torch.manual_seed(1)
+    scored = H64LMForCausalLM(H64LMConfig(**base, score_head=True))
+    for source, target in ((plain, scored), (scored, plain)):
+        torch.manual_seed(2)
+        fresh = H64LMForCausalLM(target.config)
+        head = None if fresh.score is None else fresh.score.weight.clone()
+        monkeypatch.setattr(init_from, "_source", lambda _: (source.config, source.state_dict()))
+        logs = []
+        init_from.initialize_from(fresh, "RUN", 0.0, 0, logs.append)
+        assert torch.equal(fresh.embed_tokens.weight, source.embed_tokens.weight)
+        assert torch.equal(fresh.layers[1].attn.qkv_proj.weight, source.layers[1].attn.qkv_proj.weight)
+        if head is not None:
+            assert torch.equal(fresh.score.weight, head)
+        assert "scalar head" in logs[0]

@@ -22,13 +22,19 @@ __all__ = ["ValidationLoss", "RoutingSnapshots", "Sampling", "Downstream"]
 
 class ValidationLoss:
     """Validation loss at the training length and `train.extra_eval_seq_lens` (pretraining
-    windows) or over the stage's validation batches (SFT), then the history. Run by the trainer
-    before the `Callback`s: best checkpoints and the history depend on it."""
+    windows), over the stage's validation batches (SFT) or by the stage's own `validate`
+    (preference and RL stages), then the history. Run by the trainer before the `Callback`s:
+    best checkpoints and the history depend on it."""
 
     def __call__(self, trainer: "Trainer", record: dict[str, Any], step_losses: list[float]) -> bool:
         run = trainer.run
         batch = run.train.val_batch_size or run.train.batch_size
-        if trainer.val_batches is not None:
+        if trainer.stage_validate is not None:  # the stage's own metrics (preference, rewards)
+            out = trainer.stage_validate(trainer)
+            if out is None:
+                return False
+            record.update(out)
+        elif trainer.val_batches is not None:
             out = validation.evaluate_batches(trainer.model, trainer.val_batches, trainer.precision, trainer.d,
                                               trainer.stop_requested)
             if out is None:
@@ -44,11 +50,12 @@ class ValidationLoss:
         finite = [v for v in step_losses if math.isfinite(v)]
         mean_loss = sum(finite) / len(finite) if finite else math.nan
         trainer.history.add(step=trainer.step, tokens=trainer.tokens_seen, train_loss=mean_loss,
-                            val_loss=record["val_loss"], val_ppl=record["val_ppl"], learning_rate=record["lr"])
+                            val_loss=record["val_loss"], val_ppl=record.get("val_ppl", math.nan), learning_rate=record["lr"])
         if trainer.d.is_main:
             trainer.history.save(trainer.run_dir / "training_history.json")
             trainer.log(f"step {trainer.step}: train loss {record['loss']:.4f} (this step), {mean_loss:.4f} "
-                        f"(mean since last eval)  val {record['val_loss']:.4f}  ppl {record['val_ppl']:.1f}")
+                        f"(mean since last eval)  val {record['val_loss']:.4f}"
+                        + (f"  ppl {record['val_ppl']:.1f}" if "val_ppl" in record else ""))
         return True
 
 
