@@ -1,0 +1,268 @@
+"""`mode=pipeline`: the stages of `pipeline.stages` in order, each as its own `python run.py`
+process in RUN/stages/<k>_<name>/, each but the first initialised from the one before
+(`train.init_from=<its run directory>`: the newest checkpoint that verifies there).
+
+A stage's command line: `stage=<name>`, its `overrides`, then the pipeline's own command line
+(it wins: `train.max_steps=5` shortens every stage) without the keys that belong to the pipeline
+or to one stage (`mode`, `experiment`, `pipeline.*`, `stage=`, `data=`, `checkpoint`, `hydra.*`);
+`model=`/`model.*` reach every stage, as `train.init_from` needs the same model throughout.
+Every stage's config is composed and validated before the first one starts.
+
+Requeue-safe: the same command with hydra.run.dir=RUN continues. A stage whose status.json says
+`finished` is skipped; a stage that started and did not finish continues with train.resume=auto.
+SIGINT/SIGTERM reach the running stage once (it saves a checkpoint and stops); if the pipeline
+process dies without passing it on, the stage gets SIGTERM from the kernel (PR_SET_PDEATHSIG).
+A stage that fails stops the pipeline with one line naming it and its log, and its exit code.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from h64lm.config import RunConfig, build_run_config
+from h64lm.runtime.console import command, hydra_value
+from h64lm.runtime.rundir import RunDirLock
+from h64lm.train.pipeline_table import stage_row, write_table
+from h64lm.validation import ConfigError
+
+__all__ = ["StageLaunch", "PipelineStopped", "stage_launches", "check_stage_configs", "run_stages", "merged"]
+
+RUN_PY = Path(__file__).resolve().parents[2] / "run.py"
+# keys of the pipeline's command line that no stage receives (exact keys; then prefixes)
+_OWN_KEYS = {"mode", "experiment", "stage", "data", "checkpoint", "train.init_from", "train.resume"}
+_OWN_PREFIXES = ("pipeline", "hydra")
+EVAL_DIR = Path("evals") / "pipeline"  # inside a stage's folder: its final weights' mode=eval
+LOCK_WAIT_S = 600  # a killed pipeline's stage process is still saving its checkpoint
+
+
+def _key(override: str) -> str:
+    return override.lstrip("+~").partition("=")[0].strip()
+
+
+def merged(*lists: list[str]) -> list[str]:
+    """The overrides of all lists, one per key: a later list's value replaces an earlier one's."""
+    by_key: dict[str, str] = {}
+    for o in (o for lst in lists for o in lst):
+        by_key.pop(_key(o), None)
+        by_key[_key(o)] = o
+    return list(by_key.values())
+
+
+@dataclass
+class StageLaunch:
+    index: int
+    name: str
+    dir: Path  # RUN/stages/<index>_<name>
+    args: list[str]  # run.py's overrides, hydra.run.dir last
+
+
+class PipelineStopped(Exception):
+    """The pipeline ends here with `exit_code`; the message is its one line."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def stage_launches(run: RunConfig, run_dir: Path, overrides: list[str]) -> list[StageLaunch]:
+    """The stages up to `pipeline.until`, each with its full command line."""
+    p = run.pipeline
+    stages = p.stages[:[s.name for s in p.stages].index(p.until) + 1] if p.until else p.stages
+    passed = [o for o in overrides if _key(o) not in _OWN_KEYS and not _key(o).startswith(_OWN_PREFIXES)]
+    group = [f"experiment_name={run.experiment_name}"] if run.experiment_name else []  # the W&B group
+    launches, previous = [], None
+    for k, s in enumerate(stages):
+        folder = Path(run_dir).absolute() / "stages" / f"{k}_{s.name}"
+        init = [f"train.init_from={hydra_value(previous)}"] if previous else []
+        args = merged([f"stage={s.name}"], group, list(s.overrides), passed, init)
+        launches.append(StageLaunch(k, s.name, folder, args + [f"hydra.run.dir={hydra_value(folder)}"]))
+        previous = folder
+    return launches
+
+
+def _compose(args: list[str]):
+    """`args` composed as `python run.py args` would: through the running Hydra app when there is
+    one (run.py), else a fresh composition (tests calling `cli.run`)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        from hydra import compose
+
+        return compose(config_name="config", overrides=args)
+    from h64lm.config import compose
+
+    return compose(args)
+
+
+def check_stage_configs(launches: list[StageLaunch]) -> None:
+    """Every stage's config composes and validates, before anything runs: a typo in the last
+    stage's overrides is one line now, not after the first stages have trained."""
+    for launch in launches:
+        args = [a for a in launch.args if not _key(a).startswith("hydra")]
+        try:
+            with warnings.catch_warnings():  # the stage itself prints its start-up warnings
+                warnings.simplefilter("ignore")
+                build_run_config(_compose(args))
+        except Exception as e:
+            raise ConfigError(f"pipeline stage {launch.index} ({launch.name}): "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}; "
+                              f"change pipeline.stages[{launch.index}].overrides") from None
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """For the child, before exec: SIGTERM when the pipeline process dies (Linux prctl
+    PR_SET_PDEATHSIG), so a killed pipeline never leaves a stage training on its own."""
+    def set_signal() -> None:
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # not Linux: a killed pipeline's stage runs to its end
+            return
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            signal.raise_signal(signal.SIGTERM)
+    return set_signal
+
+
+class _StageProcess:
+    """One `python run.py` at a time. The pipeline's SIGINT/SIGTERM goes to it once (it runs in
+    its own session, so a terminal's Ctrl-C does not reach it twice); `signum` remembers it."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.signum = 0
+        self._previous: dict = {}
+
+    def __enter__(self) -> "_StageProcess":
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signum)
+
+    def run(self, args: list[str]) -> int:
+        sys.stdout.flush()
+        self.proc = subprocess.Popen([sys.executable, str(RUN_PY), *args], start_new_session=True,
+                                     preexec_fn=_die_with_parent(os.getpid()))
+        try:
+            return self.proc.wait()
+        finally:
+            self.proc = None
+
+
+def _state(stage_dir: Path) -> str | None:
+    try:
+        return json.loads((stage_dir / "status.json").read_text()).get("state")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _wait_for_lock(stage_dir: Path, log: Callable[[str], None]) -> None:
+    """The stage's run-directory lock, free: a pipeline killed a moment ago may have left its
+    stage process saving a checkpoint (this pipeline holds RUN's lock, so no live copy does)."""
+    if not (stage_dir / ".lock").exists():
+        return
+    deadline, said = time.monotonic() + LOCK_WAIT_S, False
+    while True:
+        try:
+            RunDirLock(stage_dir).acquire().release()
+            return
+        except ConfigError as e:
+            if time.monotonic() > deadline:
+                raise ConfigError(f"{e} (waited {LOCK_WAIT_S} s)") from None
+            if not said:
+                log(f"waiting for the process still running in {stage_dir} to stop")
+                said = True
+            time.sleep(1.0)
+
+
+def _previous_walls(run_dir: Path) -> dict[str, float]:
+    """Each stage's wall time so far (RUN/pipeline.json), so a requeued pipeline adds to it."""
+    try:
+        rows = json.loads((run_dir / "pipeline.json").read_text())["stages"]
+        return {r["dir"]: r["wall_s"] for r in rows}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _last_error(log_file: Path) -> str:
+    try:
+        lines = [ln.strip() for ln in log_file.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    return (errors or lines or [""])[-1][:300]
+
+
+def _stopped(signum: int, launch: StageLaunch, resume: str) -> PipelineStopped:
+    return PipelineStopped(f"{signal.Signals(signum).name} received: pipeline stopped at stage {launch.index} "
+                           f"({launch.name}); continue with: {resume}", 128 + signum)
+
+
+def _failed(launch: StageLaunch, rc: int, what: str, resume: str) -> PipelineStopped:
+    how = f"was killed by {signal.Signals(-rc).name}" if rc < 0 else f"failed (exit {rc})"
+    cause = _last_error(launch.dir / "run.log")
+    return PipelineStopped(f"error: pipeline stage {launch.index} ({launch.name}) {how}"
+                           f"{': ' + cause if cause else ''}; its log: {launch.dir / 'run.log'}; {what} and "
+                           f"continue with: {resume}", rc if rc > 0 else 128 - rc)
+
+
+def run_stages(run: RunConfig, run_dir: Path, overrides: list[str], launches: list[StageLaunch],
+               log: Callable[[str], None] = lambda s: print(s, flush=True)) -> list[dict]:
+    """Runs (or skips, or continues) each launch, evaluates its final weights with
+    `pipeline.eval_overrides`, and rewrites RUN/pipeline.{md,json} after each. -> the rows."""
+    run_dir = Path(run_dir).absolute()
+    resume = command([o for o in overrides if not o.startswith("hydra.run.dir=")]
+                     + [f"hydra.run.dir={hydra_value(run_dir)}"])
+    hardware = [o for o in overrides if _key(o).startswith("hardware")]
+    walls, rows = _previous_walls(run_dir), []
+    log(f"pipeline {run_dir}: {' -> '.join(x.name for x in launches)}; rerun to continue: {resume}")
+    with _StageProcess() as proc:
+        for launch in launches:
+            rel = str(launch.dir.relative_to(run_dir))
+            if _state(launch.dir) == "finished":
+                log(f"stage {launch.index} ({launch.name}): finished earlier, skipped ({launch.dir})")
+            else:
+                again = ["train.resume=auto"] if (launch.dir / "status.json").exists() else []
+                log(f"stage {launch.index} ({launch.name}){' continues' if again else ''}: "
+                    f"{command(launch.args[:-1] + again)} in {launch.dir}")
+                _wait_for_lock(launch.dir, log)
+                start = time.perf_counter()
+                rc = proc.run(launch.args + again)
+                walls[rel] = walls.get(rel, 0.0) + time.perf_counter() - start
+                if proc.signum:
+                    write_table(run_dir, rows + [stage_row(launch.index, launch.name, launch.dir, walls[rel])])
+                    raise _stopped(proc.signum, launch, resume)
+                if rc != 0 or _state(launch.dir) != "finished":
+                    write_table(run_dir, rows + [stage_row(launch.index, launch.name, launch.dir, walls[rel])])
+                    raise _failed(launch, rc, "fix it", resume)
+            eval_dir = launch.dir / EVAL_DIR
+            if run.pipeline.eval_overrides and not (eval_dir / "eval.json").is_file():
+                args = merged(["mode=eval", f"checkpoint={hydra_value(launch.dir)}"], hardware,
+                              list(run.pipeline.eval_overrides), [f"hydra.run.dir={hydra_value(eval_dir)}"])
+                log(f"stage {launch.index} ({launch.name}): evaluating its final weights: {command(args[:-1])}")
+                rc = proc.run(args)
+                if proc.signum:
+                    raise _stopped(proc.signum, launch, resume)
+                if rc != 0:
+                    log(f"warning: stage {launch.index} ({launch.name}): mode=eval failed (exit {rc}): "
+                        f"{_last_error(eval_dir / 'run.log')}; see {eval_dir / 'run.log'}")
+            rows.append(stage_row(launch.index, launch.name, launch.dir, walls.get(rel), eval_dir))
+            write_table(run_dir, rows)
+    log(f"pipeline done: {run_dir / 'pipeline.md'}")
+    return rows
