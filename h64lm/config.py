@@ -397,8 +397,8 @@ class PipelineConfig:
             guess = difflib.get_close_matches(stage.name, STAGES, n=1)
             check(stage.name in STAGES, f"{key}.name={stage.name} is not a stage; "
                   f"{f'did you mean {guess[0]}? ' if guess else ''}choose one of {', '.join(STAGES)}")
-            check(names.count(stage.name) == 1,
-                  f"{key}.name={stage.name} names two stages; a pipeline runs each stage once")
+            check(stage.name not in names[:i], f"{key}.name={stage.name} names two stages (also "
+                  f"pipeline.stages[{names.index(stage.name)}]); a pipeline runs each stage once")
             for o in stage.overrides:
                 k = o.lstrip("+~").partition("=")[0].strip()
                 check("=" in o, f"{key}.overrides: {o!r} is not key=value")

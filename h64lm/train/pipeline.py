@@ -17,12 +17,14 @@ A stage that fails stops the pipeline with one line naming it and its log, and i
 
 from __future__ import annotations
 
+import codecs
 import ctypes
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -134,11 +136,13 @@ def _die_with_parent(parent: int) -> Callable[[], None]:
 
 class _StageProcess:
     """One `python run.py` at a time. The pipeline's SIGINT/SIGTERM goes to it once (it runs in
-    its own session, so a terminal's Ctrl-C does not reach it twice); `signum` remembers it."""
+    its own session, so a terminal's Ctrl-C does not reach it twice); `signum` remembers it. Its
+    stderr passes through, and its end is kept (`tail`): a refused launch leaves no log behind."""
 
     def __init__(self) -> None:
         self.proc: subprocess.Popen | None = None
         self.signum = 0
+        self.tail = ""
         self._previous: dict = {}
 
     def __enter__(self) -> "_StageProcess":
@@ -155,14 +159,34 @@ class _StageProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signum)
 
+    def _pump(self, stream) -> None:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        while chunk := stream.read1(65536):
+            text = decoder.decode(chunk)
+            sys.stderr.write(text)
+            sys.stderr.flush()
+            self.tail = (self.tail + text)[-8192:]
+
     def run(self, args: list[str]) -> int:
         sys.stdout.flush()
+        self.tail = ""
         self.proc = subprocess.Popen([sys.executable, str(RUN_PY), *args], start_new_session=True,
-                                     preexec_fn=_die_with_parent(os.getpid()))
+                                     stderr=subprocess.PIPE, preexec_fn=_die_with_parent(os.getpid()))
+        pump = threading.Thread(target=self._pump, args=(self.proc.stderr,), daemon=True)
+        pump.start()
         try:
-            return self.proc.wait()
+            rc = self.proc.wait()
+            pump.join()
+            return rc
         finally:
+            self.proc.stderr.close()
             self.proc = None
+
+    def last_error(self) -> str:
+        """The stage's last `error:` line (the one line every refusal and failure prints)."""
+        lines = [ln.strip() for ln in self.tail.replace("\r", "\n").splitlines() if ln.strip()]
+        errors = [ln for ln in lines if ln.startswith("error:")]
+        return (errors or [""])[-1][:300]
 
 
 def _state(stage_dir: Path) -> str | None:
@@ -200,26 +224,17 @@ def _previous_walls(run_dir: Path) -> dict[str, float]:
         return {}
 
 
-def _last_error(log_file: Path) -> str:
-    try:
-        lines = [ln.strip() for ln in log_file.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return ""
-    errors = [ln for ln in lines if ln.startswith("error:")]
-    return (errors or lines or [""])[-1][:300]
-
-
 def _stopped(signum: int, launch: StageLaunch, resume: str) -> PipelineStopped:
     return PipelineStopped(f"{signal.Signals(signum).name} received: pipeline stopped at stage {launch.index} "
                            f"({launch.name}); continue with: {resume}", 128 + signum)
 
 
-def _failed(launch: StageLaunch, rc: int, what: str, resume: str) -> PipelineStopped:
+def _failed(launch: StageLaunch, rc: int, cause: str, resume: str) -> PipelineStopped:
     how = f"was killed by {signal.Signals(-rc).name}" if rc < 0 else f"failed (exit {rc})"
-    cause = _last_error(launch.dir / "run.log")
+    log = launch.dir / "run.log"  # absent when the stage refused to start (it leaves nothing)
     return PipelineStopped(f"error: pipeline stage {launch.index} ({launch.name}) {how}"
-                           f"{': ' + cause if cause else ''}; its log: {launch.dir / 'run.log'}; {what} and "
-                           f"continue with: {resume}", rc if rc > 0 else 128 - rc)
+                           f"{': ' + cause if cause else ''}{f'; its log: {log}' if log.is_file() else ''}; "
+                           f"fix it and continue with: {resume}", rc if rc > 0 else 128 - rc)
 
 
 def run_stages(run: RunConfig, run_dir: Path, overrides: list[str], launches: list[StageLaunch],
@@ -250,7 +265,7 @@ def run_stages(run: RunConfig, run_dir: Path, overrides: list[str], launches: li
                     raise _stopped(proc.signum, launch, resume)
                 if rc != 0 or _state(launch.dir) != "finished":
                     write_table(run_dir, rows + [stage_row(launch.index, launch.name, launch.dir, walls[rel])])
-                    raise _failed(launch, rc, "fix it", resume)
+                    raise _failed(launch, rc, proc.last_error(), resume)
             eval_dir = launch.dir / EVAL_DIR
             if run.pipeline.eval_overrides and not (eval_dir / "eval.json").is_file():
                 args = merged(["mode=eval", f"checkpoint={hydra_value(launch.dir)}"], hardware,
@@ -260,8 +275,8 @@ def run_stages(run: RunConfig, run_dir: Path, overrides: list[str], launches: li
                 if proc.signum:
                     raise _stopped(proc.signum, launch, resume)
                 if rc != 0:
-                    log(f"warning: stage {launch.index} ({launch.name}): mode=eval failed (exit {rc}): "
-                        f"{_last_error(eval_dir / 'run.log')}; see {eval_dir / 'run.log'}")
+                    log(f"warning: stage {launch.index} ({launch.name}): its evaluation failed (exit {rc}): "
+                        f"{proc.last_error()}; the table leaves its exact match empty")
             rows.append(stage_row(launch.index, launch.name, launch.dir, walls.get(rel), eval_dir))
             write_table(run_dir, rows)
     log(f"pipeline done: {run_dir / 'pipeline.md'}")
