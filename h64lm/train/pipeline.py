@@ -24,7 +24,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -137,7 +136,8 @@ def _die_with_parent(parent: int) -> Callable[[], None]:
 class _StageProcess:
     """One `python run.py` at a time. The pipeline's SIGINT/SIGTERM goes to it once (it runs in
     its own session, so a terminal's Ctrl-C does not reach it twice); `signum` remembers it. Its
-    stderr passes through, and its end is kept (`tail`): a refused launch leaves no log behind."""
+    stderr is kept in a file beside its folder and its end here (`tail`): a stage that refuses to
+    start removes its own folder, run.log included."""
 
     def __init__(self) -> None:
         self.proc: subprocess.Popen | None = None
@@ -159,27 +159,34 @@ class _StageProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signum)
 
-    def _pump(self, stream) -> None:
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        while chunk := stream.read1(65536):
-            text = decoder.decode(chunk)
-            sys.stderr.write(text)
-            sys.stderr.flush()
-            self.tail = (self.tail + text)[-8192:]
-
-    def run(self, args: list[str]) -> int:
+    def run(self, args: list[str], err_log: Path) -> int:
+        """`run.py args`; its stderr appended to `err_log` (a file, not a pipe: the stage never
+        depends on this process staying alive) and copied to this process's stderr as it grows.
+        This thread waits and copies; no other is started: the kernel sends PR_SET_PDEATHSIG
+        again each time a thread of a killed parent exits, and a stage's second SIGTERM kills
+        it before it has saved."""
         sys.stdout.flush()
         self.tail = ""
-        self.proc = subprocess.Popen([sys.executable, str(RUN_PY), *args], start_new_session=True,
-                                     stderr=subprocess.PIPE, preexec_fn=_die_with_parent(os.getpid()))
-        pump = threading.Thread(target=self._pump, args=(self.proc.stderr,), daemon=True)
-        pump.start()
+        err_log.parent.mkdir(parents=True, exist_ok=True)
+        with open(err_log, "ab") as err:
+            start = err.tell()
+            self.proc = subprocess.Popen([sys.executable, str(RUN_PY), *args], start_new_session=True,
+                                         stderr=err, preexec_fn=_die_with_parent(os.getpid()))
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         try:
-            rc = self.proc.wait()
-            pump.join()
-            return rc
+            with open(err_log, "rb") as f:
+                f.seek(start)
+                while True:
+                    rc = self.proc.poll()
+                    while chunk := f.read(65536):  # after poll: all the stage wrote before it ended
+                        text = decoder.decode(chunk)
+                        sys.stderr.write(text)
+                        sys.stderr.flush()
+                        self.tail = (self.tail + text)[-8192:]
+                    if rc is not None:
+                        return rc
+                    time.sleep(0.1)
         finally:
-            self.proc.stderr.close()
             self.proc = None
 
     def last_error(self) -> str:
@@ -229,11 +236,15 @@ def _stopped(signum: int, launch: StageLaunch, resume: str) -> PipelineStopped:
                            f"({launch.name}); continue with: {resume}", 128 + signum)
 
 
+def _err_log(launch: StageLaunch) -> Path:
+    return launch.dir.with_name(launch.dir.name + ".stderr.log")
+
+
 def _failed(launch: StageLaunch, rc: int, cause: str, resume: str) -> PipelineStopped:
     how = f"was killed by {signal.Signals(-rc).name}" if rc < 0 else f"failed (exit {rc})"
     log = launch.dir / "run.log"  # absent when the stage refused to start (it leaves nothing)
     return PipelineStopped(f"error: pipeline stage {launch.index} ({launch.name}) {how}"
-                           f"{': ' + cause if cause else ''}{f'; its log: {log}' if log.is_file() else ''}; "
+                           f"{': ' + cause if cause else ''}; its log: {log if log.is_file() else _err_log(launch)}; "
                            f"fix it and continue with: {resume}", rc if rc > 0 else 128 - rc)
 
 
@@ -258,7 +269,7 @@ def run_stages(run: RunConfig, run_dir: Path, overrides: list[str], launches: li
                     f"{command(launch.args[:-1] + again)} in {launch.dir}")
                 _wait_for_lock(launch.dir, log)
                 start = time.perf_counter()
-                rc = proc.run(launch.args + again)
+                rc = proc.run(launch.args + again, _err_log(launch))
                 walls[rel] = walls.get(rel, 0.0) + time.perf_counter() - start
                 if proc.signum:
                     write_table(run_dir, rows + [stage_row(launch.index, launch.name, launch.dir, walls[rel])])
@@ -271,7 +282,7 @@ def run_stages(run: RunConfig, run_dir: Path, overrides: list[str], launches: li
                 args = merged(["mode=eval", f"checkpoint={hydra_value(launch.dir)}"], hardware,
                               list(run.pipeline.eval_overrides), [f"hydra.run.dir={hydra_value(eval_dir)}"])
                 log(f"stage {launch.index} ({launch.name}): evaluating its final weights: {command(args[:-1])}")
-                rc = proc.run(args)
+                rc = proc.run(args, _err_log(launch))
                 if proc.signum:
                     raise _stopped(proc.signum, launch, resume)
                 if rc != 0:

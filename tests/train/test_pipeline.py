@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -164,7 +165,15 @@ def test_pipeline_runs_both_stages_writes_their_numbers_and_a_rerun_skips_them(t
     assert {p: p.read_bytes() for p in before} == before  # nothing retrained, same table
 
 
-@pytest.mark.slow  # ~1.5 minutes: a kill during the second stage, then the rerun
+def _proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="watches the orphaned stage through /proc (Linux)")
+@pytest.mark.slow  # 2-4 minutes: a kill during the second stage, then the rerun
 def test_a_killed_pipeline_resumes_its_interrupted_stage(tmp_path):
     run_dir = tmp_path / "pipe"
     long_sft = SFT + ["train.max_steps=40", "train.eval_every=20"]
@@ -175,8 +184,8 @@ def test_a_killed_pipeline_resumes_its_interrupted_stage(tmp_path):
     proc.send_signal(signal.SIGKILL)  # the pipeline alone, as a node failure or `kill -9 PID` would
     proc.wait()
     # its stage gets SIGTERM from the kernel, saves and stops: never left training on its own
-    deadline = time.monotonic() + 120
-    while json.loads((sft / "status.json").read_text())["state"] == "running":
+    stage_pid, deadline = json.loads((sft / "status.json").read_text())["pid"], time.monotonic() + 120
+    while Path(f"/proc/{stage_pid}").exists() and "Z" not in _proc_state(stage_pid):
         assert time.monotonic() < deadline, "the orphaned stage kept running"
         time.sleep(0.2)
     stopped_at = json.loads((sft / "status.json").read_text())
@@ -201,7 +210,10 @@ def test_a_failing_stage_stops_the_pipeline_with_one_line_naming_it_and_its_erro
     assert result.returncode == 2, result.stderr[-2000:]
     [line] = [ln for ln in result.stderr.splitlines() if ln.startswith("error: pipeline")]
     assert line.startswith("error: pipeline stage 1 (sft) failed (exit 2): error: ")
-    assert "torn.jsonl" in line  # the stage's own one line: it refused to start and left no folder
+    # the stage's own one line; it refused to start and left no folder, so its stderr is the log
+    cause = line.split("failed (exit 2): ", 1)[1].split("; its log: ")[0]
+    err_log = run_dir / "stages" / "1_sft.stderr.log"
+    assert "torn.jsonl" in cause and cause in err_log.read_text() and f"its log: {err_log};" in line
     assert f"hydra.run.dir={run_dir}" in line  # how to continue after fixing it
     rows = json.loads((run_dir / "pipeline.json").read_text())["stages"]
     assert [r["state"] for r in rows] == ["finished", None]
