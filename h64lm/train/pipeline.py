@@ -30,11 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from h64lm.config import RunConfig, build_run_config
+from h64lm.config import CONF_DIR, RunConfig, build_run_config, did_you_mean, is_schema_key
 from h64lm.runtime.console import command, hydra_value
 from h64lm.runtime.rundir import RunDirLock
 from h64lm.train.pipeline_table import stage_row, write_table
-from h64lm.validation import ConfigError
+from h64lm.validation import ConfigError, check
 
 __all__ = ["StageLaunch", "PipelineStopped", "stage_launches", "check_stage_configs", "run_stages", "merged"]
 
@@ -108,14 +108,20 @@ def _compose(args: list[str]):
 def check_stage_configs(launches: list[StageLaunch]) -> None:
     """Every stage's config composes and validates, before anything runs: a typo in the last
     stage's overrides is one line now, not after the first stages have trained."""
+    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
     for launch in launches:
         args = [a for a in launch.args if not _key(a).startswith("hydra")]
+        where = f"pipeline stage {launch.index} ({launch.name})"
+        for key in (_key(a) for a in args if not a.startswith(("+", "~"))):
+            guess = did_you_mean(key, tuple(groups))
+            check(key in groups or is_schema_key(key), f"{where}: {key} is not a configuration key"
+                  f"{f'; did you mean {guess}?' if guess else ''}; change pipeline.stages[{launch.index}].overrides")
         try:
             with warnings.catch_warnings():  # the stage itself prints its start-up warnings
                 warnings.simplefilter("ignore")
                 build_run_config(_compose(args))
         except Exception as e:
-            raise ConfigError(f"pipeline stage {launch.index} ({launch.name}): "
+            raise ConfigError(f"{where}: "
                               f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}; "
                               f"change pipeline.stages[{launch.index}].overrides") from None
 
@@ -264,7 +270,8 @@ def run_stages(run: RunConfig, run_dir: Path, overrides: list[str], launches: li
             if _state(launch.dir) == "finished":
                 log(f"stage {launch.index} ({launch.name}): finished earlier, skipped ({launch.dir})")
             else:
-                again = ["train.resume=auto"] if (launch.dir / "status.json").exists() else []
+                # a folder an earlier attempt left: its checkpoints, or none yet (then step 0)
+                again = ["train.resume=auto"] if launch.dir.exists() else []
                 log(f"stage {launch.index} ({launch.name}){' continues' if again else ''}: "
                     f"{command(launch.args[:-1] + again)} in {launch.dir}")
                 _wait_for_lock(launch.dir, log)

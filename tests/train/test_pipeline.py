@@ -92,9 +92,14 @@ def test_merged_keeps_one_override_per_key_the_last_one():
     assert merged(["a=1", "b=2"], ["+a=3", "c=4"], ["b=5"]) == ["+a=3", "c=4", "b=5"]
 
 
-def test_a_typo_in_a_later_stage_is_refused_before_the_first_stage_runs(tmp_path):
-    args = pipeline_args(sft=SFT + ["train.max_stepz=3"])
-    with pytest.raises(ConfigError, match=r"^pipeline stage 1 \(sft\): .*max_stepz"):
+@pytest.mark.parametrize("override, message", [
+    ("train.max_stepz=3", r"train\.max_stepz is not a configuration key; did you mean train\.max_steps\?"),
+    ("train.max_steps=0", r"train\.max_steps=0 must be >= 1"),
+    ("data=wiki_excerpt", r"stage=sft needs a data source of conversations"),
+])
+def test_a_bad_override_of_a_later_stage_is_refused_before_the_first_stage_runs(tmp_path, override, message):
+    args = pipeline_args(sft=SFT + [override])
+    with pytest.raises(ConfigError, match=r"^pipeline stage 1 \(sft\): " + message):
         run(run_config(args), tmp_path / "run", args)
     assert not (tmp_path / "run" / "stages").exists()
 
