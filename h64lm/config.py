@@ -402,7 +402,9 @@ class PipelineConfig:
             for o in stage.overrides:
                 k = o.lstrip("+~").partition("=")[0].strip()
                 check("=" in o, f"{key}.overrides: {o!r} is not key=value")
-                check(k not in PIPELINE_SET_KEYS and not k.startswith("hydra"),
+                # the first stage may start from given weights; each later one starts from the one before
+                own = PIPELINE_SET_KEYS if i else tuple(x for x in PIPELINE_SET_KEYS if x != "train.init_from")
+                check(k not in own and not k.startswith("hydra"),
                       f"{key}.overrides: {k} is set by the pipeline itself (stage=<name>, each stage "
                       f"initialised from the one before, its folder under RUN/stages/); remove {o!r}")
         check(self.until is None or self.until in names,

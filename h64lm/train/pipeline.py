@@ -3,9 +3,10 @@ process in RUN/stages/<k>_<name>/, each but the first initialised from the one b
 (`train.init_from=<its run directory>`: the newest checkpoint that verifies there).
 
 A stage's command line: `stage=<name>`, its `overrides`, then the pipeline's own command line
-(it wins: `train.max_steps=5` shortens every stage) without the keys that belong to the pipeline
-or to one stage (`mode`, `experiment`, `pipeline.*`, `stage=`, `data=`, `checkpoint`, `hydra.*`);
-`model=`/`model.*` reach every stage, as `train.init_from` needs the same model throughout.
+(it wins: `train.max_steps=5` shortens every stage) without the pipeline's own keys (`mode`,
+`experiment`, `pipeline.*`, `hydra.*`); `model=`/`model.*` reach every stage, as
+`train.init_from` needs the same model throughout; `train.init_from` there is where the first
+stage starts. `stage=`, `data=` and `checkpoint=` belong to one stage: refused on the command line.
 Every stage's config is composed and validated before the first one starts.
 
 Requeue-safe: the same command with hydra.run.dir=RUN continues. A stage whose status.json says
@@ -39,9 +40,10 @@ from h64lm.validation import ConfigError, check
 __all__ = ["StageLaunch", "PipelineStopped", "stage_launches", "check_stage_configs", "run_stages", "merged"]
 
 RUN_PY = Path(__file__).resolve().parents[2] / "run.py"
-# keys of the pipeline's command line that no stage receives (exact keys; then prefixes)
-_OWN_KEYS = {"mode", "experiment", "stage", "data", "checkpoint", "train.init_from", "train.resume"}
+# keys of the pipeline's command line that configure the pipeline itself (exact keys; then prefixes)
+_OWN_KEYS = {"mode", "experiment", "train.resume"}
 _OWN_PREFIXES = ("pipeline", "hydra")
+_PER_STAGE = ("stage", "data", "checkpoint")  # refused there: which stage would they be for?
 EVAL_DIR = Path("evals") / "pipeline"  # inside a stage's folder: its final weights' mode=eval
 LOCK_WAIT_S = 600  # a killed pipeline's stage process is still saving its checkpoint
 
@@ -79,12 +81,19 @@ def stage_launches(run: RunConfig, run_dir: Path, overrides: list[str]) -> list[
     """The stages up to `pipeline.until`, each with its full command line."""
     p = run.pipeline
     stages = p.stages[:[s.name for s in p.stages].index(p.until) + 1] if p.until else p.stages
+    for o in overrides:
+        check(_key(o) not in _PER_STAGE, f"{o} on a pipeline's command line: each stage sets its own "
+              f"{_key(o)}; put it in the overrides of one stage (pipeline.stages[k].overrides)")
     passed = [o for o in overrides if _key(o) not in _OWN_KEYS and not _key(o).startswith(_OWN_PREFIXES)]
     group = [f"experiment_name={run.experiment_name}"] if run.experiment_name else []  # the W&B group
+    # train.init_from on the command line: where the first stage starts; each later one starts
+    # from the stage before
+    first_init = [o for o in passed if _key(o) == "train.init_from"]
+    passed = [o for o in passed if _key(o) != "train.init_from"]
     launches, previous = [], None
     for k, s in enumerate(stages):
         folder = Path(run_dir).absolute() / "stages" / f"{k}_{s.name}"
-        init = [f"train.init_from={hydra_value(previous)}"] if previous else []
+        init = [f"train.init_from={hydra_value(previous)}"] if previous else first_init
         args = merged([f"stage={s.name}"], group, list(s.overrides), passed, init)
         launches.append(StageLaunch(k, s.name, folder, args + [f"hydra.run.dir={hydra_value(folder)}"]))
         previous = folder

@@ -18,8 +18,8 @@ from h64lm.train.callbacks import RoutingSnapshots, default_callbacks
 from h64lm.train.metrics import read_metrics
 from h64lm.train.pipeline import check_stage_configs, merged, stage_launches
 from h64lm.validation import ConfigError
-from tests.helpers import FAST, ROOT, compose_cfg, run_cli, run_config
 from experiments.fault_procs import start_run, wait_until
+from tests.helpers import FAST, ROOT, compose_cfg, run_cli, run_config
 
 MODEL = [a for a in FAST if a.startswith(("model", "hardware", "logger"))] + ["hardware.num_threads=1"]
 PRETRAIN = ["data.seq_len=32", "data.val_windows=4", "train.max_steps=4", "train.eval_every=2",
@@ -73,19 +73,36 @@ def test_the_preset_composes_and_every_stage_config_is_valid(tmp_path):
 
 def test_each_stage_starts_from_the_previous_and_the_command_line_reaches_every_stage(tmp_path):
     overrides = ["experiment=pipeline", "pipeline.until=sft", "train.max_steps=7", "model.hidden_size=64",
-                 "data=wikitext2", "hydra.run.dir=elsewhere", "logger=none"]
+                 "train.init_from=outputs/base", "hydra.run.dir=elsewhere", "logger=none"]
     launches = stage_launches(run_config(overrides), tmp_path, overrides)
     assert [(x.index, x.name, x.dir) for x in launches] == [
         (0, "pretrain", tmp_path / "stages" / "0_pretrain"), (1, "sft", tmp_path / "stages" / "1_sft")]
     pre, sft = (dict(a.partition("=")[::2] for a in x.args) for x in launches)
     assert pre["stage"] == "pretrain" and sft["stage"] == "sft"
-    assert "train.init_from" not in pre and sft["train.init_from"] == str(tmp_path / "stages" / "0_pretrain")
+    # the command line's train.init_from is where the first stage starts
+    assert pre["train.init_from"] == "outputs/base"
+    assert sft["train.init_from"] == str(tmp_path / "stages" / "0_pretrain")
     for args, launch in ((pre, launches[0]), (sft, launches[1])):
         assert args["hydra.run.dir"] == str(launch.dir)  # not the pipeline's own
         assert args["train.max_steps"] == "7" and args["model.hidden_size"] == "64" and args["logger"] == "none"
         assert "mode" not in args and "experiment" not in args and "pipeline.until" not in args
-    assert "data" not in pre and sft["data"] == "arithmetic"  # data= belongs to each stage
+    assert "data" not in pre and sft["data"] == "arithmetic"  # the stages' own
     assert len(launches[1].args) == len(sft)  # one value per key
+
+
+@pytest.mark.parametrize("override", ["data=arithmetic", "stage=sft", "checkpoint=outputs/x"])
+def test_a_key_that_belongs_to_one_stage_is_refused_on_the_pipelines_command_line(tmp_path, override):
+    overrides = ["experiment=pipeline", override]
+    with pytest.raises(ConfigError, match=f"^{override} on a pipeline's command line: each stage sets its own"):
+        stage_launches(run_config(["experiment=pipeline"]), tmp_path, overrides)
+
+
+def test_only_the_first_stage_entry_may_name_its_starting_weights():
+    first = build_run_config(compose_cfg(["experiment=pipeline",
+                                          "pipeline.stages.0.overrides=[\"train.init_from=x\"]"]))
+    assert first.pipeline.stages[0].overrides == ["train.init_from=x"]
+    with pytest.raises(ConfigError, match=r"pipeline\.stages\[1\]\.overrides: train\.init_from is set by the pipeline"):
+        build_run_config(compose_cfg(["experiment=pipeline", "pipeline.stages.1.overrides=[\"train.init_from=x\"]"]))
 
 
 def test_merged_keeps_one_override_per_key_the_last_one():
