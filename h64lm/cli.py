@@ -161,6 +161,10 @@ def run(run_cfg: RunConfig, run_dir: Path, overrides: list[str], sweep_dir: str 
 
         plan_layouts_for(run_cfg, model_name, overrides, run_dir)
         return None
+    if run_cfg.mode == "pipeline":  # every stage runs in its own process: nothing to set up here
+        from h64lm.modes import run_pipeline
+
+        return run_pipeline(run_cfg, run_dir, overrides, launch_dir)
     try:
         if run_cfg.mode == "train":
             check_can_log(run_cfg.logger)

@@ -14,6 +14,7 @@ Where each group is consumed: docs/configuration.md, "Where is key X consumed?" 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -48,12 +49,14 @@ __all__ = [
     "run_config_yaml",
     "MODES",
     "PlanConfig",
+    "PipelineStage",
+    "PipelineConfig",
     "schema_keys",
     "is_schema_key",
     "did_you_mean",
 ]
 
-MODES = ("train", "eval", "generate", "chat", "export", "plan")
+MODES = ("train", "eval", "generate", "chat", "export", "plan", "pipeline")
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
@@ -302,6 +305,7 @@ class RunConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     stage: StageConfig = field(default_factory=StageConfig)
+    pipeline: PipelineConfig = field(default_factory=lambda: PipelineConfig())  # defined below
 
     def __post_init__(self) -> None:
         validate_fields(self)
@@ -309,6 +313,10 @@ class RunConfig:
         check(self.model.num_experts % ep == 0,
               f"hardware.ep={ep} must divide model.num_experts={self.model.num_experts}; change hardware.ep")
         if self.mode == "plan":
+            return
+        if self.mode == "pipeline":  # each stage's own config is composed and checked at start
+            check(bool(self.pipeline.stages), "mode=pipeline needs pipeline.stages; "
+                  "experiment=pipeline sets pretrain -> sft -> ...")
             return
         if self.mode == "train":
             check_positions(self.model, self.data.seq_len, "data.seq_len")
@@ -355,6 +363,54 @@ class RunConfig:
         return found
 
 
+# Keys of a stage's command line that `mode=pipeline` sets itself (h64lm/train/pipeline.py).
+PIPELINE_SET_KEYS = ("stage", "mode", "train.init_from", "train.resume", "hydra.run.dir", "experiment")
+
+
+@dataclass
+class PipelineStage:
+    """One stage of `mode=pipeline`: `python run.py stage=<name> <overrides>`."""
+
+    name: str = "pretrain"  # one of STAGES; unique within the pipeline (its folder stages/<k>_<name>)
+    overrides: List[str] = field(default_factory=list)  # key=value or group=option, as on the command line
+
+
+@dataclass
+class PipelineConfig:
+    """`mode=pipeline` (h64lm/train/pipeline.py): the stages run in order, each as its own
+    `python run.py` in RUN/stages/<k>_<name>/, each but the first initialised from the one before
+    (`train.init_from`); RUN/pipeline.md tabulates them."""
+
+    config_group: ClassVar[str] = "pipeline"
+
+    stages: List[PipelineStage] = field(default_factory=list)
+    until: Optional[str] = bounded(None, null="every stage")  # the name of the last stage to run
+    # `python run.py mode=eval checkpoint=<stage>` of every stage's final weights with these
+    # overrides (data=arithmetic: held-out exact match for every stage, pretraining included); []: none
+    eval_overrides: List[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+        names = [s.name for s in self.stages]
+        for i, stage in enumerate(self.stages):
+            key = f"pipeline.stages[{i}]"
+            guess = difflib.get_close_matches(stage.name, STAGES, n=1)
+            check(stage.name in STAGES, f"{key}.name={stage.name} is not a stage; "
+                  f"{f'did you mean {guess[0]}? ' if guess else ''}choose one of {', '.join(STAGES)}")
+            check(stage.name not in names[:i], f"{key}.name={stage.name} names two stages (also "
+                  f"pipeline.stages[{names.index(stage.name)}]); a pipeline runs each stage once")
+            for o in stage.overrides:
+                k = o.lstrip("+~").partition("=")[0].strip()
+                check("=" in o, f"{key}.overrides: {o!r} is not key=value")
+                # the first stage may start from given weights; each later one starts from the one before
+                own = PIPELINE_SET_KEYS if i else tuple(x for x in PIPELINE_SET_KEYS if x != "train.init_from")
+                check(k not in own and not k.startswith("hydra"),
+                      f"{key}.overrides: {k} is set by the pipeline itself (stage=<name>, each stage "
+                      f"initialised from the one before, its folder under RUN/stages/); remove {o!r}")
+        check(self.until is None or self.until in names,
+              f"pipeline.until={self.until} is none of the stages ({', '.join(names)}); name one or leave it null")
+
+
 def default_run_dir(mode: str, checkpoint: str | None, stamp: str) -> str:
     """Where a launch writes: a new `outputs/<stamp>` to train; to evaluate or generate, a folder
     inside the run that trained the checkpoint, where its results are found later; a plan under
@@ -377,7 +433,7 @@ def register_configs() -> None:
 
 _GROUPS = {"model": H64LMConfig, "data": DataConfig, "optim": OptimConfig, "hardware": HardwareConfig,
            "logger": LoggerConfig, "train": TrainConfig, "gen": GenConfig, "eval": EvalConfig,
-           "plan": PlanConfig, "stage": StageConfig}
+           "plan": PlanConfig, "stage": StageConfig, "pipeline": PipelineConfig}
 
 
 def build_run_config(cfg: DictConfig) -> RunConfig:
@@ -424,8 +480,6 @@ def is_schema_key(key: str, schema: type = RunConfig) -> bool:
 
 def did_you_mean(key: str, extra: tuple = ()) -> Optional[str]:
     """The schema key (or one of `extra`) closest to a mistyped `key` (difflib), or None when none is close."""
-    import difflib
-
     key = key.lstrip("+~")
     group = key.split(".")[0]
     # within the group the user named: model.hiden_size -> model.hidden_size

@@ -1,5 +1,6 @@
 """`mode=eval`, `mode=generate` and `mode=chat`: a trained checkpoint against data or prompts;
-`mode=plan`: the memory and time of every parallel layout of the composed config (h64lm/plan).
+`mode=plan`: the memory and time of every parallel layout of the composed config (h64lm/plan);
+`mode=pipeline`: training stages in order, each from the one before (h64lm/train/pipeline.py).
 
 Their outputs land beside the run they read (`RUN/evals/<time>/eval.json`,
 `RUN/generations/<time>/generations.txt`, `RUN/chats/<time>/chat.txt`, chosen by the `h64lm_run_dir` resolver in
@@ -28,7 +29,7 @@ from h64lm.validation import ConfigError
 
 __all__ = ["load_trained_model", "evaluate_checkpoint", "generate_from_checkpoint", "chat_reply",
            "chat_with_checkpoint", "export_checkpoint",
-           "plan_layouts_for"]
+           "plan_layouts_for", "run_pipeline"]
 
 
 def load_trained_model(checkpoint: str | Path, device: torch.device) -> tuple[H64LMForCausalLM, RunConfig]:
@@ -281,3 +282,33 @@ def plan_layouts_for(run_cfg: RunConfig, model_name: str, overrides: list[str], 
         (out_dir / "plan.txt").write_text(text + "\n")
     print(text, flush=True)
     return text
+
+
+def run_pipeline(run_cfg: RunConfig, run_dir: Path, overrides: list[str], launch_dir: Path | None) -> list[dict]:
+    """`mode=pipeline` in `run_dir`: one pipeline per folder (its lock), every stage's config
+    checked before the first starts (a refusal changes nothing), then the stages
+    (h64lm/train/pipeline.py). A failed or stopped stage ends the process with one line and the
+    stage's exit code. -> the table's rows (RUN/pipeline.json)."""
+    import sys
+
+    from h64lm.runtime.rundir import RunDirLock, adopt_launch_record
+    from h64lm.train.pipeline import PipelineStopped, check_stage_configs, run_stages, stage_launches
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunDirLock(run_dir)
+    try:
+        lock.acquire()
+        launches = stage_launches(run_cfg, run_dir, overrides)
+        check_stage_configs(launches)
+    except Exception as e:
+        lock.release()
+        e.refused = True
+        raise
+    try:
+        adopt_launch_record(run_dir, launch_dir)
+        return run_stages(run_cfg, run_dir, overrides, launches)
+    except PipelineStopped as e:
+        print(e, file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
+    finally:
+        lock.release()

@@ -14,7 +14,8 @@ def default_callbacks(run) -> list[Callback]:
     """The callbacks of a `RunConfig`, in the order they run at an evaluation step."""
     callbacks: list[Callback] = []
     if run.model.moe_layer_indices():
-        callbacks.append(RoutingSnapshots(against_start=run.stage.name == "sft"))
+        # every post-training stage starts from a trained model: how far its routing moves from it
+        callbacks.append(RoutingSnapshots(against_start=run.stage.name != "pretrain"))
     callbacks.append(Sampling())
     if run.train.downstream_every:
         callbacks.append(Downstream())

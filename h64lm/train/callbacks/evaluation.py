@@ -61,8 +61,8 @@ class ValidationLoss:
 
 class RoutingSnapshots(Callback):
     """Per-layer expert loads, router entropy and routing changes on 8 fixed validation rows (MoE
-    models): `top1_changed` against the previous evaluation and, with `against_start` (the SFT
-    stage), `top1_changed_from_start` against the model before its first step. That reference is
+    models): `top1_changed` against the previous evaluation and, with `against_start` (every
+    stage but pretraining), `top1_changed_from_start` against the model before its first step. That reference is
     kept in RUN/routing_start.safetensors, so a resumed run compares with the same one."""
 
     def __init__(self, against_start: bool = False) -> None:
