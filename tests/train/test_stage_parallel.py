@@ -31,7 +31,7 @@ TIMING = {"step_time_s", "tokens_per_s", "mfu", "mem_gb"}  # wall-clock numbers,
 EXACT = ("tokens", "routing.", "sft/exact_match", "lr")  # counts and schedules: no rounding
 
 
-def _flat(record: dict, prefix: str = "") -> dict:
+def logged_numbers(record: dict, prefix: str = "") -> dict:
     """A metrics record -> {dotted name: number}, nested routing tables and lists included."""
     out = {}
     for key, value in record.items():
@@ -39,7 +39,7 @@ def _flat(record: dict, prefix: str = "") -> dict:
         if key in TIMING:
             continue
         if isinstance(value, dict):
-            out.update(_flat(value, name + "."))
+            out.update(logged_numbers(value, name + "."))
         elif isinstance(value, list):
             out.update({f"{name}.{i}": v for i, v in enumerate(value)})
         else:
@@ -68,11 +68,11 @@ def test_two_process_sft_layout_matches_one_process(tmp_path, one_process, layou
     assert [r["step"] for r in evaluated] == [3, 6]
     assert all(r["routing"] and "sft/exact_match" in r for r in evaluated)
     for a, b in zip(one_process, two):
-        expected, got = _flat(a), _flat(b)
+        expected, got = logged_numbers(a), logged_numbers(b)
         assert got.keys() == expected.keys(), (b["step"], got.keys() ^ expected.keys())
         for name, value in expected.items():
             if name.startswith(EXACT) or not isinstance(value, float) or not math.isfinite(value):
                 assert got[name] == value, (b["step"], name)
             else:
                 assert got[name] == pytest.approx(value, rel=1e-6, abs=1e-9), (b["step"], name)
-    assert any(k.endswith("top1_changed_from_start") for k in _flat(evaluated[-1]))
+    assert any(k.endswith("top1_changed_from_start") for k in logged_numbers(evaluated[-1]))
