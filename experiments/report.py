@@ -81,7 +81,10 @@ COLUMNS = [  # (row key, header, format)
 ]
 # Shown only when some run logged them.
 OPTIONAL_COLUMNS = [(f"router_{stat}", header, "{:.3f}")
-                    for stat, header in ROUTER_SUMMARY_STATS.items()]
+                    for stat, header in ROUTER_SUMMARY_STATS.items()] + [
+    ("final_exact_match", "exact match", "{:.3f}"),  # stage=sft on data=arithmetic
+    ("final_top1_changed_from_start", "top-1 changed from start", "{:.3f}"),  # stage=sft, MoE
+]
 
 
 def load_runs(sweep_dirs: list[Path]) -> tuple[list[RunInfo], list[str]]:
@@ -234,7 +237,11 @@ def write_report(sweep_dirs: list[Path], out: Path, reference: str | None = None
          "(`h64lm.model.flops_per_token` at `data.seq_len`, times tokens seen). train s: "
          "training seconds, the sum of logged step times (a step not logged counts as long as "
          "the next logged one; evaluation excluded). `<task> acc`: the last logged "
-         "`downstream/<task>/acc`. Steps of an unfinished run read done/planned. A resumed "
+         "`downstream/<task>/acc`. SFT runs (`stage=sft`): *exact match* is the last "
+         "`sft/exact_match` (held-out test problems answered greedily; `RUN/exact_match.json` "
+         "has the starting model's at step 0) and *top-1 changed from start* the share of "
+         "tokens whose top-1 expert differs from the starting model's at the last evaluation, "
+         "mean over MoE layers. Steps of an unfinished run read done/planned. A resumed "
          "run shows the overrides and config of its last launch."),
         "",
         "`loss_vs_imbalance.png`: final validation loss against expert load max/mean, one dot "
