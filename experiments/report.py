@@ -170,7 +170,9 @@ def _arms_section(arms_table: str, arms: list[Arm], reference: Arm) -> list[str]
          "same initial weights where the arms' shapes agree), so Δ is the mean of the per-seed differences d_i and its standard error "
          "std(d_i)/sqrt(n), free of the seed's own effect; otherwise Welch's "
          "sqrt(s_a²/n_a + s_r²/n_r). "
-         "Load max/mean: lower is more even. "
+         "Load max/mean: lower is more even. Exact match (SFT): higher is better; top-1 changed "
+         "from start (SFT): the share of tokens the router sends elsewhere than the starting "
+         "model did. "
          + (f"Seed noise of one run (standard deviation of the final validation loss between "
             f"seeds, pooled over arms): {noise:.4f} ({dof} degrees of freedom)."
             if noise is not None else
