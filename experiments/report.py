@@ -81,7 +81,10 @@ COLUMNS = [  # (row key, header, format)
 ]
 # Shown only when some run logged them.
 OPTIONAL_COLUMNS = [(f"router_{stat}", header, "{:.3f}")
-                    for stat, header in ROUTER_SUMMARY_STATS.items()]
+                    for stat, header in ROUTER_SUMMARY_STATS.items()] + [
+    ("final_exact_match", "exact match", "{:.3f}"),  # stage=sft on data=arithmetic
+    ("final_top1_changed_from_start", "top-1 changed from start", "{:.3f}"),  # stage=sft, MoE
+]
 
 
 def load_runs(sweep_dirs: list[Path]) -> tuple[list[RunInfo], list[str]]:
@@ -167,7 +170,9 @@ def _arms_section(arms_table: str, arms: list[Arm], reference: Arm) -> list[str]
          "same initial weights where the arms' shapes agree), so Δ is the mean of the per-seed differences d_i and its standard error "
          "std(d_i)/sqrt(n), free of the seed's own effect; otherwise Welch's "
          "sqrt(s_a²/n_a + s_r²/n_r). "
-         "Load max/mean: lower is more even. "
+         "Load max/mean: lower is more even. Exact match (SFT): higher is better; top-1 changed "
+         "from start (SFT): the share of tokens the router sends elsewhere than the starting "
+         "model did. "
          + (f"Seed noise of one run (standard deviation of the final validation loss between "
             f"seeds, pooled over arms): {noise:.4f} ({dof} degrees of freedom)."
             if noise is not None else
@@ -234,7 +239,11 @@ def write_report(sweep_dirs: list[Path], out: Path, reference: str | None = None
          "(`h64lm.model.flops_per_token` at `data.seq_len`, times tokens seen). train s: "
          "training seconds, the sum of logged step times (a step not logged counts as long as "
          "the next logged one; evaluation excluded). `<task> acc`: the last logged "
-         "`downstream/<task>/acc`. Steps of an unfinished run read done/planned. A resumed "
+         "`downstream/<task>/acc`. SFT runs (`stage=sft`): *exact match* is the last "
+         "`sft/exact_match` (held-out test problems answered greedily; `RUN/exact_match.json` "
+         "has the starting model's at step 0) and *top-1 changed from start* the share of "
+         "tokens whose top-1 expert differs from the starting model's at the last evaluation, "
+         "mean over MoE layers. Steps of an unfinished run read done/planned. A resumed "
          "run shows the overrides and config of its last launch."),
         "",
         "`loss_vs_imbalance.png`: final validation loss against expert load max/mean, one dot "

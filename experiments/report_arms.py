@@ -52,8 +52,10 @@ NOT_ARM_KEYS = (SEED_KEY, "train.resume", "logger.")
 # (row key, header) of the per-arm statistics; the first is the loss the verdict compares, the
 # last the imbalance (lower = more even).
 MEASURES = [("final_val_loss", "final val loss"), ("best_val_loss", "best val loss"),
+            ("final_exact_match", "exact match"),  # stage=sft: shown when some run logged them
+            ("final_top1_changed_from_start", "top-1 changed from start"),
             ("load_max_over_mean", "load max/mean")]
-LOSS, IMBALANCE = MEASURES[0][0], MEASURES[-1][0]
+LOSS, EXACT_MATCH, IMBALANCE = MEASURES[0][0], MEASURES[2][0], MEASURES[-1][0]
 
 
 @dataclass
@@ -250,7 +252,7 @@ def arms_markdown(arms: list[Arm], reference: Arm) -> str:
     reference with their noise, verdict."""
     digits = {m: 2 if m == IMBALANCE else 4 for m, _ in MEASURES}
     shown = [(m, h) for m, h in MEASURES if any(a.stats[m].n for a in arms)]
-    compared = [(m, h) for m, h in shown if m in (LOSS, IMBALANCE)]
+    compared = [(m, h) for m, h in shown if m in (LOSS, EXACT_MATCH, IMBALANCE)]
     header = ["arm", "runs (seeds)", *(h for _, h in shown),
               *(f"Δ {h} vs reference" for _, h in compared), "verdict"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -30,6 +30,7 @@ from experiments.report_series import (
     BALANCE_TAIL,
     ROUTER_SUMMARY_STATS,
     downstream_accuracy,
+    final_sft_numbers,
     router_tail_mean,
     train_seconds,
 )
@@ -294,6 +295,7 @@ def summarise(run: RunInfo) -> dict[str, Any]:
     }
     for stat in ROUTER_SUMMARY_STATS:
         row[f"router_{stat}"] = router_tail_mean(run.records, stat)
+    row.update(final_sft_numbers(run.records))
     for task, acc in sorted(downstream_accuracy(run.records).items()):
         row[f"downstream/{task}/acc"] = acc
     for key in sorted(k for k in (final or {}) if k.startswith(("val_loss_len", "val_ppl_len"))):

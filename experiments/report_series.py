@@ -19,6 +19,7 @@ __all__ = [
     "downstream_accuracy",
     "ema",
     "expert_load_ratios",
+    "final_sft_numbers",
     "run_curves",
     "router_layers",
     "router_tail_mean",
@@ -110,6 +111,19 @@ def downstream_accuracy(records: list[dict[str, Any]]) -> dict[str, float]:
             if len(parts) == 3 and parts[0] == "downstream" and parts[2] == "acc":
                 out[parts[1]] = value
     return out
+
+
+def final_sft_numbers(records: list[dict[str, Any]]) -> dict[str, float | None]:
+    """What the SFT stage did, at the last evaluation that logged it (None where no record did):
+    `final_exact_match`, the last `sft/exact_match` (held-out test problems answered greedily),
+    and `final_top1_changed_from_start`, the share of tokens whose top-1 expert differs from the
+    starting model's (`routing.<layer>.top1_changed_from_start`), averaged over MoE layers."""
+    exact = [r["sft/exact_match"] for r in records if r.get("sft/exact_match") is not None]
+    changed = [[stats["top1_changed_from_start"] for stats in (r.get("routing") or {}).values()
+                if "top1_changed_from_start" in stats] for r in records]
+    changed = [layers for layers in changed if layers]
+    return {"final_exact_match": exact[-1] if exact else None,
+            "final_top1_changed_from_start": statistics.fmean(changed[-1]) if changed else None}
 
 
 def expert_load_ratios(records: list[dict[str, Any]]

@@ -88,10 +88,10 @@ class Trainer:
         self.checkpoints = Checkpointer(self.run_dir, t.keep_last, t.async_save, self.log)
         self.step, self.tokens_seen, self.skipped_steps, self.bad_in_a_row = 0, 0, 0, 0
         self.history, self.wandb_run_id = History(), None
-        if resume_state is not None:
-            self._restore(resume_state)
         self.validation = ValidationLoss()
         self.callbacks = default_callbacks(run) if callbacks is None else callbacks
+        if resume_state is not None:
+            self._restore(resume_state)
 
         self.tokens_per_step = t.batch_size * self.accum * data.seq_len * d.world_size
         self.flops_per_token = flops_per_token(run.model, data.seq_len)
@@ -125,6 +125,8 @@ class Trainer:
         self.skipped_steps = state["skipped_steps"]
         self.history = History(state["history"])
         self.wandb_run_id = state.get("wandb_run_id")
+        for cb in self.callbacks:  # checkpoints written before callbacks had state hold none
+            cb.load_state_dict(state.get("callbacks", {}).get(type(cb).__name__, {}))
 
     def state_dict(self) -> dict[str, Any]:
         """This process's whole state as one dict of plain data and tensors: what a one-process
@@ -146,6 +148,7 @@ class Trainer:
             "history": self.history.data,
             "skipped_steps": self.skipped_steps,
             "wandb_run_id": self.wandb_run_id,
+            "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks},
         }
 
     def save(self, final: bool = True) -> Path:

@@ -165,7 +165,11 @@ def small_overrides(args: list[str], corpus: Path) -> list[str]:
     optional = {"data.val_windows": "4", "train.eval_every": "2", "train.save_every": "2",
                 "train.sample_tokens": "4", "optim.warmup_steps": "1", "hardware": "cpu",
                 "hardware.num_threads": "1", "logger": "none"}
-    if _value(overrides, "data") is None:
+    if "sft" in (_value(overrides, "stage"), _value(overrides, "experiment")):
+        # conversations of the arithmetic task (~60 tokens each), not the text corpus; few test problems
+        optional |= {"data": "arithmetic", "data.max_samples": "200", "stage.eval_examples": "2"}
+        forced |= {"data.seq_len": "96", "stage.eval_max_new_tokens": "4"}
+    elif _value(overrides, "data") is None:
         optional |= {"data": "text", "data.path": str(corpus), "data.val_path": str(corpus.with_name("val.txt"))}
     return ([f"{k}={v}" for k, v in optional.items() if _value(overrides, k) is None]
             + [f"{k}={v}" for k, v in forced.items()])

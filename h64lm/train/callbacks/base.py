@@ -17,6 +17,14 @@ __all__ = ["Callback"]
 
 
 class Callback:
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue exactly: saved in every checkpoint (this rank's
+        extras, plain data and tensors), keyed by the callback's class name."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """On resume, before on_fit_start: `state_dict()` as the checkpoint saved it."""
+
     def on_fit_start(self, trainer: "Trainer") -> None:
         """Before the first step of this launch (after any resume)."""
 

@@ -62,13 +62,23 @@ class ValidationLoss:
 class RoutingSnapshots(Callback):
     """Per-layer expert loads, router entropy and routing changes on 8 fixed validation rows (MoE
     models): `top1_changed` against the previous evaluation and, with `against_start` (every
-    stage but pretraining), `top1_changed_from_start` against the model before its first step. That reference is
-    kept in RUN/routing_start.safetensors, so a resumed run compares with the same one."""
+    stage but pretraining), `top1_changed_from_start` against the model before its first step.
+    That reference is kept in RUN/routing_start.safetensors and the previous evaluation's top-1
+    experts in each checkpoint, so a resumed run compares with the same ones."""
 
     def __init__(self, against_start: bool = False) -> None:
         self.last: dict[str, Any] | None = None
         self.against_start = against_start
         self.start: dict[int, torch.Tensor] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        # the previous evaluation's top-1 experts [N] per layer: the first evaluation after a
+        # resume reports top1_changed against them, as the uninterrupted run does
+        return {} if self.last is None else {"top1": {str(i): t.cpu() for i, t in self.last["top1"].items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "top1" in state:
+            self.last = {"top1": {int(i): t for i, t in state["top1"].items()}}
 
     @staticmethod
     def _windows(trainer: "Trainer") -> torch.Tensor:
@@ -79,6 +89,8 @@ class RoutingSnapshots(Callback):
         return windows.to(trainer.d.device)
 
     def on_fit_start(self, trainer: "Trainer") -> None:
+        if self.last is not None:  # restored from a checkpoint, on the CPU
+            self.last["top1"] = {i: t.to(trainer.d.device) for i, t in self.last["top1"].items()}
         if not self.against_start:
             return
         from safetensors.torch import load_file, save_file
