@@ -147,3 +147,54 @@ def test_preset_sets_the_score_head_and_loss_names_match_the_objectives():
     assert DPO_LOSSES == OBJECTIVE_LOSSES
     with pytest.raises(Exception, match="betta"):
         compose_cfg(["stage=dpo", "stage.betta=0.1"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["dpo", "reward"])
+def test_fsdp_and_expert_parallel_match_one_process(stage, tmp_path):
+    """FSDP2 and expert parallelism (2 gloo processes, one pair each) train and validate like one
+    process with both pairs; DPO's frozen reference is sharded like the policy, its forwards
+    collectives. Tolerances as the DDP test's (fp32 sums in another order)."""
+    import sys
+
+    from tests.helpers import run_cli
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    common = (DPO if stage == "dpo" else REWARD) + ["train.max_steps=3", "model.router_aux_loss_coef=0"]
+    runs = {}
+    for name, extra, launcher in (
+            ("one", ["train.batch_size=2"], None),
+            ("fsdp", ["train.batch_size=1", "hardware=fsdp", "hardware.device=cpu"], torchrun),
+            ("ep", ["train.batch_size=1", "hardware=fsdp", "hardware.device=cpu", "hardware.strategy=ddp",
+                    "hardware.ep=2"], torchrun)):
+        done = run_cli(common + extra + [f"hydra.run.dir={tmp_path / name}"], cwd=tmp_path, launcher=launcher)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = read_metrics(tmp_path / name / "metrics.jsonl")
+    for name in ("fsdp", "ep"):
+        assert [r["step"] for r in runs[name]] == [1, 2, 3]
+        for a, b in zip(runs["one"], runs[name]):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6), (name, a["step"])
+            assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), (name, a["step"])
+            assert b["rewards/margins"] == pytest.approx(a["rewards/margins"], abs=1e-5), (name, a["step"])
+        assert runs[name][-1]["val_loss"] == pytest.approx(runs["one"][-1]["val_loss"], rel=1e-5)
+        assert runs[name][-1]["val/rewards/accuracies"] == runs["one"][-1]["val/rewards/accuracies"]
+
+
+@pytest.mark.slow
+def test_dpo_sigkill_then_resume_auto_matches_the_uninterrupted_run(dpo_runs, tmp_path):
+    """SIGKILL between steps of a DPO run with the precomputed reference: train.resume=auto
+    continues from the last save, reads RUN/reference_logps.safetensors, and ends with the losses
+    and weights of the uninterrupted run."""
+    import signal
+
+    from experiments.fault_procs import differences, kill_and_wait, logged_steps, start_run, wait_until
+
+    args = DPO + ["stage.precompute_reference=true", "train.save_every=2"]
+    run_dir = tmp_path / "run"
+    proc = start_run(args + [f"hydra.run.dir={run_dir}"], tmp_path, env={"H64LM_FAULT_STEP_DELAY": "0.3"})
+    wait_until(lambda: logged_steps(run_dir) >= 3, proc, timeout=300, what="step 3")
+    kill_and_wait(proc, signal.SIGKILL, timeout=30)
+    assert (run_dir / "reference_logps.safetensors").is_file()
+    again = args + ["train.resume=auto"]
+    run(run_config(again), run_dir, again)
+    assert differences(run_dir, dpo_runs / "pre") == []
