@@ -198,3 +198,27 @@ def test_dpo_sigkill_then_resume_auto_matches_the_uninterrupted_run(dpo_runs, tm
     again = args + ["train.resume=auto"]
     run(run_config(again), run_dir, again)
     assert differences(run_dir, dpo_runs / "pre") == []
+
+
+@pytest.mark.parametrize("stage", ["dpo", "reward"])
+def test_frozen_router_and_aux_free_bias_in_preference_stages(stage, tmp_path):
+    """train.freeze=[router] keeps every router matrix at its start while the rest trains, and the
+    aux-free selection bias moves with the policy's loads (model.router_bias_update_rate), in both
+    stages."""
+    from h64lm.runtime.distributed import Dist
+    from h64lm.train.loop import Trainer
+
+    args = (DPO if stage == "dpo" else REWARD) + ["train.freeze=[router]", "model.router_bias_update_rate=0.05",
+                                                  "model.router_aux_loss_coef=0"]
+    trainer = Trainer(run_config(args), tmp_path, args, Dist(0, 1, torch.device("cpu")), callbacks=[])
+    start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    for _ in range(3):
+        stats = trainer.train_step(stop_requested=False)
+        assert math.isfinite(stats.loss)
+    now = trainer.model.state_dict()
+    routers = [k for k in start if k.endswith("router.weight")]
+    biases = [k for k in start if k.endswith("router.bias")]
+    assert routers and biases
+    assert all(torch.equal(now[k], start[k]) for k in routers)
+    assert any(not torch.equal(now[k], start[k]) for k in biases)
+    assert not torch.equal(now["layers.0.attn.qkv_proj.weight"], start["layers.0.attn.qkv_proj.weight"])
