@@ -172,7 +172,8 @@ class PreferenceLoader:
 def build_preference_data(cfg: DataConfig, batch_size: int, val_batch_size: int, seed: int, rank: int = 0,
                           world_size: int = 1) -> tuple[PreferenceLoader, list[Batch], dict]:
     """-> (train loader, every validation pair once in batches of `val_batch_size` pairs, skipped:
-    {config key: {pairs or rows, reasons, first}} of the rows and pairs left out)."""
+    {config key: {pairs or rows, reasons, first}} of the rows and pairs left out). `seed`
+    (train.seed) also draws the generated pairs of data=preference_arithmetic."""
     loaded = load_pairs(cfg, resolve_cache_dir(cfg) / "hf_datasets", seed)
     skipped = dict(loaded.skipped)
     chat = ChatFormat()
