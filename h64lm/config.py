@@ -24,7 +24,7 @@ from typing import ClassVar, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from h64lm.data.config import SFT_SOURCES, DataConfig
+from h64lm.data.config import PREFERENCE_SOURCES, SFT_SOURCES, DataConfig
 from h64lm.model.config import H64LMConfig, check_positions
 from h64lm.validation import ConfigError, bounded, check, check_patterns, validate_fields
 
@@ -38,6 +38,8 @@ __all__ = [
     "EvalConfig",
     "StageConfig",
     "STAGES",
+    "PREFERENCE_STAGES",
+    "DPO_LOSSES",
     "RunConfig",
     "ConfigError",
     "register_configs",
@@ -253,14 +255,17 @@ class EvalConfig:
         validate_fields(self)
 
 
-STAGES = ("pretrain", "sft")
+STAGES = ("pretrain", "sft", "reward", "dpo")
+PREFERENCE_STAGES = ("reward", "dpo")  # trained on preference pairs (h64lm/train/preference_stage.py)
+DPO_LOSSES = ("sigmoid", "ipo")  # h64lm.objectives.preference.DPO_LOSSES (a higher layer; a test keeps them equal)
 
 
 @dataclass
 class StageConfig:
     """What the trainer trains for (h64lm/train/stage.py): `stage=pretrain` (next-token loss on
-    windows of a text corpus) or `stage=sft` (the loss on the assistant turns of packed
-    conversations, usually starting from `train.init_from`)."""
+    windows of a text corpus), `stage=sft` (the loss on the assistant turns of packed
+    conversations, usually starting from `train.init_from`), `stage=reward` (a Bradley-Terry reward
+    model on preference pairs) or `stage=dpo` (DPO / IPO against the frozen starting policy)."""
 
     config_group: ClassVar[str] = "stage"
 
@@ -269,6 +274,13 @@ class StageConfig:
     # mode=eval, logged as sft/exact_match; 0: none
     eval_examples: int = bounded(64, ge=0)
     eval_max_new_tokens: int = bounded(48, ge=1)  # the longest answer generated per problem
+    # reward / dpo
+    beta: float = bounded(0.1, gt=0)  # dpo: the KL strength; the implicit reward is beta log(pi / ref)
+    loss_type: str = bounded("sigmoid", choices=DPO_LOSSES)  # dpo: sigmoid (DPO) or ipo
+    label_smoothing: float = bounded(0.0, ge=0, lt=0.5)  # dpo sigmoid: the share of flipped preferences
+    # dpo: the reference log-probs of every train / validation pair computed once at the start
+    # (RUN/reference_logps.safetensors) instead of a frozen reference model run at every step
+    precompute_reference: bool = False
 
     def __post_init__(self) -> None:
         validate_fields(self)
@@ -332,6 +344,9 @@ class RunConfig:
     def _check_stage(self) -> None:
         """Each stage reads its own kind of data: text windows or conversations."""
         data, t = self.data.name, self.train
+        if self.stage.name in PREFERENCE_STAGES:
+            self._check_preference_stage()
+            return
         if self.stage.name == "pretrain":
             check(data not in SFT_SOURCES,
                   f"data={data} holds conversations for fine-tuning; add stage=sft, or pretrain on text "
@@ -346,6 +361,20 @@ class RunConfig:
         check(t.downstream_every is None,
               "train.downstream_every reads pretraining text; with stage=sft leave it unset "
               "(stage.eval_examples measures the fine-tuned task)")
+
+    def _check_preference_stage(self) -> None:
+        """reward / dpo read preference pairs; the reward model needs its scalar head."""
+        s, data = self.stage, self.data.name
+        check(data in PREFERENCE_SOURCES,
+              f"stage={s.name} trains on preference pairs (data={' | data='.join(PREFERENCE_SOURCES)}), not "
+              f"data={data}; set data=preference_arithmetic or data.name=preference data.path=...")
+        check(s.name != "reward" or self.model.score_head,
+              "stage=reward trains the scalar head: set model.score_head=true (conf/stage/reward.yaml does)")
+        check(s.name != "dpo" or not s.label_smoothing or s.loss_type == "sigmoid",
+              f"stage.label_smoothing={s.label_smoothing} applies to stage.loss_type=sigmoid only; set it to 0")
+        check(not self.train.extra_eval_seq_lens and self.train.downstream_every is None,
+              f"train.extra_eval_seq_lens and train.downstream_every read pretraining text; with stage={s.name} "
+              "leave them unset (validation is on the held-out pairs)")
 
     def _meaningless_settings(self) -> list[str]:
         """Settings that are valid but make a training run mean little: one line each at start-up."""

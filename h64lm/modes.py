@@ -200,12 +200,15 @@ def export_checkpoint(run_cfg: RunConfig, out_dir: Path, d: Dist) -> Path:
     if d.is_main:
         # a fine-tuned model is used through its chat format: tokenizer.apply_chat_template gives
         # mistral-common's ids (h64lm/data/chat.py CHAT_TEMPLATE)
-        template = CHAT_TEMPLATE if saved.stage.name == "sft" else None
+        template = CHAT_TEMPLATE if saved.stage.name != "pretrain" else None
+        reward = saved.stage.name == "reward"  # the scalar head as a *ForSequenceClassification
         info = export_hf(model, load_tokenizer(saved.data), out, overwrite=run_cfg.export.overwrite,
-                         record={"checkpoint": str(path), "step": step}, chat_template=template)
+                         record={"checkpoint": str(path), "step": step}, chat_template=template,
+                         sequence_classification=reward)
         remote = ", trust_remote_code=True" if info["trust_remote_code"] else ""
+        auto = "AutoModelForSequenceClassification" if reward else "AutoModelForCausalLM"
         print(f"exported {path} (step {step}) as {info['architecture']} "
-              f"to {out}; load it with AutoModelForCausalLM.from_pretrained('{out}'{remote})", flush=True)
+              f"to {out}; load it with {auto}.from_pretrained('{out}'{remote})", flush=True)
     return out
 
 

@@ -1,8 +1,10 @@
 """Preference pairs for reward-model and DPO stages: a prompt, a chosen and a rejected answer.
 
 Sources (`data.name`):
-  preference_arithmetic  offline default: seeded arithmetic problems, a correct worked solution
-                         against the same solution with a wrong result (`arithmetic_pairs`).
+  preference_arithmetic  offline default: problems of the arithmetic task's train split
+                         (h64lm/data/tasks/arithmetic.py, the task of `data=arithmetic`, whose test
+                         split exact match scores), a correct worked solution against the same
+                         solution with a wrong result (`arithmetic_pairs(source=task_problems)`).
   preference             local `.jsonl` / `.parquet` files at data.path (data.val_path, else
                          data.val_fraction of the prompts held out by hash).
   ultrafeedback, hh_rlhf the hub datasets (`data.hub_dataset`); offline they fail at once.
@@ -21,6 +23,7 @@ line. A half-parsed pair is skipped and counted by reason (see `SKIP_REASONS`), 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
@@ -35,7 +38,7 @@ from h64lm.data.files import find_files
 from h64lm.data.sources import _hub_offline_reason, hub_available
 
 __all__ = ["LoadedPairs", "PreferencePair", "ProblemSource", "SKIP_REASONS", "arithmetic_pairs", "load_pairs",
-           "pair_from_row", "parse_hh", "read_pair_files", "split_pairs", "sum_problems"]
+           "pair_from_row", "parse_hh", "read_pair_files", "split_pairs", "sum_problems", "task_problems"]
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
 ROLES = ("system", "user", "assistant")
@@ -241,6 +244,20 @@ def sum_problems(rng: random.Random) -> tuple[str, str, str]:
     return question, f"{a} + {b} = {s}\n{s} - {c} = {s - c}\n#### {s - c}", str(s - c)
 
 
+def task_problems(rng: random.Random) -> tuple[str, str, str]:
+    """A problem drawn from the arithmetic task's train split (disjoint from its test split): the
+    pairs of `data=preference_arithmetic` teach the task that `sft/exact_match` measures."""
+    problem = rng.choice(_task_train())
+    return problem.question, problem.answer, str(problem.result)
+
+
+@functools.lru_cache(maxsize=1)
+def _task_train() -> list:
+    from h64lm.data.tasks.arithmetic import make_splits
+
+    return make_splits()["train"]
+
+
 def _wrong(solution: str, answer: str, rng: random.Random) -> str:
     """The solution with its final result replaced by a wrong number wherever the result is
     stated last (the final line of work and the `####` line)."""
@@ -305,7 +322,7 @@ def load_pairs(cfg: DataConfig, hf_cache: Path, seed: int = 0) -> LoadedPairs:
     """The (train, val) pairs of `cfg.name` (one of PREFERENCE_SOURCES)."""
     skipped: dict = {}
     if cfg.name == "preference_arithmetic":
-        pairs = arithmetic_pairs(cfg.max_samples or DEFAULT_ARITHMETIC_PAIRS, seed)
+        pairs = arithmetic_pairs(cfg.max_samples or DEFAULT_ARITHMETIC_PAIRS, seed, task_problems)
         return LoadedPairs(*split_pairs(pairs, cfg.val_fraction))
     if cfg.name == "preference":
         pairs = read_pair_files(cfg.path, "data.path", skipped)

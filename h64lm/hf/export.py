@@ -22,6 +22,7 @@ import torch
 
 from h64lm.model import H64LMConfig, H64LMForCausalLM
 
+from .sequence_classification import classifier_architecture, to_hf_sequence_classifier
 from .stock import stock_architecture, to_hf_stock
 
 __all__ = ["EXPORT_RECORD", "check_export_target", "check_exportable", "custom_config", "export_hf",
@@ -73,8 +74,8 @@ def to_hf_custom(model: H64LMForCausalLM):
     hf = H64LMHFForCausalLM(custom_config(model.config))
     param = next(model.parameters())
     hf.to(device=param.device, dtype=param.dtype)
-    state = {k if k.startswith("lm_head.") else "model." + k: v
-             for k, v in model.state_dict().items()}
+    state = {k if k.startswith("lm_head.") else "model." + k: v  # a reward model's score head is left out
+             for k, v in model.state_dict().items() if not k.startswith("score.")}
     hf.load_state_dict(state, strict=True)
     return hf.train(model.training)
 
@@ -149,10 +150,14 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
 
 def export_hf(model: H64LMForCausalLM, tokenizer: Any, out_dir: Union[str, Path],
               max_shard_size: Union[int, str] = "2GB", *, overwrite: bool = False,
-              record: Optional[Dict[str, Any]] = None, chat_template: Optional[str] = None) -> Dict[str, Any]:
+              record: Optional[Dict[str, Any]] = None, chat_template: Optional[str] = None,
+              sequence_classification: bool = False) -> Dict[str, Any]:
     """Write config.json, model.safetensors (sharded with model.safetensors.index.json past
     `max_shard_size`), generation_config.json, the tokenizer files and EXPORT_RECORD (`record`,
     e.g. the checkpoint and step, plus the model's config) into `out_dir`, atomically.
+    `sequence_classification`: the reward model (`model.score_head`) as a stock
+    *ForSequenceClassification (sequence_classification.py), padding with `<unk>`; otherwise the
+    causal LM, any score head left out.
 
     Returns {"out_dir", "architecture" (a stock family or h64lm), "trust_remote_code", "files"}."""
     from transformers import GenerationConfig
@@ -164,9 +169,14 @@ def export_hf(model: H64LMForCausalLM, tokenizer: Any, out_dir: Union[str, Path]
     if len(tok) > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {len(tok)} ids but model.vocab_size="
                          f"{model.config.vocab_size}: export the tokenizer the model was trained with")
-    architecture = stock_architecture(model.config) or CUSTOM
-    hf = to_hf_model(model).eval()
     eos = tok.eos_token_id
+    if sequence_classification:  # EOS is the token a classifier reads: it cannot be the pad id
+        architecture = classifier_architecture(model.config)
+        tok.pad_token = tok.unk_token
+        hf = to_hf_sequence_classifier(model, tok.pad_token_id, architecture).eval()
+    else:
+        architecture = stock_architecture(model.config) or CUSTOM
+        hf = to_hf_model(model).eval()
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
     hf.config.bos_token_id, hf.config.eos_token_id, hf.config.pad_token_id = (
         tok.bos_token_id, eos, pad)

@@ -115,7 +115,15 @@ def sft_validation_batches(data: DataConfig, batch_size: int) -> list[Batch]:
     return _rebatch(batches, batch_size, data.val_windows)
 
 
-_FACTORIES: dict[str, StageFactory] = {"pretrain": pretraining_stage, "sft": sft_stage}
+def _preference_stage(run: RunConfig, d: Dist, tokenizer: Tokenizer) -> Stage:
+    """stage=reward | dpo (h64lm/train/preference_stage.py, which imports `Stage` from here)."""
+    from h64lm.train import preference_stage
+
+    return getattr(preference_stage, f"{run.stage.name}_stage")(run, d, tokenizer)
+
+
+_FACTORIES: dict[str, StageFactory] = {"pretrain": pretraining_stage, "sft": sft_stage,
+                                       "reward": _preference_stage, "dpo": _preference_stage}
 
 
 def stage_factory(run: RunConfig) -> StageFactory:

@@ -196,7 +196,7 @@ def test_stage_typos_fail_at_compose_time():
     with pytest.raises(Exception, match="nmae"):
         compose_cfg(["stage=sft", "stage.nmae=sft"])
     with pytest.raises(ConfigError, match="stage.name"):
-        run_config(["stage.name=dpo"])
+        run_config(["stage.name=dpp"])  # not a stage (dpo is one now)
 
 
 def test_two_process_sft_matches_one_process(tmp_path):

@@ -19,6 +19,12 @@ def default_callbacks(run) -> list[Callback]:
     callbacks.append(Sampling())
     if run.train.downstream_every:
         callbacks.append(Downstream())
-    if run.stage.name == "sft" and run.stage.eval_examples and run.data.name in TASK_SOURCES:
+    if run.stage.name == "dpo" and run.stage.precompute_reference:  # before the first step: the start's log-probs
+        from h64lm.train.preference_stage import PrecomputedReference
+
+        callbacks.insert(0, PrecomputedReference())
+    # data=preference_arithmetic's pairs are problems of the arithmetic task: the same test split scores them
+    task = run.data.name in TASK_SOURCES or (run.stage.name == "dpo" and run.data.name == "preference_arithmetic")
+    if run.stage.name in ("sft", "dpo") and run.stage.eval_examples and task:
         callbacks.append(ExactMatch())
     return callbacks + [MetricsLog(), StatusFile()]

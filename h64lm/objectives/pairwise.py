@@ -1,0 +1,121 @@
+"""The objectives of the preference stages: a Bradley-Terry reward model and DPO / IPO.
+
+Both read micro-batches of preference pairs (h64lm/data/preference_batches.py): rows 2i and 2i + 1
+are pair i's chosen and rejected conversations, labels mark the answer's tokens, extras["last"]
+[2P] each row's last real token (its `</s>`) and extras["pair"] [2P] the pair's index in its split.
+
+Normalisation: the step's loss is the mean over the step's pairs (all micro-batches, all ranks).
+Every micro-batch holds the same number of pairs (the loader guarantees it), so that mean is the
+mean over micro-batches and ranks of each micro-batch's pair mean: each micro-batch contributes
+its mean / M (`StepShare.micro_batches`) and data parallelism averages the ranks. The token-count
+weight of `StepShare` is not used: a pair counts once whatever its answers' lengths. The metrics
+(TRL's names, means over the micro-batch's pairs) follow the same convention, so the step reports
+their means over the step's pairs.
+
+The router's terms (Switch balancing loss, z-loss; `router_terms`) are added as in language
+modelling, and `router_aux_loss_scope=global` counts the step's routing first; the aux-free bias
+update reads the routed loads of the policy's forwards, as in every stage. The frozen reference's
+forwards are never in the loss and never in the loads.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from h64lm.data.batch import Batch
+from h64lm.model.config import H64LMConfig
+from h64lm.objectives.balancing import prepare_global_balance
+from h64lm.objectives.base import ObjectiveOutput, StepShare
+from h64lm.objectives.preference import DPO_REDUCTION, bradley_terry_loss, dpo_loss
+from h64lm.objectives.router_terms import router_terms
+
+__all__ = ["DirectPreference", "RewardModelling", "pair_logprobs", "pair_scores", "reference_logprobs"]
+
+
+def pair_scores(out, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reward of each row: `out.scores` [2P, T] at the row's last real token -> (chosen [P],
+    rejected [P])."""
+    r = out.scores.gather(1, batch.extras["last"][:, None]).squeeze(1)  # [2P]
+    return r[0::2], r[1::2]
+
+
+def pair_logprobs(out, batch: Batch, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(answer | prompt) of each row from `out.token_logprobs` [2P, T] (0 off the answer),
+    summed or averaged over the answer's tokens -> (chosen [P], rejected [P])."""
+    total = out.token_logprobs.sum(-1)  # [2P]
+    if reduction == "mean":
+        total = total / (batch.labels != -100).sum(-1).clamp(min=1)
+    return total[0::2], total[1::2]
+
+
+class _PairObjective:
+    """What both objectives share: the global balancing pass and the router terms."""
+
+    def __init__(self, config: H64LMConfig):
+        self.global_balance = config.router_aux_loss_scope == "global" and bool(config.moe_layer_indices())
+        self.terms = router_terms(config)
+
+    def prepare_step(self, model: nn.Module, batches: Sequence[Batch]) -> None:
+        if self.global_balance:
+            prepare_global_balance(model, [b.input_ids for b in batches])
+
+    def _output(self, loss: torch.Tensor, metrics: dict[str, float], out, share: StepShare) -> ObjectiveOutput:
+        """loss_m = (pair loss + sum_k c_k term_k) / M, with every term reported under the same /M."""
+        m = share.micro_batches
+        total = loss
+        values = {}
+        for term in self.terms:
+            values[term.name] = term.value(out)
+            total = total + term.coef * values[term.name]
+        terms = {"loss": total.detach() / m, "pair_loss": loss.detach() / m,
+                 **{k: v.detach() / m for k, v in values.items()},
+                 **{k: torch.tensor(v, device=loss.device) / m for k, v in metrics.items()}}
+        return ObjectiveOutput(loss=total / m, terms=terms, router=out.router)
+
+
+class RewardModelling(_PairObjective):
+    """-log sigma(r_c - r_r) on the scalar head's rewards (`bradley_terry_loss`); no language-
+    modelling loss, and no [B, T, V] logits."""
+
+    def __call__(self, model: nn.Module, batch: Batch, share: StepShare) -> ObjectiveOutput:
+        out = model(batch.input_ids, return_logits=False)
+        loss, metrics = bradley_terry_loss(*pair_scores(out, batch))
+        return self._output(loss, metrics, out, share)
+
+
+class DirectPreference(_PairObjective):
+    """`dpo_loss` of the policy's log-probs against the reference's, which `reference(batch)`
+    gives as [P, 2] (a frozen model run now, or a table precomputed at the start)."""
+
+    def __init__(self, config: H64LMConfig, beta: float, loss_type: str, label_smoothing: float,
+                 reference: Callable[[Batch], torch.Tensor]):
+        super().__init__(config)
+        self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+        self.reduction = DPO_REDUCTION[loss_type]
+        self.reference = reference
+
+    def losses(self, out, batch: Batch, ref: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        chosen, rejected = pair_logprobs(out, batch, self.reduction)
+        return dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], beta=self.beta, loss_type=self.loss_type,
+                        label_smoothing=self.label_smoothing)
+
+    def __call__(self, model: nn.Module, batch: Batch, share: StepShare) -> ObjectiveOutput:
+        ref = self.reference(batch)  # [P, 2], before the policy's forward (FSDP: same order everywhere)
+        out = model(batch.input_ids, labels=batch.labels, return_logits=False, token_logprobs=True)
+        loss, metrics = self.losses(out, batch, ref)
+        return self._output(loss, metrics, out, share)
+
+
+def reference_logprobs(reference: nn.Module, batch: Batch, reduction: str,
+                       autocast: Callable = nullcontext) -> torch.Tensor:
+    """[P, 2] log-probs (chosen, rejected) of `batch` under a frozen model, without touching the
+    RNG stream the policy's forward draws from (dropout masks stay the policy's own)."""
+    devices = [batch.input_ids.device] if batch.input_ids.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices), autocast():
+        out = reference(batch.input_ids, labels=batch.labels, return_logits=False, token_logprobs=True)
+    chosen, rejected = pair_logprobs(out, batch, reduction)
+    return torch.stack([chosen, rejected], dim=1).float()
