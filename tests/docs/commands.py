@@ -165,7 +165,13 @@ def small_overrides(args: list[str], corpus: Path) -> list[str]:
     optional = {"data.val_windows": "4", "train.eval_every": "2", "train.save_every": "2",
                 "train.sample_tokens": "4", "optim.warmup_steps": "1", "hardware": "cpu",
                 "hardware.num_threads": "1", "logger": "none"}
-    if "sft" in (_value(overrides, "stage"), _value(overrides, "experiment")):
+    if "pipeline" in (_value(overrides, "mode"), _value(overrides, "experiment")):
+        # every stage takes these; each stage keeps its own data (data= belongs to one stage)
+        optional |= {"pipeline.until": "sft", "stage.eval_examples": "2",
+                     "pipeline.eval_overrides": "[data=arithmetic,stage.eval_examples=2,stage.eval_max_new_tokens=4]"}
+        forced |= {"data.seq_len": "96", "stage.eval_max_new_tokens": "4"}
+        forced.pop("eval.limit"), forced.pop("eval.local_examples"), forced.pop("gen.max_new_tokens")
+    elif "sft" in (_value(overrides, "stage"), _value(overrides, "experiment")):
         # conversations of the arithmetic task (~60 tokens each), not the text corpus; few test problems
         optional |= {"data": "arithmetic", "data.max_samples": "200", "stage.eval_examples": "2"}
         forced |= {"data.seq_len": "96", "stage.eval_max_new_tokens": "4"}
