@@ -119,9 +119,9 @@ def bench_training(size: str, args, device, dtype) -> dict:
     x, y = batch(cfg, b, t, device)
     steps = {"ours": train_step(ours, opt_ours, x, y, hf=False, dtype=dtype),
              "hf": train_step(hf, opt_hf, x, y, hf=True, dtype=dtype)}
-    peak_before = peak_for(cfg, b * t, dtype, device)
+    peak_before, load_before = peak_for(cfg, b * t, dtype, device), os.getloadavg()
     seconds = alternate(steps, args.warmup, args.rounds, device)
-    peak_after = peak_for(cfg, b * t, dtype, device)
+    peak_after, load_after = peak_for(cfg, b * t, dtype, device), os.getloadavg()
     peak, peak_source = max(peak_before, peak_after)
     memory = {name: step_peak_bytes(fn, device) for name, fn in steps.items()}
     # the forward alone: activations kept for backward, without the gradients that dominate the
@@ -136,6 +136,7 @@ def bench_training(size: str, args, device, dtype) -> dict:
         "active_params": active_parameters_per_token(cfg), "flops_per_token": flops,
         "peak_flops": peak, "peak_source": peak_source, "step_s": seconds,
         "loader_share": loader_share(cfg, b, t, seconds["ours"]), "profile": profiles,
+        "load_avg": [load_before, load_after],
     }
     for name in steps:
         rate = b * t / seconds[name]
@@ -148,24 +149,36 @@ def bench_training(size: str, args, device, dtype) -> dict:
 
 
 def bench_experts(size: str, counts: list[int], args, device, dtype) -> dict:
-    """Training tokens/s for each expert count (top-2, expert size fixed), all alternating."""
+    """Training tokens/s for each expert count (top-2, expert size fixed), all alternating.
+
+    Besides tokens/s, the step seconds each added expert costs, (t_last - t_first) /
+    (last - first), per model: a ratio t_first / t_last compares the two scalings only when their
+    first steps take equally long, and ours is the faster one, so the absolute cost is the fairer
+    figure of what an expert count adds."""
     b, t = shape(size, args)
+    hidden = {"hidden_size": args.experts_hidden} if args.experts_hidden else {}
     steps, keep = {}, []
     for num_experts in counts:
-        cfg = bench_config(size, num_experts=num_experts)
+        cfg = bench_config(size, num_experts=num_experts, **hidden)
         ours, hf, opt_ours, opt_hf = build_pair(cfg, device, args.compile)
         x, y = batch(cfg, b, t, device)
         steps[f"ours/{num_experts}"] = train_step(ours, opt_ours, x, y, hf=False, dtype=dtype)
         steps[f"hf/{num_experts}"] = train_step(hf, opt_hf, x, y, hf=True, dtype=dtype)
         keep.append((ours, hf, opt_ours, opt_hf))
+    load_before = os.getloadavg()
     seconds = alternate(steps, args.warmup, args.rounds, device)
+    load_after = os.getloadavg()
     rates = {name: b * t / s for name, s in seconds.items()}
     del steps, keep
     gc.collect()
     first, last = counts[0], counts[-1]
-    return {"size": size, "batch": b, "seq_len": t, "experts": counts, "tokens_per_s": rates,
+    added = {name: (seconds[f"{name}/{last}"] - seconds[f"{name}/{first}"]) / (last - first)
+             for name in ("ours", "hf")} if last > first else None
+    return {"size": size, "hidden_size": cfg.hidden_size, "batch": b, "seq_len": t,
+            "experts": counts, "tokens_per_s": rates, "step_s": seconds,
             "ours_scaling": rates[f"ours/{last}"] / rates[f"ours/{first}"],
-            "hf_scaling": rates[f"hf/{last}"] / rates[f"hf/{first}"]}
+            "hf_scaling": rates[f"hf/{last}"] / rates[f"hf/{first}"],
+            "seconds_per_added_expert": added, "load_avg": [load_before, load_after]}
 
 
 def bench_generation(size: str, batches: list[int], args, device, dtype) -> dict:
@@ -222,7 +235,11 @@ def machine(device: torch.device) -> dict:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", nargs="+", default=["tiny", "demo"], choices=sorted(SHAPES))
-    p.add_argument("--experts", nargs="+", type=int, default=[8, 16, 32, 64])
+    p.add_argument("--experts", nargs="+", type=int, default=[8, 64],
+                   help="expert counts of the scaling comparison (first and last are compared)")
+    p.add_argument("--experts-hidden", type=int, default=256,
+                   help="hidden size of the expert-scaling networks (0 = the size's own); at "
+                        "tiny's 128 the 32k LM head hides the experts")
     p.add_argument("--gen-batches", nargs="+", type=int, default=[1, 8])
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=32)
@@ -245,7 +262,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.smoke:
         args.sizes, args.experts, args.gen_batches = ["smoke"], [4, 8], [1, 2]
+        args.experts_hidden = 0
         args.prompt_len, args.new_tokens, args.rounds, args.warmup = 4, 3, 1, 1
+    if args.experts_hidden < 0:
+        raise SystemExit("--experts-hidden must be >= 0 (0 = the size's own hidden size)")
     for name in ("rounds", "prompt_len", "new_tokens", "batch", "seq"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")

@@ -35,6 +35,12 @@ def test_benchmark_writes_consistent_results(smoke):
         train["ours"]["tokens_per_s"] / train["hf"]["tokens_per_s"])
     experts = results["experts"]
     assert set(experts["tokens_per_s"]) == {"ours/4", "hf/4", "ours/8", "hf/8"}
+    for name in ("ours", "hf"):  # the per-expert cost is the step-time slope between the counts
+        step_s = experts["step_s"]
+        assert experts["seconds_per_added_expert"][name] == pytest.approx(
+            (step_s[f"{name}/8"] - step_s[f"{name}/4"]) / 4)
+        assert experts["tokens_per_s"][f"{name}/8"] == pytest.approx(
+            train["batch"] * train["seq_len"] / step_s[f"{name}/8"])
     # same weights, greedy: the two implementations decode the same tokens
     assert all(a == 1.0 for a in results["generate"]["greedy_agreement"].values())
     table = (out / "bench.md").read_text()
