@@ -1,6 +1,7 @@
 """Where a training step's time goes as the expert count grows: torch.profiler by op at two counts.
 
     python experiments/profile_experts.py [--experts 8 64] [--hidden 256] [--hf] [--top 25]
+                                          [--size tiny|smoke]
 
 Builds the benchmark's network (`experiments/bench.py`: every layer MoE, RoPE, no window, top-2,
 expert width fixed) at each expert count, hidden size `--hidden`, batch 8 x 256 and AdamW, warms
@@ -22,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 from experiments.bench import batch, bench_config, build_pair
 from experiments.bench_measure import train_step
 
-__all__ = ["profile_ops", "main"]
+__all__ = ["profile_ops", "print_table", "main"]
 
 
 def profile_ops(step, steps: int) -> dict[str, tuple[float, int]]:
@@ -52,21 +53,26 @@ def print_table(name: str, ops: dict[int, dict], counts: list[int], top: int) ->
           + f"{total[hi] / total[lo]:>8.2f}")
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", default="tiny", choices=["tiny", "smoke"],
+                   help="the bench preset the network starts from (smoke: a toy, for tests)")
     p.add_argument("--experts", nargs="+", type=int, default=[8, 64])
-    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--hidden", type=int, default=256, help="0 = the preset's own hidden size")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=2, help="profiled steps per model")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--hf", action="store_true", help="also profile transformers' Mixtral")
     args = p.parse_args(argv)
-    counts = sorted(args.experts)
+    counts = sorted(set(args.experts))
+    if len(counts) < 2 or min(args.hidden, args.batch, args.seq, args.steps, args.top) < 0:
+        raise SystemExit("--experts needs two different counts; sizes and counts must be >= 0")
     device = torch.device("cpu")
     steps = {}
     for n in counts:
-        cfg = bench_config("tiny", num_experts=n, hidden_size=args.hidden)
+        cfg = bench_config(args.size, num_experts=n,
+                           **({"hidden_size": args.hidden} if args.hidden else {}))
         ours, hf, opt_ours, opt_hf = build_pair(cfg, device, compile_models=False)
         x, y = batch(cfg, args.batch, args.seq, device)
         steps[("ours", n)] = train_step(ours, opt_ours, x, y, hf=False, dtype=torch.float32)
@@ -78,10 +84,11 @@ def main(argv=None) -> None:
     ops = {}
     for key, step in steps.items():
         ops.setdefault(key[0], {})[key[1]] = profile_ops(step, args.steps)
-    print(f"threads {torch.get_num_threads()}, hidden {args.hidden}, batch {args.batch} x "
+    print(f"threads {torch.get_num_threads()}, hidden {cfg.hidden_size}, batch {args.batch} x "
           f"{args.seq}, top-2, every layer MoE, AdamW")
     for name in ops:
         print_table(name, ops[name], counts, args.top)
+    return ops
 
 
 if __name__ == "__main__":
