@@ -24,7 +24,10 @@ import platform
 import sys
 from pathlib import Path
 
+from h64lm.cpu_threads import limit_spin_wait
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+limit_spin_wait()  # as run.py does, before torch starts OpenMP: measure what training runs
 
 import numpy as np
 import torch
@@ -219,6 +222,8 @@ def machine(device: torch.device) -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "omp_wait": {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+                         if k in os.environ},
             "load_avg": os.getloadavg()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

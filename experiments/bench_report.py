@@ -82,7 +82,8 @@ def _generation_table(g: dict) -> list[str]:
 def render_markdown(results: dict) -> str:
     m = results["machine"]
     where = m.get("gpu") or m.get("cpu", "?")
-    lines = [f"Machine: {where}, {m['cpus']} CPUs, {m['threads']} torch threads, load average "
+    wait = ", ".join(f"{k}={v}" for k, v in m.get("omp_wait", {}).items()) or "OpenMP defaults"
+    lines = [f"Machine: {where}, {m['cpus']} CPUs, {m['threads']} torch threads ({wait}), load average "
              f"{m['load_avg'][0]:.1f} at start; torch {m['torch']}, transformers "
              f"{m['transformers']}; dtype {results['dtype']}"
              f"{', torch.compile' if results['compile'] else ''}, SDPA {results['sdpa']}.",
