@@ -3,6 +3,10 @@ the GPU correctness checks pass on the CPU paths. (The FLOPs helper's hand count
 tests/model/test_flops_init.py.) No timing asserts: speed is what the benchmark prints."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +14,7 @@ import torch
 from experiments.bench import bench_config, main
 from experiments.bench_correctness import check_logits, check_training
 from experiments.bench_measure import alternate, step_peak_bytes
+from h64lm.cpu_threads import SPINCOUNT
 from h64lm.model import flops_per_token
 
 
@@ -46,6 +51,20 @@ def test_benchmark_writes_consistent_results(smoke):
     table = (out / "bench.md").read_text()
     for section in ("| smoke |", "Profile of one smoke", "Expert scaling", "Greedy generation"):
         assert section in table
+    # the bench (or the caller) chose an OpenMP wait: it is recorded and printed
+    wait = results["machine"]["omp_wait"]
+    assert {"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & set(wait)
+    assert all(f"{k}={v}" in table for k, v in wait.items())
+    assert len(results["experts"]["load_avg"]) == 2 and "load average" in table
+
+
+def test_bench_shortens_openmp_spin_before_torch_starts():
+    # a fresh interpreter without any wait setting: importing the bench sets run.py's spin count
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    code = "import os, experiments.bench; print(os.environ.get('GOMP_SPINCOUNT'))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.split()[-1] == SPINCOUNT
 
 
 def test_alternate_interleaves_candidates_after_warmup():
