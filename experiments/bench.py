@@ -1,6 +1,7 @@
 """Speed of H64LM against Hugging Face `MixtralForCausalLM`, side by side in one process.
 
     python experiments/bench.py [--sizes tiny demo] [--rounds 5] [--out DIR]
+                                [--experts 8 64] [--experts-hidden 256]
                                 [--device cpu|cuda] [--dtype fp32|bf16] [--compile] [--smoke]
 
 Both models get the identical network (every layer MoE, RoPE, no window; the `tiny` and `demo`
@@ -9,8 +10,10 @@ alternately (A B A B ...) after warm-up and each figure is a median. Measured: t
 and ours/HF; achieved FLOP/s and MFU (active FLOPs from `flops_per_token`; the peak is a plain
 matrix product of the step's largest shape, the LM head's, measured in this run on CPU, the
 datasheet bf16 dense peak on known GPUs); peak memory of a step; tokens/s as the expert count
-grows at top-2 and fixed expert size; greedy KV-cache generation tokens/s at batch 1 and 8; and
-the data loader's share of a step. Writes `bench.json` and `bench.md` into --out.
+grows at top-2 and fixed expert size (at hidden 256, every layer MoE), with the step seconds each
+added expert costs; greedy KV-cache generation tokens/s at batch 1 and 8; and
+the data loader's share of a step. The load average is recorded before and after each timed
+section, and OpenMP's spin-wait is shortened as in run.py. Writes `bench.json` and `bench.md` into --out.
 """
 
 from __future__ import annotations
