@@ -201,10 +201,12 @@ def bench_generation(size: str, batches: list[int], args, device, dtype) -> dict
         # flip a near-tie and the continuations then differ); also the first warm-up call
         same = calls[f"ours/{b}"]() == calls[f"hf/{b}"]()
         agree[b] = same[:, args.prompt_len:].float().mean().item()
+    load_before = os.getloadavg()
     seconds = alternate(calls, max(args.warmup - 1, 0), args.rounds, device)
     rates = {name: int(name.split("/")[1]) * args.new_tokens / s for name, s in seconds.items()}
     return {"size": size, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
             "tokens_per_s": rates, "greedy_agreement": agree,
+            "load_avg": [load_before, os.getloadavg()],
             "ratio": {b: rates[f"ours/{b}"] / rates[f"hf/{b}"] for b in batches}}
 
 

@@ -69,8 +69,9 @@ def _experts_table(e: dict) -> list[str]:
 
 
 def _generation_table(g: dict) -> list[str]:
+    load = ", ".join(f"{a[0]:.1f}" for a in g["load_avg"])
     lines = [f"Greedy generation with KV cache ({g['size']}, prompt {g['prompt_len']}, "
-             f"{g['new_tokens']} new tokens):", "",
+             f"{g['new_tokens']} new tokens; load average {load} before, after):", "",
              "| batch | ours tok/s | HF tok/s | ours/HF | same tokens |", "|---|---|---|---|---|"]
     for b, ratio in g["ratio"].items():
         lines.append(f"| {b} | {g['tokens_per_s'][f'ours/{b}']:,.0f} "

@@ -55,7 +55,9 @@ def test_benchmark_writes_consistent_results(smoke):
     wait = results["machine"]["omp_wait"]
     assert {"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & set(wait)
     assert all(f"{k}={v}" in table for k, v in wait.items())
-    assert len(results["experts"]["load_avg"]) == 2 and "load average" in table
+    for section in (train, results["experts"], results["generate"]):  # load before, after
+        assert len(section["load_avg"]) == 2
+    assert table.count("load average") == 4  # the machine, the MFU peak, experts, generation
 
 
 def test_bench_shortens_openmp_spin_before_torch_starts():
