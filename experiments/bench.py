@@ -83,13 +83,21 @@ def bench_config(size: str, **overrides) -> H64LMConfig:
     return H64LMConfig(**{**fields, **MIXTRAL_SHAPE, **overrides})
 
 
-def build_pair(cfg: H64LMConfig, device: torch.device, compile_models: bool, seed: int = 0):
-    """-> (ours, hf, ours_optimizer, hf_optimizer), train mode, same weights, same AdamW."""
+def build_pair(cfg: H64LMConfig, device: torch.device, compile_models: bool, seed: int = 0,
+               frozen: bool = False):
+    """-> (ours, hf, ours_optimizer, hf_optimizer), train mode, same weights, same AdamW.
+
+    frozen: learning rate 0. AdamW still does all its work, but the weights never move, so every
+    step routes the same tokens to the same experts. Repeated steps on one batch at the default
+    learning rate skew the routing within a few steps (at 64 experts, half of them idle in some
+    layers), and each model skews it its own way: the two would no longer do the same work."""
     torch.manual_seed(seed)
     ours = H64LMForCausalLM(cfg).to(device).train()
     hf = to_hf_mixtral(ours).train()
     optim = OptimConfig(name="adamw")  # muon_layouts knows only our modules; AdamW for both
     opts = build_optimizer(ours, optim, device), build_optimizer(hf, optim, device)
+    for group in (g for opt in opts for g in opt.param_groups) if frozen else ():
+        group["lr"] = 0.0
     if compile_models:
         ours, hf = torch.compile(ours), torch.compile(hf)
     return ours, hf, *opts
@@ -157,6 +165,7 @@ def bench_training(size: str, args, device, dtype) -> dict:
 def bench_experts(size: str, counts: list[int], args, device, dtype) -> dict:
     """Training tokens/s for each expert count (top-2, expert size fixed), all alternating.
 
+    The weights stay frozen (`build_pair`): every round routes alike in both models.
     Besides tokens/s, the step seconds each added expert costs, (t_last - t_first) /
     (last - first), per model: a ratio t_first / t_last compares the two scalings only when their
     first steps take equally long, and ours is the faster one, so the absolute cost is the fairer
@@ -166,7 +175,7 @@ def bench_experts(size: str, counts: list[int], args, device, dtype) -> dict:
     steps, keep = {}, []
     for num_experts in counts:
         cfg = bench_config(size, num_experts=num_experts, **hidden)
-        ours, hf, opt_ours, opt_hf = build_pair(cfg, device, args.compile)
+        ours, hf, opt_ours, opt_hf = build_pair(cfg, device, args.compile, frozen=True)
         x, y = batch(cfg, b, t, device)
         steps[f"ours/{num_experts}"] = train_step(ours, opt_ours, x, y, hf=False, dtype=dtype)
         steps[f"hf/{num_experts}"] = train_step(hf, opt_hf, x, y, hf=True, dtype=dtype)

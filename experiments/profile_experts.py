@@ -4,7 +4,8 @@
                                           [--size tiny|smoke]
 
 Builds the benchmark's network (`experiments/bench.py`: every layer MoE, RoPE, no window, top-2,
-expert width fixed) at each expert count, hidden size `--hidden`, batch 8 x 256 and AdamW, warms
+expert width fixed) at each expert count, hidden size `--hidden`, batch 8 x 256 and AdamW (frozen weights: every step
+routes alike), warms
 each model up, then profiles one training step of each (alternating, `--steps` profiled steps
 each). Prints the ops with the largest self CPU time, per expert count, with their call counts and
 the ratio between the largest and the smallest count: an op whose time or calls grow with the
@@ -73,7 +74,8 @@ def main(argv=None) -> dict:
     for n in counts:
         cfg = bench_config(args.size, num_experts=n,
                            **({"hidden_size": args.hidden} if args.hidden else {}))
-        ours, hf, opt_ours, opt_hf = build_pair(cfg, device, compile_models=False)
+        ours, hf, opt_ours, opt_hf = build_pair(cfg, device, compile_models=False,
+                                                frozen=True)
         x, y = batch(cfg, args.batch, args.seq, device)
         steps[("ours", n)] = train_step(ours, opt_ours, x, y, hf=False, dtype=torch.float32)
         if args.hf:

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiments.bench import bench_config, main
+from experiments.bench import batch, bench_config, build_pair, main
 from experiments.bench_correctness import check_logits, check_training
-from experiments.bench_measure import alternate, step_peak_bytes
+from experiments.bench_measure import alternate, step_peak_bytes, train_step
 from h64lm.cpu_threads import SPINCOUNT
 from h64lm.model import flops_per_token
 
@@ -67,6 +67,23 @@ def test_bench_shortens_openmp_spin_before_torch_starts():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True, cwd=Path(__file__).resolve().parents[2])
     assert out.stdout.split()[-1] == SPINCOUNT
+
+
+@pytest.mark.parametrize("hf", [False, True])
+def test_frozen_pair_steps_route_alike_while_adamw_runs(hf):
+    cfg = bench_config("smoke", num_experts=8)
+    ours, hf_model, opt_ours, opt_hf = build_pair(cfg, torch.device("cpu"), False, frozen=True)
+    model, opt = (hf_model, opt_hf) if hf else (ours, opt_ours)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x, y = batch(cfg, 2, 16, torch.device("cpu"))
+    step = train_step(model, opt, x, y, hf=hf, dtype=torch.float32)
+    step()
+    step()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    # the optimizer did its work (moments updated), only the step size is zero
+    assert all(opt.state[p]["exp_avg"].abs().sum() > 0 for p in model.parameters()
+               if p.grad is None and p in opt.state and p.dim() > 1)
+    assert sum(int(opt.state[p]["step"]) for p in opt.state) == 2 * len(opt.state) > 0
 
 
 def test_alternate_interleaves_candidates_after_warmup():
