@@ -1,6 +1,7 @@
 """Speed of H64LM against Hugging Face `MixtralForCausalLM`, side by side in one process.
 
     python experiments/bench.py [--sizes tiny demo] [--rounds 5] [--out DIR]
+                                [--experts 8 64] [--experts-hidden 256]
                                 [--device cpu|cuda] [--dtype fp32|bf16] [--compile] [--smoke]
 
 Both models get the identical network (every layer MoE, RoPE, no window; the `tiny` and `demo`
@@ -9,8 +10,10 @@ alternately (A B A B ...) after warm-up and each figure is a median. Measured: t
 and ours/HF; achieved FLOP/s and MFU (active FLOPs from `flops_per_token`; the peak is a plain
 matrix product of the step's largest shape, the LM head's, measured in this run on CPU, the
 datasheet bf16 dense peak on known GPUs); peak memory of a step; tokens/s as the expert count
-grows at top-2 and fixed expert size; greedy KV-cache generation tokens/s at batch 1 and 8; and
-the data loader's share of a step. Writes `bench.json` and `bench.md` into --out.
+grows at top-2 and fixed expert size (at hidden 256, every layer MoE), with the step seconds each
+added expert costs; greedy KV-cache generation tokens/s at batch 1 and 8; and
+the data loader's share of a step. The load average is recorded before and after each timed
+section, and OpenMP's spin-wait is shortened as in run.py. Writes `bench.json` and `bench.md` into --out.
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ import platform
 import sys
 from pathlib import Path
 
+from h64lm.cpu_threads import limit_spin_wait
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+limit_spin_wait()  # as run.py does, before torch starts OpenMP: measure what training runs
 
 import numpy as np
 import torch
@@ -77,13 +83,21 @@ def bench_config(size: str, **overrides) -> H64LMConfig:
     return H64LMConfig(**{**fields, **MIXTRAL_SHAPE, **overrides})
 
 
-def build_pair(cfg: H64LMConfig, device: torch.device, compile_models: bool, seed: int = 0):
-    """-> (ours, hf, ours_optimizer, hf_optimizer), train mode, same weights, same AdamW."""
+def build_pair(cfg: H64LMConfig, device: torch.device, compile_models: bool, seed: int = 0,
+               frozen: bool = False):
+    """-> (ours, hf, ours_optimizer, hf_optimizer), train mode, same weights, same AdamW.
+
+    frozen: learning rate 0. AdamW still does all its work, but the weights never move, so every
+    step routes the same tokens to the same experts. Repeated steps on one batch at the default
+    learning rate skew the routing within a few steps (at 64 experts, half of them idle in some
+    layers), and each model skews it its own way: the two would no longer do the same work."""
     torch.manual_seed(seed)
     ours = H64LMForCausalLM(cfg).to(device).train()
     hf = to_hf_mixtral(ours).train()
     optim = OptimConfig(name="adamw")  # muon_layouts knows only our modules; AdamW for both
     opts = build_optimizer(ours, optim, device), build_optimizer(hf, optim, device)
+    for group in (g for opt in opts for g in opt.param_groups) if frozen else ():
+        group["lr"] = 0.0
     if compile_models:
         ours, hf = torch.compile(ours), torch.compile(hf)
     return ours, hf, *opts
@@ -119,9 +133,9 @@ def bench_training(size: str, args, device, dtype) -> dict:
     x, y = batch(cfg, b, t, device)
     steps = {"ours": train_step(ours, opt_ours, x, y, hf=False, dtype=dtype),
              "hf": train_step(hf, opt_hf, x, y, hf=True, dtype=dtype)}
-    peak_before = peak_for(cfg, b * t, dtype, device)
+    peak_before, load_before = peak_for(cfg, b * t, dtype, device), os.getloadavg()
     seconds = alternate(steps, args.warmup, args.rounds, device)
-    peak_after = peak_for(cfg, b * t, dtype, device)
+    peak_after, load_after = peak_for(cfg, b * t, dtype, device), os.getloadavg()
     peak, peak_source = max(peak_before, peak_after)
     memory = {name: step_peak_bytes(fn, device) for name, fn in steps.items()}
     # the forward alone: activations kept for backward, without the gradients that dominate the
@@ -136,6 +150,7 @@ def bench_training(size: str, args, device, dtype) -> dict:
         "active_params": active_parameters_per_token(cfg), "flops_per_token": flops,
         "peak_flops": peak, "peak_source": peak_source, "step_s": seconds,
         "loader_share": loader_share(cfg, b, t, seconds["ours"]), "profile": profiles,
+        "load_avg": [load_before, load_after],
     }
     for name in steps:
         rate = b * t / seconds[name]
@@ -148,24 +163,37 @@ def bench_training(size: str, args, device, dtype) -> dict:
 
 
 def bench_experts(size: str, counts: list[int], args, device, dtype) -> dict:
-    """Training tokens/s for each expert count (top-2, expert size fixed), all alternating."""
+    """Training tokens/s for each expert count (top-2, expert size fixed), all alternating.
+
+    The weights stay frozen (`build_pair`): every round routes alike in both models.
+    Besides tokens/s, the step seconds each added expert costs, (t_last - t_first) /
+    (last - first), per model: a ratio t_first / t_last compares the two scalings only when their
+    first steps take equally long, and ours is the faster one, so the absolute cost is the fairer
+    figure of what an expert count adds."""
     b, t = shape(size, args)
+    hidden = {"hidden_size": args.experts_hidden} if args.experts_hidden else {}
     steps, keep = {}, []
     for num_experts in counts:
-        cfg = bench_config(size, num_experts=num_experts)
-        ours, hf, opt_ours, opt_hf = build_pair(cfg, device, args.compile)
+        cfg = bench_config(size, num_experts=num_experts, **hidden)
+        ours, hf, opt_ours, opt_hf = build_pair(cfg, device, args.compile, frozen=True)
         x, y = batch(cfg, b, t, device)
         steps[f"ours/{num_experts}"] = train_step(ours, opt_ours, x, y, hf=False, dtype=dtype)
         steps[f"hf/{num_experts}"] = train_step(hf, opt_hf, x, y, hf=True, dtype=dtype)
         keep.append((ours, hf, opt_ours, opt_hf))
+    load_before = os.getloadavg()
     seconds = alternate(steps, args.warmup, args.rounds, device)
+    load_after = os.getloadavg()
     rates = {name: b * t / s for name, s in seconds.items()}
     del steps, keep
     gc.collect()
     first, last = counts[0], counts[-1]
-    return {"size": size, "batch": b, "seq_len": t, "experts": counts, "tokens_per_s": rates,
+    added = {name: (seconds[f"{name}/{last}"] - seconds[f"{name}/{first}"]) / (last - first)
+             for name in ("ours", "hf")} if last > first else None
+    return {"size": size, "hidden_size": cfg.hidden_size, "batch": b, "seq_len": t,
+            "experts": counts, "tokens_per_s": rates, "step_s": seconds,
             "ours_scaling": rates[f"ours/{last}"] / rates[f"ours/{first}"],
-            "hf_scaling": rates[f"hf/{last}"] / rates[f"hf/{first}"]}
+            "hf_scaling": rates[f"hf/{last}"] / rates[f"hf/{first}"],
+            "seconds_per_added_expert": added, "load_avg": [load_before, load_after]}
 
 
 def bench_generation(size: str, batches: list[int], args, device, dtype) -> dict:
@@ -182,10 +210,12 @@ def bench_generation(size: str, batches: list[int], args, device, dtype) -> dict
         # flip a near-tie and the continuations then differ); also the first warm-up call
         same = calls[f"ours/{b}"]() == calls[f"hf/{b}"]()
         agree[b] = same[:, args.prompt_len:].float().mean().item()
+    load_before = os.getloadavg()
     seconds = alternate(calls, max(args.warmup - 1, 0), args.rounds, device)
     rates = {name: int(name.split("/")[1]) * args.new_tokens / s for name, s in seconds.items()}
     return {"size": size, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
             "tokens_per_s": rates, "greedy_agreement": agree,
+            "load_avg": [load_before, os.getloadavg()],
             "ratio": {b: rates[f"ours/{b}"] / rates[f"hf/{b}"] for b in batches}}
 
 
@@ -206,6 +236,8 @@ def machine(device: torch.device) -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "omp_wait": {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+                         if k in os.environ},
             "load_avg": os.getloadavg()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -222,7 +254,11 @@ def machine(device: torch.device) -> dict:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", nargs="+", default=["tiny", "demo"], choices=sorted(SHAPES))
-    p.add_argument("--experts", nargs="+", type=int, default=[8, 16, 32, 64])
+    p.add_argument("--experts", nargs="+", type=int, default=[8, 64],
+                   help="expert counts of the scaling comparison (first and last are compared)")
+    p.add_argument("--experts-hidden", type=int, default=256,
+                   help="hidden size of the expert-scaling networks (0 = the size's own); at "
+                        "tiny's 128 the 32k LM head hides the experts")
     p.add_argument("--gen-batches", nargs="+", type=int, default=[1, 8])
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=32)
@@ -245,7 +281,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.smoke:
         args.sizes, args.experts, args.gen_batches = ["smoke"], [4, 8], [1, 2]
+        args.experts_hidden = 0
         args.prompt_len, args.new_tokens, args.rounds, args.warmup = 4, 3, 1, 1
+    if args.experts_hidden < 0:
+        raise SystemExit("--experts-hidden must be >= 0 (0 = the size's own hidden size)")
     for name in ("rounds", "prompt_len", "new_tokens", "batch", "seq"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")

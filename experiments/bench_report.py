@@ -27,7 +27,9 @@ def _train_table(rows: list[dict]) -> list[str]:
             f"| {r['loader_share'] * 100:.2g}% |")
     lines.append("")
     lines += [f"MFU peak for {r['size']}: {r['peak_flops'] / 1e9:,.0f} GFLOP/s "
-              f"({r['peak_source']})." for r in rows]
+              f"({r['peak_source']}); load average "
+              f"{', '.join(f'{a[0]:.1f}' for a in r['load_avg'])} before, after the timings."
+              for r in rows]
     return lines
 
 
@@ -46,20 +48,30 @@ def _profile_table(r: dict) -> list[str]:
 
 
 def _experts_table(e: dict) -> list[str]:
-    lines = [f"Expert scaling ({e['size']}, top-2, fixed expert size, batch {e['batch']} x "
-             f"{e['seq_len']}): ours {e['experts'][-1]}/{e['experts'][0]} = "
-             f"**{e['ours_scaling']:.2f}**, HF {e['hf_scaling']:.2f}.", "",
-             "| experts | ours tok/s | HF tok/s | ours/HF |", "|---|---|---|---|"]
-    rates = e["tokens_per_s"]
+    first, last = e["experts"][0], e["experts"][-1]
+    load = ", ".join(f"{a[0]:.1f}" for a in e["load_avg"])
+    lines = [f"Expert scaling ({e['size']} at hidden {e['hidden_size']}, every layer MoE, top-2, "
+             f"fixed expert size, batch {e['batch']} x {e['seq_len']}, load average {load} before, "
+             f"after): tokens/s at {last} experts over tokens/s at {first}: ours "
+             f"**{e['ours_scaling']:.2f}**, HF {e['hf_scaling']:.2f}."]
+    if e["seconds_per_added_expert"]:
+        added = e["seconds_per_added_expert"]
+        lines.append(f"Step time each added expert costs: ours {added['ours'] * 1e3:.1f} ms, "
+                     f"HF {added['hf'] * 1e3:.1f} ms.")
+    lines += ["", "| experts | ours step | HF step | ours tok/s | HF tok/s | ours/HF |",
+              "|---|---|---|---|---|---|"]
+    rates, seconds = e["tokens_per_s"], e["step_s"]
     for n in e["experts"]:
         o, h = rates[f"ours/{n}"], rates[f"hf/{n}"]
-        lines.append(f"| {n} | {o:,.0f} | {h:,.0f} | {o / h:.2f}x |")
+        lines.append(f"| {n} | {seconds[f'ours/{n}']:.3f} s | {seconds[f'hf/{n}']:.3f} s "
+                     f"| {o:,.0f} | {h:,.0f} | {o / h:.2f}x |")
     return lines
 
 
 def _generation_table(g: dict) -> list[str]:
+    load = ", ".join(f"{a[0]:.1f}" for a in g["load_avg"])
     lines = [f"Greedy generation with KV cache ({g['size']}, prompt {g['prompt_len']}, "
-             f"{g['new_tokens']} new tokens):", "",
+             f"{g['new_tokens']} new tokens; load average {load} before, after):", "",
              "| batch | ours tok/s | HF tok/s | ours/HF | same tokens |", "|---|---|---|---|---|"]
     for b, ratio in g["ratio"].items():
         lines.append(f"| {b} | {g['tokens_per_s'][f'ours/{b}']:,.0f} "
@@ -71,7 +83,8 @@ def _generation_table(g: dict) -> list[str]:
 def render_markdown(results: dict) -> str:
     m = results["machine"]
     where = m.get("gpu") or m.get("cpu", "?")
-    lines = [f"Machine: {where}, {m['cpus']} CPUs, {m['threads']} torch threads, load average "
+    wait = ", ".join(f"{k}={v}" for k, v in m.get("omp_wait", {}).items()) or "OpenMP defaults"
+    lines = [f"Machine: {where}, {m['cpus']} CPUs, {m['threads']} torch threads ({wait}), load average "
              f"{m['load_avg'][0]:.1f} at start; torch {m['torch']}, transformers "
              f"{m['transformers']}; dtype {results['dtype']}"
              f"{', torch.compile' if results['compile'] else ''}, SDPA {results['sdpa']}.",
