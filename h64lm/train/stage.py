@@ -115,7 +115,14 @@ def sft_validation_batches(data: DataConfig, batch_size: int) -> list[Batch]:
     return _rebatch(batches, batch_size, data.val_windows)
 
 
-_FACTORIES: dict[str, StageFactory] = {"pretrain": pretraining_stage, "sft": sft_stage}
+def rl_stage(run: RunConfig, d: Dist, tokenizer: Tokenizer) -> Stage:
+    """GRPO / PPO on sampled answers to the data's prompts (h64lm/train/rl_stage.py)."""
+    from h64lm.train.rl_stage import rl_stage as build
+
+    return build(run, d, tokenizer)
+
+
+_FACTORIES: dict[str, StageFactory] = {"pretrain": pretraining_stage, "sft": sft_stage, "rl": rl_stage}
 
 
 def stage_factory(run: RunConfig) -> StageFactory:

@@ -14,10 +14,10 @@ def default_callbacks(run) -> list[Callback]:
     """The callbacks of a `RunConfig`, in the order they run at an evaluation step."""
     callbacks: list[Callback] = []
     if run.model.moe_layer_indices():
-        callbacks.append(RoutingSnapshots(against_start=run.stage.name == "sft"))
+        callbacks.append(RoutingSnapshots(against_start=run.stage.name != "pretrain"))
     callbacks.append(Sampling())
     if run.train.downstream_every:
         callbacks.append(Downstream())
-    if run.stage.name == "sft" and run.stage.eval_examples and run.data.name in TASK_SOURCES:
+    if run.stage.name in ("sft", "rl") and run.stage.eval_examples and run.data.name in TASK_SOURCES:
         callbacks.append(ExactMatch())
     return callbacks + [MetricsLog(), StatusFile()]
