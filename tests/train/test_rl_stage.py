@@ -1,6 +1,7 @@
 """stage=rl through the trainer: logged terms, validation, exact resume, PPO, a reward model,
 the layouts against one process, and the config errors in one line."""
 
+import json
 import math
 import random
 import signal
@@ -134,6 +135,27 @@ def test_config_errors_are_one_line(rl_run, tmp_path):
     with pytest.raises(ConfigError, match=r"^stage.reward_model=.*has no score head"):
         Trainer(run_config(args), tmp_path, args, ONE, callbacks=[])
     assert not (tmp_path / "checkpoints").exists()
+    # GSM8K-style local files are prompt sources when their answers end with `#### N`
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps({"question": f"What is {i} + 1?", "answer": f"It is {i + 1}."})
+                              for i in range(20)))
+    args = [a for a in RL if not a.startswith("data=")] + ["data=chat", f"data.path={rows}", "data.val_fraction=0.2"]
+    with pytest.raises(ConfigError, match=r"^data=chat: no training conversation ends with a `#### answer` line"):
+        Trainer(run_config(args), tmp_path, args, ONE, callbacks=[])
+
+
+def test_gsm8k_style_rows_become_prompts_with_their_final_answers():
+    from h64lm.data.chat import ChatFormat, Message
+    from h64lm.train.rl_stage import prompts_with_answers
+
+    chat = ChatFormat()
+    convs = [[Message("user", "What is 2 + 3?"), Message("assistant", "2 + 3 = 5.\n#### 5")],
+             [Message("user", "Hi"), Message("assistant", "Hello!")],  # no answer line: left out
+             [Message("system", "Be brief."), Message("user", "And 1,000 + 1?"), Message("assistant", "#### 1,001")]]
+    prompts = prompts_with_answers(convs, chat)
+    assert [p.reference for p in prompts] == ["5", "1,001"]
+    assert list(prompts[0].ids) == chat.prompt(convs[0][:1])
+    assert list(prompts[1].ids) == chat.prompt(convs[2][:2])
 
 
 def _assert_same_steps(one, two, tolerance):
