@@ -194,3 +194,22 @@ def test_sharded_rl_matches_one_process(tmp_path, layout):
     the rollouts are the same as one process's early-stopped ones."""
     one, two = _one_and_two(tmp_path, layout)
     _assert_same_steps(one, two, dict(rel=1e-5, abs=1e-7))
+
+
+def test_a_frozen_router_stays_while_the_rest_trains(tmp_path):
+    """train.freeze=[router] in the RL stage: the routers keep the starting weights, which the
+    frozen reference routes with too."""
+    from h64lm.train.loop import Trainer
+    from tests.train.test_stage import ONE
+
+    args = RL + ["train.freeze=[router]", "train.max_steps=2", "stage.eval_examples=0"]
+    trainer = Trainer(run_config(args), tmp_path, args, ONE, callbacks=[])
+    start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    for _ in range(2):
+        trainer.train_step(stop_requested=False)
+    after = trainer.model.state_dict()
+    routers = [k for k in start if "router" in k]
+    assert routers and all(torch.equal(start[k], after[k]) for k in routers)
+    assert not torch.equal(start["lm_head.weight"], after["lm_head.weight"])
+    reference = trainer.objective.reference.state_dict()
+    assert all(torch.equal(start[k], reference[k]) for k in start)  # the reference never moves
