@@ -28,6 +28,7 @@ from h64lm.data import Tokenizer
 from h64lm.data.batch import IGNORE_INDEX, Batch
 from h64lm.data.chat import ChatFormat, Message
 from h64lm.data.prompts import Prompt, PromptLoader, left_padded
+from h64lm.model.config import check_positions
 from h64lm.objectives.rewards import exact_match_reward, extract_answer, format_reward, weighted_rewards
 from h64lm.objectives.rl import PolicyOptimisation, RLSettings, RolloutReward
 from h64lm.objectives.rollout import Rollout
@@ -111,6 +112,9 @@ def rl_stage(run: RunConfig, d: Dist, tokenizer: Tokenizer) -> Stage:
         raise ConfigError(f"data={run.data.name}: no {'training' if not prompts else 'validation'} conversation "
                           "ends with a `#### answer` line, so stage=rl has no reference to reward; use "
                           "data=arithmetic or GSM8K-style answers")
+    longest = max(len(p.ids) for p in prompts + held_out)
+    check_positions(run.model, longest + max(s.max_new_tokens, s.eval_max_new_tokens),
+                    f"the longest prompt ({longest} tokens) + stage.max_new_tokens / stage.eval_max_new_tokens")
     reward = _model_reward(load_reward_model(s.reward_model, d.device)) if s.reward_model else \
         _text_reward(run, chat, prompts)
     layout = ParallelLayout.from_run(run, d.world_size)

@@ -135,6 +135,9 @@ def test_config_errors_are_one_line(rl_run, tmp_path):
     with pytest.raises(ConfigError, match=r"^stage.reward_model=.*has no score head"):
         Trainer(run_config(args), tmp_path, args, ONE, callbacks=[])
     assert not (tmp_path / "checkpoints").exists()
+    args = RL + ["stage.max_new_tokens=5000"]
+    with pytest.raises(ConfigError, match=r"^the longest prompt \(\d+ tokens\) \+ stage.max_new_tokens .* gives \d+ positions"):
+        Trainer(run_config(args), tmp_path, args, ONE, callbacks=[])
     # GSM8K-style local files are prompt sources when their answers end with `#### N`
     rows = tmp_path / "rows.jsonl"
     rows.write_text("\n".join(json.dumps({"question": f"What is {i} + 1?", "answer": f"It is {i + 1}."})
