@@ -275,7 +275,8 @@ class StageConfig:
     eval_examples: int = bounded(64, ge=0)
     eval_max_new_tokens: int = bounded(48, ge=1)  # the longest answer generated per problem
 
-    # rl (h64lm/train/rl_stage.py): G sampled completions per prompt, rewarded and trained on
+    # rl (h64lm/train/rl_stage.py): G sampled completions per prompt, rewarded and trained on;
+    # eval_examples / eval_max_new_tokens also size its validation (greedy answers to val problems)
     algorithm: str = bounded("grpo", choices=RL_ALGORITHMS)
     group_size: int = bounded(8, ge=1)  # G completions per prompt (one prefill, rows repeated)
     temperature: float = bounded(1.0, gt=0)  # sampling temperature of the rollouts
@@ -380,6 +381,9 @@ class RunConfig:
               f"not data={self.data.name}; set data=arithmetic or data=chat data.path=<GSM8K-style file>")
         check(s.algorithm != "ppo" or self.model.score_head,
               "stage.algorithm=ppo needs a value head: set model.score_head=true")
+        # a head outside the loss gets no gradient, which DDP refuses at the next step
+        check(s.algorithm != "grpo" or not self.model.score_head,
+              "stage.algorithm=grpo trains no value head: set model.score_head=false (stage.algorithm=ppo uses it)")
         check(not self.train.extra_eval_seq_lens and self.train.downstream_every is None,
               "stage=rl validates by answering held-out problems: leave train.extra_eval_seq_lens empty and "
               "train.downstream_every unset")

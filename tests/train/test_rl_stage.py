@@ -131,6 +131,8 @@ def test_config_errors_are_one_line(rl_run, tmp_path):
         run_config([a for a in RL if not a.startswith("data")])
     with pytest.raises(ConfigError, match=r"^stage.algorithm=ppo needs a value head: set model.score_head=true"):
         run_config(RL + ["stage.algorithm=ppo"])
+    with pytest.raises(ConfigError, match=r"^stage.algorithm=grpo trains no value head: set model.score_head=false"):
+        run_config(RL + ["model.score_head=true"])
     args = RL + [f"stage.reward_model={rl_run}"]
     with pytest.raises(ConfigError, match=r"^stage.reward_model=.*has no score head"):
         Trainer(run_config(args), tmp_path, args, ONE, callbacks=[])
