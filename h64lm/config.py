@@ -284,7 +284,7 @@ class StageConfig:
     clip_eps: float = bounded(0.2, gt=0, lt=1)  # PPO/GRPO ratio clip (and PPO's value clip)
     kl_coef: float = bounded(0.04, ge=0)  # beta: GRPO's k3 KL loss term, PPO's per-token KL penalty
     advantage_scale: str = bounded("std", choices=RL_ADVANTAGE_SCALES)  # GRPO: std (Shao et al.) or none (Dr. GRPO)
-    aggregation: str = bounded("sequence", choices=RL_AGGREGATIONS)  # per-token losses -> one: rows' means or all tokens
+    aggregation: str = bounded("sequence", choices=RL_AGGREGATIONS)  # per-token -> one: rows' means or all tokens
     reward_exact_match: float = bounded(1.0, ge=0)  # weight of the `#### N` exact-match reward
     reward_format: float = bounded(0.1, ge=0)  # weight of the `#### <answer>` format reward
     reward_model: Optional[str] = None  # a reward-model run (score head) instead of the verifiable rewards

@@ -29,7 +29,7 @@ from h64lm.data.batch import IGNORE_INDEX, Batch
 from h64lm.data.chat import ChatFormat, Message
 from h64lm.data.prompts import Prompt, PromptLoader, left_padded
 from h64lm.model.config import check_positions
-from h64lm.objectives.rewards import exact_match_reward, extract_answer, format_reward, weighted_rewards
+from h64lm.objectives.rewards import RewardFn, exact_match_reward, extract_answer, format_reward, weighted_rewards
 from h64lm.objectives.rl import PolicyOptimisation, RLSettings, RolloutReward
 from h64lm.objectives.rollout import Rollout
 from h64lm.parallel import ParallelLayout
@@ -75,10 +75,7 @@ def load_reward_model(path: str, device: torch.device) -> nn.Module:
     return model.to(device).eval().requires_grad_(False)
 
 
-def _text_reward(run: RunConfig, chat: ChatFormat, prompts: list[Prompt]) -> RolloutReward:
-    s = run.stage
-    fn = weighted_rewards([(exact_match_reward, s.reward_exact_match), (format_reward, s.reward_format)])
-
+def _text_reward(chat: ChatFormat, prompts: list[Prompt], fn: RewardFn) -> RolloutReward:
     def reward(rollout: Rollout, batch: Batch) -> torch.Tensor:
         indices = batch.extras["prompt"][rollout.prompt_rows].tolist()
         rows = zip(rollout.completions.cpu().tolist(), rollout.mask.cpu().tolist(), indices)
@@ -115,8 +112,9 @@ def rl_stage(run: RunConfig, d: Dist, tokenizer: Tokenizer) -> Stage:
     longest = max(len(p.ids) for p in prompts + held_out)
     check_positions(run.model, longest + max(s.max_new_tokens, s.eval_max_new_tokens),
                     f"the longest prompt ({longest} tokens) + stage.max_new_tokens / stage.eval_max_new_tokens")
+    score = weighted_rewards([(exact_match_reward, s.reward_exact_match), (format_reward, s.reward_format)])
     reward = _model_reward(load_reward_model(s.reward_model, d.device)) if s.reward_model else \
-        _text_reward(run, chat, prompts)
+        _text_reward(chat, prompts, score)
     layout = ParallelLayout.from_run(run, d.world_size)
     settings = RLSettings(
         algorithm=s.algorithm, group_size=s.group_size, max_new_tokens=s.max_new_tokens,
@@ -131,11 +129,12 @@ def rl_stage(run: RunConfig, d: Dist, tokenizer: Tokenizer) -> Stage:
     # fixed rows for the routing snapshots (RoutingSnapshots reads the first 8 of val_batches)
     ids, _ = left_padded([p.ids for p in held_out[:8]], chat.eos_id)
     routing_rows = [Batch(ids, torch.full_like(ids, IGNORE_INDEX))]
-    score = weighted_rewards([(exact_match_reward, s.reward_exact_match), (format_reward, s.reward_format)])
-    return Stage(loader, objective, None, routing_rows, validate=lambda trainer: _validate(trainer, chat, held_out, score))
+    return Stage(loader, objective, None, routing_rows,
+                 validate=lambda trainer: _validate(trainer, chat, held_out, score))
 
 
-def _validate(trainer: "Trainer", chat: ChatFormat, held_out: list[Prompt], score) -> Optional[dict[str, Any]]:
+def _validate(trainer: "Trainer", chat: ChatFormat, held_out: list[Prompt],
+              score: RewardFn) -> Optional[dict[str, Any]]:
     from h64lm.data.tasks.scoring import answer_prompts
 
     s, t = trainer.run.stage, trainer.run.train
@@ -147,7 +146,7 @@ def _validate(trainer: "Trainer", chat: ChatFormat, held_out: list[Prompt], scor
     model.eval()
     with trainer.precision.autocast():
         answers = answer_prompts(model, chat, [p.ids for p in problems], s.eval_max_new_tokens,
-                                       t.val_batch_size or t.batch_size)
+                                 t.val_batch_size or t.batch_size)
     model.train(was_training)
     exact = sum(exact_match_reward(a, p.reference) for a, p in zip(answers, problems)) / len(problems)
     reward = sum(score(a, p.reference) for a, p in zip(answers, problems)) / len(problems)
