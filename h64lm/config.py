@@ -40,6 +40,8 @@ __all__ = [
     "STAGES",
     "PREFERENCE_STAGES",
     "DPO_LOSSES",
+    "RL_ALGORITHMS",
+    "RL_PROMPT_SOURCES",
     "RunConfig",
     "ConfigError",
     "register_configs",
@@ -255,9 +257,15 @@ class EvalConfig:
         validate_fields(self)
 
 
-STAGES = ("pretrain", "sft", "reward", "dpo")
+STAGES = ("pretrain", "sft", "reward", "dpo", "rl")
 PREFERENCE_STAGES = ("reward", "dpo")  # trained on preference pairs (h64lm/train/preference_stage.py)
 DPO_LOSSES = ("sigmoid", "ipo")  # h64lm.objectives.preference.DPO_LOSSES (a higher layer; a test keeps them equal)
+# rl
+RL_ALGORITHMS = ("grpo", "ppo")
+RL_PROMPT_SOURCES = SFT_SOURCES  # conversations whose last turn ends with a `#### answer` line
+# h64lm/objectives/policy.py's ADVANTAGE_SCALES and AGGREGATIONS (the config layer sits below it)
+RL_ADVANTAGE_SCALES = ("std", "none")
+RL_AGGREGATIONS = ("sequence", "token")
 
 
 @dataclass
@@ -265,7 +273,8 @@ class StageConfig:
     """What the trainer trains for (h64lm/train/stage.py): `stage=pretrain` (next-token loss on
     windows of a text corpus), `stage=sft` (the loss on the assistant turns of packed
     conversations, usually starting from `train.init_from`), `stage=reward` (a Bradley-Terry reward
-    model on preference pairs) or `stage=dpo` (DPO / IPO against the frozen starting policy)."""
+    model on preference pairs), `stage=dpo` (DPO / IPO against the frozen starting policy) or
+    `stage=rl` (GRPO / PPO on sampled answers with verifiable rewards or a reward model)."""
 
     config_group: ClassVar[str] = "stage"
 
@@ -282,8 +291,31 @@ class StageConfig:
     # (RUN/reference_logps.safetensors) instead of a frozen reference model run at every step
     precompute_reference: bool = False
 
+    # rl (h64lm/train/rl_stage.py): G sampled completions per prompt, rewarded and trained on;
+    # eval_examples / eval_max_new_tokens also size its validation (greedy answers to val problems)
+    algorithm: str = bounded("grpo", choices=RL_ALGORITHMS)
+    group_size: int = bounded(8, ge=1)  # G completions per prompt (one prefill, rows repeated)
+    temperature: float = bounded(1.0, gt=0)  # sampling temperature of the rollouts
+    max_new_tokens: int = bounded(48, ge=1)  # the longest sampled completion
+    clip_eps: float = bounded(0.2, gt=0, lt=1)  # PPO/GRPO ratio clip (and PPO's value clip)
+    kl_coef: float = bounded(0.04, ge=0)  # beta: GRPO's k3 KL loss term, PPO's per-token KL penalty
+    advantage_scale: str = bounded("std", choices=RL_ADVANTAGE_SCALES)  # GRPO: std (Shao et al.) or none (Dr. GRPO)
+    aggregation: str = bounded("sequence", choices=RL_AGGREGATIONS)  # per-token -> one: rows' means or all tokens
+    reward_exact_match: float = bounded(1.0, ge=0)  # weight of the `#### N` exact-match reward
+    reward_format: float = bounded(0.1, ge=0)  # weight of the `#### <answer>` format reward
+    reward_model: Optional[str] = None  # a reward-model run (score head) instead of the verifiable rewards
+    gamma: float = bounded(1.0, ge=0, le=1)  # PPO: GAE discount
+    lam: float = bounded(0.95, ge=0, le=1)  # PPO: GAE lambda
+    vf_coef: float = bounded(0.1, ge=0)  # PPO: weight of the clipped value loss
+
     def __post_init__(self) -> None:
         validate_fields(self)
+        if self.name == "rl" and self.algorithm == "grpo":
+            check(self.group_size >= 2 or self.advantage_scale == "none",
+                  f"stage.group_size={self.group_size} with stage.advantage_scale={self.advantage_scale}: "
+                  "a group's standard deviation needs G >= 2 completions per prompt; raise stage.group_size")
+            check(self.group_size >= 2, f"stage.group_size={self.group_size}: GRPO's advantage is a reward "
+                  "minus its group's mean, 0 for a group of one; raise stage.group_size (>= 2)")
 
 
 @dataclass
@@ -347,6 +379,9 @@ class RunConfig:
         if self.stage.name in PREFERENCE_STAGES:
             self._check_preference_stage()
             return
+        if self.stage.name == "rl":
+            self._check_rl()
+            return
         if self.stage.name == "pretrain":
             check(data not in SFT_SOURCES,
                   f"data={data} holds conversations for fine-tuning; add stage=sft, or pretrain on text "
@@ -375,6 +410,21 @@ class RunConfig:
         check(not self.train.extra_eval_seq_lens and self.train.downstream_every is None,
               f"train.extra_eval_seq_lens and train.downstream_every read pretraining text; with stage={s.name} "
               "leave them unset (validation is on the held-out pairs)")
+
+    def _check_rl(self) -> None:
+        """stage=rl samples answers to prompts with reference answers and rewards them."""
+        s = self.stage
+        check(self.data.name in RL_PROMPT_SOURCES,
+              f"stage=rl needs prompts with reference answers (data={' | data='.join(RL_PROMPT_SOURCES)}), "
+              f"not data={self.data.name}; set data=arithmetic or data=chat data.path=<GSM8K-style file>")
+        check(s.algorithm != "ppo" or self.model.score_head,
+              "stage.algorithm=ppo needs a value head: set model.score_head=true")
+        # a head outside the loss gets no gradient, which DDP refuses at the next step
+        check(s.algorithm != "grpo" or not self.model.score_head,
+              "stage.algorithm=grpo trains no value head: set model.score_head=false (stage.algorithm=ppo uses it)")
+        check(not self.train.extra_eval_seq_lens and self.train.downstream_every is None,
+              "stage=rl validates by answering held-out problems: leave train.extra_eval_seq_lens empty and "
+              "train.downstream_every unset")
 
     def _meaningless_settings(self) -> list[str]:
         """Settings that are valid but make a training run mean little: one line each at start-up."""

@@ -122,8 +122,15 @@ def _preference_stage(run: RunConfig, d: Dist, tokenizer: Tokenizer) -> Stage:
     return getattr(preference_stage, f"{run.stage.name}_stage")(run, d, tokenizer)
 
 
+def rl_stage(run: RunConfig, d: Dist, tokenizer: Tokenizer) -> Stage:
+    """GRPO / PPO on sampled answers to the data's prompts (h64lm/train/rl_stage.py)."""
+    from h64lm.train.rl_stage import rl_stage as build
+
+    return build(run, d, tokenizer)
+
+
 _FACTORIES: dict[str, StageFactory] = {"pretrain": pretraining_stage, "sft": sft_stage,
-                                       "reward": _preference_stage, "dpo": _preference_stage}
+                                       "reward": _preference_stage, "dpo": _preference_stage, "rl": rl_stage}
 
 
 def stage_factory(run: RunConfig) -> StageFactory:

@@ -21,7 +21,7 @@ def test_every_preset_composes_and_validates(group, option):
         overrides.append("data.path=/nonexistent/checked-later.txt")
     if group == "data" and option in SFT_SOURCES:  # conversations are for the fine-tuning stage
         overrides.append("stage=sft")
-    if group == "stage" and option == "sft":
+    if group == "stage" and option in ("sft", "rl"):
         overrides.append("data=arithmetic")
     cfg = compose_cfg(overrides)
     run = build_run_config(cfg)

@@ -12,30 +12,32 @@ from collections.abc import Sequence
 import torch
 
 from h64lm.data.chat import ChatFormat, Message
+from h64lm.data.prompts import left_padded
 from h64lm.data.tasks.arithmetic import accuracy
 
-__all__ = ["answer_questions", "score_questions"]
+__all__ = ["answer_prompts", "answer_questions", "score_questions"]
 
 
 @torch.no_grad()
-def answer_questions(model, chat: ChatFormat, questions: Sequence[str], max_new_tokens: int = 48,
-                     batch_size: int = 64) -> list[str]:
-    """Greedy answers (text) to one-turn chat prompts, in order."""
+def answer_prompts(model, chat: ChatFormat, prompts: Sequence[Sequence[int]], max_new_tokens: int = 48,
+                   batch_size: int = 64) -> list[str]:
+    """Greedy answers (text) to encoded chat prompts, in order."""
     device = next(model.parameters()).device
     answers: list[str] = []
-    for i in range(0, len(questions), batch_size):
-        prompts = [chat.prompt([Message("user", q)]) for q in questions[i:i + batch_size]]
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), chat.eos_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, p in enumerate(prompts):  # left padding: every prompt ends at the last column
-            ids[row, width - len(p):] = torch.tensor(p)
-            mask[row, width - len(p):] = 1
+    for i in range(0, len(prompts), batch_size):
+        ids, mask = left_padded(prompts[i:i + batch_size], chat.eos_id)
         out = model.generate(ids.to(device), max_new_tokens, temperature=0.0,
                              eos_token_id=chat.eos_id, pad_token_id=chat.eos_id,
                              attention_mask=mask.to(device))
-        answers += [chat.decode(row[width:].tolist()) for row in out.cpu()]
+        answers += [chat.decode(row[ids.shape[1]:].tolist()) for row in out.cpu()]
     return answers
+
+
+def answer_questions(model, chat: ChatFormat, questions: Sequence[str], max_new_tokens: int = 48,
+                     batch_size: int = 64) -> list[str]:
+    """Greedy answers (text) to one-turn chat prompts, in order."""
+    return answer_prompts(model, chat, [chat.prompt([Message("user", q)]) for q in questions],
+                          max_new_tokens, batch_size)
 
 
 def score_questions(model, chat: ChatFormat, questions: Sequence[str], golds: Sequence[str],

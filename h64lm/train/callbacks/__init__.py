@@ -25,6 +25,6 @@ def default_callbacks(run) -> list[Callback]:
         callbacks.insert(0, PrecomputedReference())
     # data=preference_arithmetic's pairs are problems of the arithmetic task: the same test split scores them
     task = run.data.name in TASK_SOURCES or (run.stage.name == "dpo" and run.data.name == "preference_arithmetic")
-    if run.stage.name in ("sft", "dpo") and run.stage.eval_examples and task:
+    if run.stage.name in ("sft", "dpo", "rl") and run.stage.eval_examples and task:
         callbacks.append(ExactMatch())
     return callbacks + [MetricsLog(), StatusFile()]
