@@ -337,7 +337,8 @@ class RunConfig:
     # generate: the prompt ("" = from BOS; null: train.sample_prompts); chat: the first user turn
     prompt: Optional[str] = None
     experiment_name: Optional[str] = None  # set by experiment presets; the W&B group
-    experiment_reference: Optional[str] = None  # set by presets: the arm (its overrides) the sweep report compares against
+    # set by presets: the arm (its overrides) the sweep report compares against
+    experiment_reference: Optional[str] = None
     model: H64LMConfig = field(default_factory=H64LMConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

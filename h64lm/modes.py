@@ -187,7 +187,8 @@ def chat_with_checkpoint(run_cfg: RunConfig, out_dir: Path, d: Dist) -> list[str
 
 def export_checkpoint(run_cfg: RunConfig, out_dir: Path, d: Dist) -> Path:
     """A Hugging Face folder (h64lm/hf/export.py) of the checkpoint, with the run's tokenizer (and
-    the chat template when the run fine-tuned on conversations, stage=sft); the folder's h64lm_export.json and the printed line name the checkpoint and its step."""
+    the chat template when the run fine-tuned on conversations, stage=sft); the folder's
+    h64lm_export.json and the printed line name the checkpoint and its step."""
     from h64lm.data.chat import CHAT_TEMPLATE
     from h64lm.hf import export_hf
     from h64lm.hf.export import check_export_target

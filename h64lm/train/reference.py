@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-import torch
 from torch import nn
 
 from h64lm.config import RunConfig

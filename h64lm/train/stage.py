@@ -29,7 +29,8 @@ from h64lm.runtime.distributed import Dist
 if TYPE_CHECKING:
     from h64lm.train.loop import Trainer
 
-__all__ = ["DocumentMasked", "Stage", "StageFactory", "pretraining_stage", "sft_stage", "sft_validation_batches", "stage_factory"]
+__all__ = ["DocumentMasked", "Stage", "StageFactory", "pretraining_stage", "sft_stage", "sft_validation_batches",
+           "stage_factory"]
 
 
 @dataclass

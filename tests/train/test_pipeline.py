@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from experiments.fault_procs import start_run, wait_until
 from h64lm.cli import run
 from h64lm.config import build_run_config
 from h64lm.train.callbacks import RoutingSnapshots, default_callbacks
 from h64lm.train.metrics import read_metrics
 from h64lm.train.pipeline import check_stage_configs, merged, stage_launches
 from h64lm.validation import ConfigError
-from experiments.fault_procs import start_run, wait_until
 from tests.helpers import FAST, ROOT, compose_cfg, run_cli, run_config
 
 MODEL = [a for a in FAST if a.startswith(("model", "hardware", "logger"))] + ["hardware.num_threads=1"]
@@ -48,7 +48,7 @@ def pipeline_args(pretrain=PRETRAIN, sft=SFT, evaluation=EVAL) -> list[str]:
 @pytest.mark.parametrize("override, message", [
     ("pipeline.stages.1.name=sftt", r"pipeline\.stages\[1\]\.name=sftt is not a stage; did you mean sft\?"),
     ("pipeline.stages.1.name=pretrain", r"pipeline\.stages\[1\]\.name=pretrain names two stages"),
-    ("pipeline.until=dpo", r"pipeline\.until=dpo is none of the stages \(pretrain, sft\)"),
+    ("pipeline.until=ppo", r"pipeline\.until=ppo is none of the stages \(pretrain, sft, dpo, rl\)"),
     ("pipeline.stages.0.overrides=[train.max_steps]", r"pipeline\.stages\[0\]\.overrides: 'train\.max_steps' is "
                                                       r"not key=value"),
     ("pipeline.stages.1.overrides=[\"hydra.run.dir=x\"]", r"hydra\.run\.dir is set by the pipeline itself"),

@@ -50,7 +50,8 @@ class ValidationLoss:
         finite = [v for v in step_losses if math.isfinite(v)]
         mean_loss = sum(finite) / len(finite) if finite else math.nan
         trainer.history.add(step=trainer.step, tokens=trainer.tokens_seen, train_loss=mean_loss,
-                            val_loss=record["val_loss"], val_ppl=record.get("val_ppl", math.nan), learning_rate=record["lr"])
+                            val_loss=record["val_loss"], val_ppl=record.get("val_ppl", math.nan),
+                            learning_rate=record["lr"])
         if trainer.d.is_main:
             trainer.history.save(trainer.run_dir / "training_history.json")
             trainer.log(f"step {trainer.step}: train loss {record['loss']:.4f} (this step), {mean_loss:.4f} "
