@@ -41,7 +41,7 @@ def _refused(args: list[str], run_dir: Path, *named: str) -> tuple[bool, str]:
 
 def _round_trip(folder: Path, base: list[str], reference: Path) -> Outcome:
     from h64lm.hf import load_hf_model
-    from h64lm.modes import load_trained_model
+    from h64lm.runtime.checkpoint import load_trained_model
 
     out = folder / "hf"
     printed = _export(reference, out)

@@ -16,31 +16,20 @@ from pathlib import Path
 
 import torch
 
-from h64lm.config import RunConfig, run_config_from_yaml
+from h64lm.config import RunConfig
 from h64lm.data import DataConfig, check_vocab, load_tokenizer, prepare_corpus, validation_windows
 from h64lm.data.config import SFT_SOURCES
 from h64lm.eval.samples import sample_continuations
 from h64lm.eval.validation import evaluate
 from h64lm.model import H64LMForCausalLM
-from h64lm.runtime.checkpoint import load_into, read_extras, resolve
+from h64lm.runtime.checkpoint import load_trained_model, read_extras, resolve
 from h64lm.runtime.distributed import Dist
 from h64lm.runtime.precision import Precision, resolve_precision
 from h64lm.validation import ConfigError
 
-__all__ = ["load_trained_model", "evaluate_checkpoint", "generate_from_checkpoint", "chat_reply",
+__all__ = ["evaluate_checkpoint", "generate_from_checkpoint", "chat_reply",
            "chat_with_checkpoint", "export_checkpoint",
            "plan_layouts_for", "run_pipeline"]
-
-
-def load_trained_model(checkpoint: str | Path, device: torch.device) -> tuple[H64LMForCausalLM, RunConfig]:
-    """(model in eval mode, the run config it was trained with) from a verified checkpoint (any
-    layout and world size: its weights are gathered into this plain model) or a run directory's
-    newest that verifies."""
-    path = resolve(checkpoint)
-    saved = run_config_from_yaml(read_extras(path)["config"])
-    model = H64LMForCausalLM(saved.model)
-    load_into(path, model)
-    return model.to(device).eval(), saved
 
 
 def _data_for_eval(run_cfg: RunConfig, saved: RunConfig, overrides: list[str]) -> DataConfig:

@@ -16,9 +16,8 @@ from torch import nn
 
 from h64lm.data.batch import Batch
 from h64lm.model.config import H64LMConfig
-from h64lm.objectives.balancing import prepare_global_balance
 from h64lm.objectives.base import ObjectiveOutput, StepShare
-from h64lm.objectives.router_terms import RouterTerm, router_terms
+from h64lm.objectives.router_terms import RouterLoss, RouterTerm
 
 __all__ = ["LanguageModelling", "lm_loss"]
 
@@ -26,30 +25,21 @@ __all__ = ["LanguageModelling", "lm_loss"]
 def lm_loss(out, config: H64LMConfig) -> torch.Tensor:
     """ce + sum_k c_k term_k of one forward with labels: the objective's loss of a lone
     micro-batch (w = 1, M = 1), for scripts and tests that train outside the trainer."""
-    total = out.ce
-    for term in router_terms(config):
-        total = total + term.coef * term.value(out)
-    return total
+    return RouterLoss(config).add(out.ce, out)[0]
 
 
 class LanguageModelling:
     def __init__(self, config: H64LMConfig, terms: Sequence[RouterTerm] | None = None):
-        self.global_balance = config.router_aux_loss_scope == "global" and bool(config.moe_layer_indices())
-        self.terms = list(router_terms(config) if terms is None else terms)
+        self.router = RouterLoss(config, terms)
 
     def prepare_step(self, model: nn.Module, batches: Sequence[Batch]) -> None:
-        if self.global_balance:  # f_i of the whole step, before any micro-batch's loss
-            prepare_global_balance(model, [b.input_ids for b in batches])
+        self.router.prepare_step(model, batches)
 
     def __call__(self, model: nn.Module, batch: Batch, share: StepShare) -> ObjectiveOutput:
         packed = {} if batch.document_ids is None else {"document_ids": batch.document_ids}
         out = model(batch.input_ids, labels=batch.labels, return_logits=False, **packed)
         ce = out.ce * share.weight
-        total = ce
-        values = {}
-        for term in self.terms:
-            values[term.name] = term.value(out)
-            total = total + term.coef * values[term.name]
+        total, values = self.router.add(ce, out)
         m = share.micro_batches
         terms = {"loss": total.detach() / m, "ce": ce.detach() / m,
                  **{k: v.detach() / m for k, v in values.items()}}

@@ -28,10 +28,9 @@ from torch import nn
 
 from h64lm.data.batch import Batch
 from h64lm.model.config import H64LMConfig
-from h64lm.objectives.balancing import prepare_global_balance
 from h64lm.objectives.base import ObjectiveOutput, StepShare
 from h64lm.objectives.preference import DPO_REDUCTION, bradley_terry_loss, dpo_loss
-from h64lm.objectives.router_terms import router_terms
+from h64lm.objectives.router_terms import RouterLoss
 
 __all__ = ["DirectPreference", "RewardModelling", "pair_logprobs", "pair_scores", "reference_logprobs"]
 
@@ -56,21 +55,15 @@ class _PairObjective:
     """What both objectives share: the global balancing pass and the router terms."""
 
     def __init__(self, config: H64LMConfig):
-        self.global_balance = config.router_aux_loss_scope == "global" and bool(config.moe_layer_indices())
-        self.terms = router_terms(config)
+        self.router = RouterLoss(config)
 
     def prepare_step(self, model: nn.Module, batches: Sequence[Batch]) -> None:
-        if self.global_balance:
-            prepare_global_balance(model, [b.input_ids for b in batches])
+        self.router.prepare_step(model, batches)
 
     def _output(self, loss: torch.Tensor, metrics: dict[str, float], out, share: StepShare) -> ObjectiveOutput:
         """loss_m = (pair loss + sum_k c_k term_k) / M, with every term reported under the same /M."""
         m = share.micro_batches
-        total = loss
-        values = {}
-        for term in self.terms:
-            values[term.name] = term.value(out)
-            total = total + term.coef * values[term.name]
+        total, values = self.router.add(loss, out)
         terms = {"loss": total.detach() / m, "pair_loss": loss.detach() / m,
                  **{k: v.detach() / m for k, v in values.items()},
                  **{k: torch.tensor(v, device=loss.device) / m for k, v in metrics.items()}}

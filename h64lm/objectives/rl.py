@@ -33,11 +33,10 @@ from torch import nn
 
 from h64lm.data.batch import IGNORE_INDEX, Batch
 from h64lm.model.config import H64LMConfig
-from h64lm.objectives.balancing import prepare_global_balance
 from h64lm.objectives.base import ObjectiveOutput, StepShare
 from h64lm.objectives.policy import clipped_policy_loss, clipped_value_loss, gae, group_advantages, terminal_rewards
 from h64lm.objectives.rollout import Rollout, sample_rollout
-from h64lm.objectives.router_terms import router_terms
+from h64lm.objectives.router_terms import RouterLoss
 
 __all__ = ["RLSettings", "PolicyOptimisation", "RolloutReward"]
 
@@ -67,8 +66,7 @@ class PolicyOptimisation:
     def __init__(self, settings: RLSettings, config: H64LMConfig, reference: nn.Module, reward: RolloutReward,
                  autocast: Callable[[], AbstractContextManager] = nullcontext):
         self.s, self.reference, self.reward, self.autocast = settings, reference, reward, autocast
-        self.terms = router_terms(config)
-        self.global_balance = config.router_aux_loss_scope == "global" and bool(config.moe_layer_indices())
+        self.router = RouterLoss(config)
         self.samples_per_s = 0.0  # this rank's completions per second of sampling, last step
 
     # ----------------------------------------------------------------------------- rollouts
@@ -83,8 +81,7 @@ class PolicyOptimisation:
             seconds += time.perf_counter() - start
             rollouts.append(self._scored(model, rollout, self.reward(rollout, prompts).float()))
         self.samples_per_s = sum(b.input_ids.shape[0] for b in rollouts) / max(seconds, 1e-9)
-        if self.global_balance:
-            prepare_global_balance(model, [b.input_ids for b in rollouts])
+        self.router.prepare_step(model, rollouts)
         return rollouts
 
     def _forward(self, model: nn.Module, batch: Batch):
@@ -132,10 +129,8 @@ class PolicyOptimisation:
             total = total + s.vf_coef * vf * weight
             terms["value_loss"] = vf.detach() * weight
             terms["value/mean"] = (x["old_values"] * mask).sum() / mask.sum().clamp(min=1)
-        for term in self.terms:
-            value = term.value(out)
-            total = total + term.coef * value
-            terms[term.name] = value.detach()
+        total, values = self.router.add(total, out)
+        terms.update({k: v.detach() for k, v in values.items()})
         rewards = x["rewards"]
         groups = rewards.view(-1, s.group_size) if s.group_size > 1 else rewards.view(1, -1)
         device = logp.device

@@ -58,21 +58,16 @@ def prompts_with_answers(conversations: list[list[Message]], chat: ChatFormat) -
 
 def load_reward_model(path: str, device: torch.device) -> nn.Module:
     """The frozen model of a reward-model run (a checkpoint or run directory) with its score head."""
-    from h64lm.config import run_config_from_yaml
-    from h64lm.model import H64LMForCausalLM
-    from h64lm.runtime.checkpoint import CheckpointError, load_into, read_extras, resolve
+    from h64lm.runtime.checkpoint import CheckpointError, load_trained_model
 
     try:
-        where = resolve(path)
-        saved = run_config_from_yaml(read_extras(where)["config"]).model
+        model, saved = load_trained_model(path, device)
     except (CheckpointError, OSError) as e:
         raise ConfigError(f"stage.reward_model={path}: {e}") from None
-    if not saved.score_head:
+    if not saved.model.score_head:
         raise ConfigError(f"stage.reward_model={path}: its model has no score head (model.score_head=false), so it "
                           "gives no reward; point it at a stage=reward run")
-    model = H64LMForCausalLM(saved)
-    load_into(where, model)
-    return model.to(device).eval().requires_grad_(False)
+    return model.requires_grad_(False)
 
 
 def _text_reward(chat: ChatFormat, prompts: list[Prompt], fn: RewardFn) -> RolloutReward:

@@ -32,7 +32,7 @@ def test_exported_reward_model_loads_in_transformers_with_our_scores(reward_run,
     from h64lm.cli import run
     from h64lm.data.config import DataConfig
     from h64lm.data.preference_batches import PAD_ID, build_preference_data
-    from h64lm.modes import load_trained_model
+    from h64lm.runtime.checkpoint import load_trained_model
     from tests.helpers import run_config
 
     out = tmp_path / "hf"

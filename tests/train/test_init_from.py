@@ -8,7 +8,7 @@ import torch
 
 from h64lm.cli import run
 from h64lm.hf import load_hf_model
-from h64lm.modes import load_trained_model
+from h64lm.runtime.checkpoint import load_trained_model
 from h64lm.train.init_from import model_keys_set
 from tests.helpers import FAST, run_config, text_corpus
 

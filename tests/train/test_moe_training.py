@@ -74,7 +74,7 @@ def test_init_from_a_different_moe_model_is_refused_in_one_line(tmp_path, corpus
 def test_export_then_eval_with_local_harness_tasks(tmp_path, corpus):
     from transformers import AutoModelForCausalLM
 
-    from h64lm.modes import load_trained_model
+    from h64lm.runtime.checkpoint import load_trained_model
 
     _train(tmp_path / "r", corpus, ["train.max_steps=2"])
     export = ["mode=export", f"checkpoint={tmp_path / 'r'}", f"out={tmp_path / 'hf'}"]

@@ -64,7 +64,7 @@ def test_chat_answers_one_prompt_greedily(sft_run, tmp_path, capsys):
     """mode=chat with prompt=...: the reply is the greedy continuation of Mistral's chat prompt up
     to </s>, as a plain argmax loop without the KV cache computes it."""
     from h64lm.data.chat import ChatFormat, Message
-    from h64lm.modes import load_trained_model
+    from h64lm.runtime.checkpoint import load_trained_model
 
     question = "Mia has 7 pens. She gets 5 more. How many pens does Mia have now?"
     args = ["mode=chat", f"checkpoint={sft_run}", "hardware=cpu", "logger=none", f"prompt={question}",

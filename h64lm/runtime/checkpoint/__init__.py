@@ -15,11 +15,11 @@ from .errors import CheckpointError
 from .layout import remove_entry, step_entries, step_name
 from .legacy import FORMAT_VERSION
 from .manifest import MANIFEST
-from .store import load_into, read_extras, read_full_state
+from .store import load_into, load_trained_model, read_extras, read_full_state
 from .trust import find_newest, is_checkpoint, resolve, verify
 from .weights import consolidated_state_dict, load_model_state, save_consolidated
 
 __all__ = ["Checkpointer", "CheckpointError", "FORMAT_VERSION", "MANIFEST", "BEST_WEIGHTS", "verify",
-           "find_newest", "resolve", "is_checkpoint", "load_into", "read_extras", "read_full_state",
+           "find_newest", "resolve", "is_checkpoint", "load_into", "load_trained_model", "read_extras", "read_full_state",
            "load_model_state", "save_consolidated", "consolidated_state_dict", "step_entries",
            "step_name", "remove_entry"]

@@ -43,7 +43,7 @@ from .manifest import file_digest, write_manifest
 from .safe_load import SafeFullLoadPlanner, SafeLoadPlanner, SafeReader, load_metadata
 from .trust import METADATA, verify
 
-__all__ = ["state_of", "begin_save", "write_shards", "local_digests", "finish_save", "read_extras",
+__all__ = ["load_trained_model", "state_of", "begin_save", "write_shards", "local_digests", "finish_save", "read_extras",
            "load_into", "read_full_state"]
 
 Group = Optional[dist.ProcessGroup]
@@ -266,3 +266,16 @@ def read_full_state(path: Path) -> dict[str, Any]:
     # dcp_to_torch_save does)
     _load_state_dict(state, storage_reader=SafeReader(str(path)), planner=SafeFullLoadPlanner(), no_dist=True)
     return {**read_extras(path), **state}
+
+
+def load_trained_model(checkpoint: str | Path, device: torch.device) -> tuple[H64LMForCausalLM, Any]:
+    """(model in eval mode, the RunConfig it was trained with) from a verified checkpoint (any
+    layout and world size: its weights are gathered into this plain model) or a run directory's
+    newest that verifies."""
+    from .trust import resolve
+
+    path = resolve(checkpoint)
+    saved = run_config_from_yaml(read_extras(path)["config"])
+    model = H64LMForCausalLM(saved.model)
+    load_into(path, model)
+    return model.to(device).eval(), saved

@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from h64lm.cli import run
-from h64lm.modes import load_trained_model
-from h64lm.runtime.checkpoint import MANIFEST, CheckpointError, read_full_state
+from h64lm.runtime.checkpoint import MANIFEST, CheckpointError, load_trained_model, read_full_state
 from h64lm.runtime.distributed import Dist
 from h64lm.train.loop import Trainer
 from h64lm.train.metrics import read_metrics
