@@ -18,20 +18,21 @@ from h64lm.data.batch import IGNORE_INDEX, Batch
 from h64lm.runtime.distributed import Dist
 from h64lm.runtime.precision import Precision
 
-__all__ = ["evaluate", "evaluate_batches"]
+__all__ = ["evaluate", "evaluate_batches", "sharded_sums"]
 
 
-def _mean_loss(model: nn.Module, n_items: int, shard_len: int, chunk: int, d: Dist,
-               should_stop: Callable[[], bool],
-               loss_sum: Callable[[int, bool], tuple[torch.Tensor | float, int]]) -> tuple[float, float] | None:
-    """The mean over ranks of `loss_sum(i, counted)` -> (sum of token losses, tokens) for i in
-    range(0, this rank's share, chunk); `counted` False: a rank out of items repeats one for the
-    collectives and must return (0, 0). None when a stop was requested (see `evaluate`)."""
+def sharded_sums(model: nn.Module, n_items: int, shard_len: int, chunk: int, d: Dist,
+                 should_stop: Callable[[], bool], size: int,
+                 sums: Callable[[int, bool], torch.Tensor]) -> torch.Tensor | None:
+    """The model in eval(): sum over i in range(0, this rank's share, chunk) of `sums(i, counted)`
+    (a [size] vector), then over ranks -> float64 [size] on the device. `counted` False: a rank out
+    of items repeats one for the collectives and must return zeros. None when a stop was requested
+    (see `evaluate`)."""
     was_training = model.training
     model.eval()
     lockstep = d.enabled and any(isinstance(p, DTensor) for p in model.parameters())
     per_rank = -(-n_items // d.world_size) if lockstep else shard_len  # the most any rank holds
-    total = torch.zeros(3, dtype=torch.float64, device=d.device)  # [sum of token losses, tokens, stopped]
+    total = torch.zeros(size + 1, dtype=torch.float64, device=d.device)  # [sums..., stopped]
     steps = range(0, per_rank, chunk)
     for i in tqdm(steps, desc="validation", leave=False, disable=not d.is_main or len(steps) < 4):
         stop = should_stop()
@@ -40,15 +41,27 @@ def _mean_loss(model: nn.Module, n_items: int, shard_len: int, chunk: int, d: Di
             dist.all_reduce(flag)
             stop = bool(flag > 0)
         if stop:
-            total[2] = 1
+            total[-1] = 1
             break
-        losses, n = loss_sum(i, i < shard_len)
-        total[0] += losses
-        total[1] += n
+        total[:-1] += sums(i, i < shard_len)
     if d.enabled:
         dist.all_reduce(total)
     model.train(was_training)
-    if total[2] > 0:
+    return None if total[-1] > 0 else total[:-1]
+
+
+def _mean_loss(model: nn.Module, n_items: int, shard_len: int, chunk: int, d: Dist,
+               should_stop: Callable[[], bool],
+               loss_sum: Callable[[int, bool], tuple[torch.Tensor | float, int]]) -> tuple[float, float] | None:
+    """(mean token loss, perplexity) from `loss_sum(i, counted)` -> (sum of token losses, tokens)
+    over `sharded_sums`."""
+    def sums(i: int, counted: bool) -> torch.Tensor:
+        losses, n = loss_sum(i, counted)
+        return torch.stack([torch.as_tensor(losses, dtype=torch.float64, device=d.device),
+                            torch.tensor(float(n), dtype=torch.float64, device=d.device)])
+
+    total = sharded_sums(model, n_items, shard_len, chunk, d, should_stop, 2, sums)
+    if total is None:
         return None
     loss = (total[0] / total[1].clamp(min=1)).item()
     return loss, math.exp(min(loss, 50.0))

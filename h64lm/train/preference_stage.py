@@ -21,13 +21,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from h64lm.config import RunConfig
 from h64lm.data import Tokenizer
 from h64lm.data.batch import Batch
 from h64lm.data.preference_batches import PreferenceLoader, build_preference_data, preference_batches
+from h64lm.eval.validation import sharded_sums
 from h64lm.objectives.pairwise import DirectPreference, RewardModelling, pair_scores, reference_logprobs
 from h64lm.objectives.preference import DPO_REDUCTION, bradley_terry_loss
 from h64lm.runtime.distributed import Dist
@@ -174,36 +174,23 @@ def validate_pairs(trainer: "Trainer", batches: list[Batch], names: tuple[str, .
                    pair_losses: Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
                    ) -> Optional[dict[str, Any]]:
     """{"val_loss": mean pair loss, "val/<name>": mean over pairs of each metric in `names`} of
-    every held-out pair, the model in eval(); rank r takes batches r, r + W, ... (under sharded
-    weights every rank runs as many forwards, repeating one uncounted). None when a stop was
-    requested."""
+    every held-out pair, the model in eval(); rank r takes batches r, r + W, ... (`sharded_sums`:
+    under sharded weights every rank runs as many forwards, repeating one uncounted). None when a
+    stop was requested."""
     d, model = trainer.d, trainer.model
     shard = batches[d.rank::d.world_size]
-    lockstep = d.enabled and trainer.layout.sharded
-    per_rank = -(-len(batches) // d.world_size) if lockstep else len(shard)
-    sums = torch.zeros(len(names) + 3, dtype=torch.float64)  # [loss, metrics..., pairs, stopped]
-    was_training = model.training
-    model.eval()
-    for i in range(per_rank):
-        stop = trainer.stop_requested()
-        if lockstep:
-            flag = torch.tensor(float(stop), device=d.device)
-            dist.all_reduce(flag)
-            stop = bool(flag > 0)
-        if stop:
-            sums[-1] = 1
-            break
-        batch = (shard[i] if i < len(shard) else batches[0]).to(d.device)
+
+    def sums(i: int, counted: bool) -> torch.Tensor:  # [loss, metrics..., 1] x pairs
+        batch = (shard[i] if counted else batches[0]).to(d.device)
         with trainer.precision.autocast():
             loss, metrics = pair_losses(model, batch)
-        pairs = batch.input_ids.shape[0] // 2 if i < len(shard) else 0
-        sums[:-1] += torch.tensor([loss.item(), *(metrics[n] for n in names), 1.0], dtype=torch.float64) * pairs
-    model.train(was_training)
-    total = sums.to(d.device)
-    if d.enabled:
-        dist.all_reduce(total)
-    if total[-1] > 0:
+        pairs = batch.input_ids.shape[0] // 2 if counted else 0
+        return torch.tensor([loss.item(), *(metrics[n] for n in names), 1.0], dtype=torch.float64,
+                            device=d.device) * pairs
+
+    total = sharded_sums(model, len(batches), len(shard), 1, d, trainer.stop_requested, len(names) + 2, sums)
+    if total is None:
         return None
-    count = total[-2].clamp(min=1)
+    count = total[-1].clamp(min=1)
     return {"val_loss": float(total[0] / count),
             **{f"val/{name}": float(total[1 + k] / count) for k, name in enumerate(names)}}
