@@ -107,7 +107,7 @@ class PrecomputedReference(Callback):
     Every rank computes every pair (under sharded weights each forward is a collective)."""
 
     def on_fit_start(self, trainer: "Trainer") -> None:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import save_file
 
         table = getattr(trainer.objective, "reference", None)
@@ -115,14 +115,17 @@ class PrecomputedReference(Callback):
             return
         path, device = trainer.run_dir / REFERENCE_FILE, trainer.d.device
         if path.is_file():
-            with safe_open(str(path), "pt") as f:
-                saved = f.metadata()
-                if saved != table.metadata():
-                    raise ValueError(f"{path} holds reference log-probs of other pairs or stage.loss_type "
-                                     f"({saved} vs {table.metadata()}); restore data.* and stage.loss_type as "
-                                     "the run started")
-                table.train, table.val = f.get_tensor("train").to(device), f.get_tensor("val").to(device)
-            return
+            try:
+                with safe_open(str(path), "pt") as f:
+                    saved = f.metadata()
+                    if saved != table.metadata():
+                        raise ValueError(f"{path} holds reference log-probs of other pairs or stage.loss_type "
+                                         f"({saved} vs {table.metadata()}); restore data.* and stage.loss_type "
+                                         "as the run started")
+                    table.train, table.val = f.get_tensor("train").to(device), f.get_tensor("val").to(device)
+                return
+            except (SafetensorError, OSError) as e:  # damaged: derivable, so computed again below
+                trainer.log(f"{path.name} is unreadable ({e}); computing the reference log-probs again")
         if trainer.step == 0:
             table.compute(trainer.model, device, trainer.precision.autocast)
         else:  # the policy has moved on: the starting weights again, from train.init_from

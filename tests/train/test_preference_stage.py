@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from h64lm.cli import run
 from h64lm.runtime.checkpoint import read_full_state
@@ -85,6 +86,23 @@ def test_preference_stage_resumes_bit_exact(stage, extra, dpo_runs, tmp_path):
     y = read_full_state(resumed / "checkpoints" / "step_0000006")["model"]
     assert all(torch.equal(x[k], y[k]) for k in x)
 
+
+def test_a_damaged_reference_file_is_computed_again_on_resume(dpo_runs, tmp_path):
+    """The precomputed reference log-probs are derivable: an unreadable file is rebuilt from the
+    starting weights, and the resumed steps equal the uninterrupted run's."""
+    full, resumed = dpo_runs / "pre", tmp_path / "resumed"
+    resumed.mkdir()
+    (resumed / "reference_logps.safetensors").write_bytes(b"not a safetensors file")
+    again = DPO + ["stage.precompute_reference=true", f"train.resume={full / 'checkpoints' / 'step_0000003'}"]
+    run(run_config(again), resumed, again)
+    a, b = _steps(full), _steps(resumed)
+    assert sorted(b) == [4, 5, 6]
+    for step in b:
+        for x, y in zip(a[step], b[step]):
+            assert (x is None) == (y is None) and (x is None or y == pytest.approx(x, rel=1e-5, abs=1e-6)), step
+    rebuilt = load_file(resumed / "reference_logps.safetensors")  # written again, whole
+    original = load_file(full / "reference_logps.safetensors")
+    assert all(torch.allclose(rebuilt[k], original[k], rtol=1e-5, atol=1e-5) for k in ("train", "val"))
 
 def test_reward_model_learns_a_held_out_preference(tmp_path):
     """A few dozen Bradley-Terry steps on pairs whose chosen answer differs from the rejected one by
