@@ -2,7 +2,8 @@
 
 One [E, ...] parameter per projection: `torch._grouped_mm` multiplies each contiguous slice of rows
 by its expert's matrix in one call, so Python does the same work for 64 experts as for 8 (one
-kernel on CUDA; on CPU torch still runs one matrix product per expert inside the call). Where it
+kernel on CUDA; on CPU torch still runs one matrix product per expert inside the call, each split
+across the threads, so many small products go to `cpu_grouped.threaded_grouped_mm` instead). Where it
 is unavailable or unsupported (old torch, unaligned shapes, non-bf16 CUDA, non-bf16 under
 torch.compile), a loop over the experts that received rows does the same product."""
 
@@ -11,8 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..dtypes import compute_dtype
+from .cpu_grouped import expert_threads, threaded_grouped_mm
 
-__all__ = ["Experts", "grouped_matmul", "swiglu_experts"]
+__all__ = ["Experts", "THREADED_MAX_ROWS", "THREADED_MIN_ROWS", "grouped_matmul", "swiglu_experts"]
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -31,9 +33,27 @@ def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     return ok_device and _aligned(x) and _aligned(w)
 
 
+# Experts go to threads (h64lm/model/moe/cpu_grouped.py) on the CPU when the products are many and
+# small: at most THREADED_MAX_ROWS rows per expert on average, and enough rows that handing work to
+# threads pays (not a decoding step). Measured crossover (docs/performance.md, expert scaling):
+# ~128 rows per expert on an idle 2-core machine; below it threads win, far more so under load.
+THREADED_MAX_ROWS = 128
+THREADED_MIN_ROWS = 512
+
+
+def _many_small_products(x: torch.Tensor, w: torch.Tensor, threads: int) -> bool:
+    rows, experts = x.shape[0], w.shape[0]
+    return (x.device.type == "cpu" and x.dtype == w.dtype and threads > 1 and experts >= 2 * threads
+            and THREADED_MIN_ROWS <= rows <= THREADED_MAX_ROWS * experts
+            and not torch.compiler.is_compiling())
+
+
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """x [M, a] rows sorted by expert, w [E, a, b], offsets [E] int32 (cumulative row counts,
     the last = M) -> [M, b]."""
+    threads = expert_threads()
+    if _many_small_products(x, w, threads):
+        return threaded_grouped_mm(x, w, offsets, threads)
     if _grouped_mm_supported(x, w):
         return torch._grouped_mm(x, w, offs=offsets)
     return loop_matmul(x, w, offsets)
