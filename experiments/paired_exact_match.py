@@ -5,8 +5,8 @@ to the same held-out arithmetic test problems, compared problem by problem.
                                              [--max-new-tokens 48] [--threads N] [--out FILE]
 
 BASE and each RUN are run directories or checkpoints (any layout). Prints each one's exact match
-on the first `--examples` test problems (h64lm/eval/exact_match.py: the split `mode=eval` and the
-training callbacks score) and, for every RUN against BASE, the paired difference with two
+on the first `--examples` test problems (h64lm/eval/exact_match.py: the split `mode=eval`, the
+training callbacks and the pipeline's table score) and, for every RUN against BASE, the paired difference with two
 standard errors. Paired, because the runs answer the same problems: the error of a difference is
 the spread of the per-problem differences, far below two independent 200-problem errors when two
 runs agree on most problems. Also McNemar's counts: problems only BASE solves, only RUN solves.
@@ -17,54 +17,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from h64lm.data.chat import ChatFormat
-from h64lm.data.tasks.arithmetic import exact_match, make_splits
-from h64lm.data.tasks.scoring import answer_questions
+from h64lm.eval.exact_match import arithmetic_solved, paired_diff
 from h64lm.runtime.checkpoint import load_trained_model
 
-__all__ = ["PairedDiff", "paired_diff", "solved", "main"]
-
-
-@dataclass(frozen=True)
-class PairedDiff:
-    diff: float        # mean of run - base over the problems
-    two_se: float      # 2 x the standard error of that mean
-    only_base: int     # problems base solves and run does not (McNemar's b)
-    only_run: int      # problems run solves and base does not (McNemar's c)
-
-    @property
-    def verdict(self) -> str:
-        if abs(self.diff) <= self.two_se:
-            return "within noise"
-        return "higher" if self.diff > 0 else "lower"
-
-
-def paired_diff(base: Sequence[bool], run: Sequence[bool]) -> PairedDiff:
-    """Mean per-problem difference run - base, with 2 SE of that mean (sample std / sqrt n)."""
-    if len(base) != len(run) or len(base) < 2:
-        raise ValueError(f"paired_diff needs two equally long outcome lists of at least 2 problems "
-                         f"(got {len(base)} and {len(run)})")
-    d = [int(r) - int(b) for b, r in zip(base, run)]
-    n = len(d)
-    mean = sum(d) / n
-    var = sum((x - mean) ** 2 for x in d) / (n - 1)
-    return PairedDiff(mean, 2 * math.sqrt(var / n), d.count(-1), d.count(1))
+__all__ = ["solved", "main"]
 
 
 def solved(checkpoint: str, examples: int, max_new_tokens: int, batch_size: int = 64) -> list[bool]:
     """Per test problem: does the checkpoint's greedy answer end with the right `#### N`?"""
     model, _ = load_trained_model(checkpoint, torch.device("cpu"))
-    problems = make_splits()["test"][:examples]
-    answers = answer_questions(model, ChatFormat(), [p.question for p in problems],
-                               max_new_tokens=max_new_tokens, batch_size=batch_size)
-    return [exact_match(a, p.answer) for a, p in zip(answers, problems)]
+    return arithmetic_solved(model, examples, max_new_tokens, batch_size)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -80,7 +80,7 @@ def _evaluate_sft(run_cfg: RunConfig, data: DataConfig, model: H64LMForCausalLM,
                   out_dir: Path, d: Dist) -> float:
     """A fine-tuned checkpoint: the loss on the held-out conversations' assistant tokens (as the
     run validated) and, for a task with a test split, exact-match accuracy (`stage.eval_examples`)."""
-    from h64lm.eval.exact_match import TASK_SOURCES, arithmetic_exact_match
+    from h64lm.eval.exact_match import TASK_SOURCES, arithmetic_solved
     from h64lm.eval.validation import evaluate_batches
     from h64lm.train.stage import sft_validation_batches
 
@@ -93,9 +93,11 @@ def _evaluate_sft(run_cfg: RunConfig, data: DataConfig, model: H64LMForCausalLM,
     result = {"checkpoint": str(run_cfg.checkpoint), "data": data.name, "seq_len": data.seq_len,
               "targets": sum(b.num_targets() for b in batches), "val_loss": loss, "val_ppl": ppl}
     if data.name in TASK_SOURCES and s.eval_examples:
-        result["sft/exact_match"] = arithmetic_exact_match(model, s.eval_examples, s.eval_max_new_tokens,
-                                                           t.val_batch_size or t.batch_size, precision.autocast)
+        solved = arithmetic_solved(model, s.eval_examples, s.eval_max_new_tokens,
+                                   t.val_batch_size or t.batch_size, precision.autocast)
+        result["sft/exact_match"] = sum(solved) / len(solved)
         result["exact_match_examples"] = s.eval_examples
+        result["exact_match_solved"] = [int(x) for x in solved]  # per problem, for paired comparisons
     if d.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "eval.json").write_text(json.dumps(result, indent=1))

@@ -4,6 +4,8 @@ stage's own files, so a requeued pipeline rebuilds the same table.
 - exact match and "val loss (eval)": `mode=eval` of the stage's final weights with
   `pipeline.eval_overrides` (RUN/stages/<k>_<name>/evals/pipeline/eval.json): the same held-out
   problems and conversations for every stage, pretraining included;
+- "vs previous": the exact-match change from the stage before, paired problem by problem (both
+  stages answer the same problems: `h64lm.eval.exact_match.paired_diff`), with 2 standard errors;
 - "val loss (stage)": the stage's last `val_loss` in its metrics.jsonl, on its own data;
 - rewards: the last value of every key that starts with `rewards/` or `reward/` (DPO and reward
   stages log `rewards/margins`, `rewards/accuracies`; RL `reward/mean`);
@@ -20,6 +22,7 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
+from h64lm.eval.exact_match import paired_diff
 from h64lm.train.metrics import read_metrics
 
 __all__ = ["stage_row", "routing_shift", "format_table", "write_table"]
@@ -66,6 +69,7 @@ def stage_row(index: int, name: str, stage_dir: Path, wall_s: Optional[float],
         "state": status.get("state"), "steps": status.get("step"),
         "exact_match": evaluated.get("sft/exact_match"),
         "exact_match_examples": evaluated.get("exact_match_examples"),
+        "exact_match_solved": evaluated.get("exact_match_solved"),
         "eval_data": evaluated.get("data"), "eval_val_loss": evaluated.get("val_loss"),
         "val_loss": val[-1] if val else None,
         "rewards": rewards,
@@ -87,21 +91,34 @@ def _wall(seconds: Optional[float]) -> str:
     return f"{minutes}:{s:02d}"
 
 
+def _vs_previous(row: dict[str, Any], previous: Optional[dict[str, Any]]) -> str:
+    a = previous and previous.get("exact_match_solved")
+    b = row.get("exact_match_solved")
+    if not a or not b or len(a) != len(b) or len(a) < 2:
+        return "–"
+    d = paired_diff(a, b)
+    return f"{d.diff:+.3f} ± {d.two_se:.3f}"
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The Markdown table of `rows` (stage_row's), with a line saying where each column comes from."""
     examples = next((r["exact_match_examples"] for r in rows if r["exact_match_examples"]), None)
     data = next((r["eval_data"] for r in rows if r["eval_data"]), None)
     lines = [
-        "| stage | steps | exact match | val loss (eval) | val loss (stage) | rewards | routing shift | wall (m:s) |",
-        "|---|---:|---:|---:|---:|---|---:|---:|",
+        "| stage | steps | exact match | vs previous | val loss (eval) | val loss (stage) | rewards | routing shift "
+        "| wall (m:s) |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
-    for r in rows:
+    for previous, r in zip([None, *rows], rows):
         rewards = ", ".join(f"{k} {_num(v, 3)}" for k, v in sorted(r["rewards"].items())) or "–"
         state = "" if r["state"] == "finished" else f" ({r['state'] or 'not started'})"
         lines.append(f"| {r['stage']} {r['name']}{state} | {r['steps'] if r['steps'] is not None else '–'} | "
-                     f"{_num(r['exact_match'], 3)} | {_num(r['eval_val_loss'], 4)} | {_num(r['val_loss'], 4)} | "
+                     f"{_num(r['exact_match'], 3)} | {_vs_previous(r, previous)} | {_num(r['eval_val_loss'], 4)} | "
+                     f"{_num(r['val_loss'], 4)} | "
                      f"{rewards} | {_num(r['routing_shift'], 3)} | {_wall(r['wall_s'])} |")
-    notes = ["", f"exact match: greedy answers to {examples or '–'} held-out test problems and val loss (eval): "
+    notes = ["", f"exact match: greedy answers to {examples or '–'} held-out test problems (vs previous: the change "
+             "from the stage before on the same problems, ± 2 standard errors of the paired difference) and "
+             "val loss (eval): "
              f"held-out {data or '–'} conversations, by `mode=eval` of each stage's final weights "
              "(pipeline.eval_overrides); val loss (stage): the stage's last validation on its own data; "
              "routing shift: share of tokens whose top-1 expert differs from the stage's starting model "

@@ -170,6 +170,8 @@ def test_pipeline_runs_both_stages_writes_their_numbers_and_a_rerun_skips_them(t
         evaluation = json.loads((stage / "evals" / "pipeline" / "eval.json").read_text())
         assert row["val_loss"] == [r["val_loss"] for r in records if "val_loss" in r][-1]
         assert (row["exact_match"], row["eval_val_loss"]) == (evaluation["sft/exact_match"], evaluation["val_loss"])
+        solved = evaluation["exact_match_solved"]  # per problem, what the paired "vs previous" column reads
+        assert row["exact_match_solved"] == solved and sum(solved) / len(solved) == evaluation["sft/exact_match"]
         assert row["wall_s"] > 0
     # mode=eval of the final weights scores what the stage's own last evaluation scored
     assert rows[1]["exact_match"] == json.loads((sft / "exact_match.json").read_text())["4"]

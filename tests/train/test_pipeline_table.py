@@ -39,7 +39,7 @@ def test_a_row_reads_the_last_validation_rewards_routing_and_the_evaluation(tmp_
     assert json.loads((tmp_path / "pipeline.json").read_text())["stages"] == [row]
     line = (tmp_path / "pipeline.md").read_text().splitlines()[2]
     cells = [c.strip() for c in line.strip("|").split("|")]
-    assert cells == ["2 dpo", "4", "0.375", "0.7500", "1.2500",
+    assert cells == ["2 dpo", "4", "0.375", "–", "0.7500", "1.2500",
                      "reward/mean 0.200, rewards/accuracies 0.500, rewards/margins 0.400", "0.250", "1:01"]
 
 
@@ -48,7 +48,23 @@ def test_a_stage_without_evaluation_routing_or_rewards_shows_dashes_and_its_stat
     row = stage_row(0, "pretrain", tmp_path / "0_pretrain", None, tmp_path / "0_pretrain" / "evals" / "pipeline")
     assert (row["exact_match"], row["routing_shift"], row["rewards"], row["val_loss"]) == (None, None, {}, 8.5)
     cells = [c.strip() for c in format_table([row]).splitlines()[2].strip("|").split("|")]
-    assert cells == ["0 pretrain (stopped)", "1", "–", "–", "8.5000", "–", "–", "–"]
+    assert cells == ["0 pretrain (stopped)", "1", "–", "–", "–", "8.5000", "–", "–", "–"]
+
+
+def test_vs_previous_is_the_paired_difference_on_the_same_problems(tmp_path):
+    # 10 problems: sft solves 0-4, dpo solves 2-8: dpo gains 5, 6, 7, 8 and loses 0, 1
+    solved = {"sft": [int(i < 5) for i in range(10)], "dpo": [int(2 <= i <= 8) for i in range(10)]}
+    rows = []
+    for k, name in enumerate(solved):
+        evaluation = {"data": "arithmetic", "val_loss": 0.5, "sft/exact_match": sum(solved[name]) / 10,
+                      "exact_match_examples": 10, "exact_match_solved": solved[name]}
+        _write_stage(tmp_path / f"{k}_{name}", [{"step": 1, "loss": 1.0}], {"state": "finished", "step": 1}, evaluation)
+        rows.append(stage_row(k, name, tmp_path / f"{k}_{name}", 1.0, tmp_path / f"{k}_{name}" / "evals" / "pipeline"))
+    # per-problem differences: -1 -1 0 0 0 +1 +1 +1 +1 0 -> mean 0.2, squared deviations 2 x 1.44 + 4 x 0.04 + 4 x 0.64 = 5.6
+    two_se = 2 * (5.6 / 9) ** 0.5 / 10 ** 0.5
+    lines = format_table(rows).splitlines()
+    assert [c.strip() for c in lines[2].strip("|").split("|")][3] == "–"  # nothing before the first stage
+    assert [c.strip() for c in lines[3].strip("|").split("|")][3] == f"+0.200 ± {two_se:.3f}"
 
 
 def test_routing_shift_reads_wandb_style_flat_keys_too():
