@@ -104,6 +104,25 @@ def test_a_damaged_reference_file_is_computed_again_on_resume(dpo_runs, tmp_path
     original = load_file(full / "reference_logps.safetensors")
     assert all(torch.allclose(rebuilt[k], original[k], rtol=1e-5, atol=1e-5) for k in ("train", "val"))
 
+def test_dpo_tokens_count_the_real_positions_of_both_rows_of_every_pair(tmp_path):
+    """`tokens` grows by each step's input positions up to each row's </s>: chosen and rejected
+    rows of every pair, over both micro-batches; the padding after the </s> is left out."""
+    from h64lm.data.preference_batches import PAD_ID
+    from tests.helpers import fit_recording_batches
+
+    args = DPO + ["train.max_steps=2", "train.grad_accum=2", "train.eval_every=2"]
+    records, steps = fit_recording_batches(args, tmp_path)
+    assert [r["step"] for r in records] == [1, 2]
+    previous = 0
+    for record, (_, trained) in zip(records, steps):
+        assert [b.input_ids.shape[0] for b in trained] == [4, 4]  # 2 pairs -> 2 rows each, 2 micro-batches
+        hand = sum(int((b.input_ids != PAD_ID).sum()) for b in trained)  # <unk> is never a real token here
+        assert hand < sum(b.input_ids.numel() for b in trained)  # padded rows: a count of shapes would differ
+        assert record["tokens"] - previous == hand
+        assert record["tokens_per_s"] == pytest.approx(hand / record["step_time_s"])
+        previous = record["tokens"]
+
+
 def test_reward_model_learns_a_held_out_preference(tmp_path):
     """A few dozen Bradley-Terry steps on pairs whose chosen answer differs from the rejected one by
     a learnable cue lift held-out pairwise accuracy from chance to near 1."""
@@ -131,6 +150,7 @@ def test_two_process_dpo_matches_one_process(tmp_path):
     common = DPO + ["train.max_steps=3", "model.router_aux_loss_coef=0"]
     one, two = one_and_two_processes(common, tmp_path)
     assert [r["step"] for r in two] == [1, 2, 3]
+    assert [r["tokens"] for r in two] == [r["tokens"] for r in one]  # every rank's rows counted once
     for a, b in zip(one, two):
         for key in ("loss", "logps/chosen"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
