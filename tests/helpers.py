@@ -15,8 +15,8 @@ from h64lm.config import CONF_DIR as CONF
 from h64lm.config import RunConfig, build_run_config
 from h64lm.config import compose as compose_cfg
 
-__all__ = ["CONF", "FAST", "ROOT", "compose_cfg", "one_and_two_processes", "run_cli", "run_config", "text_corpus", "tmpfs",
-           "wandb_offline_records"]
+__all__ = ["CONF", "FAST", "ROOT", "compose_cfg", "fit_recording_batches", "one_and_two_processes", "run_cli",
+           "run_config", "text_corpus", "tmpfs", "wandb_offline_records"]
 
 
 @contextlib.contextmanager
@@ -62,3 +62,25 @@ def one_and_two_processes(common: list[str], tmp_path: Path) -> tuple[list[dict]
                      cwd=tmp_path, launcher=torchrun)
     assert double.returncode == 0, double.stderr[-3000:]
     return read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
+
+
+def fit_recording_batches(args: list[str], run_dir: Path) -> tuple[list[dict], list[tuple[list, list]]]:
+    """Train `args` in this process -> (metrics.jsonl records, per step (the loader's micro-batches,
+    the micro-batches the step trained on: the objective's rollouts where it makes them))."""
+    import torch
+
+    from h64lm.runtime.distributed import Dist
+    from h64lm.train.loop import Trainer
+    from h64lm.train.metrics import read_metrics
+
+    trainer = Trainer(run_config(args), run_dir, args, Dist(0, 1, torch.device("cpu")))
+    steps, prepare = [], trainer.objective.prepare_step
+
+    def recording(model, batches):
+        prepared = prepare(model, batches)
+        steps.append((list(batches), list(batches if prepared is None else prepared)))
+        return prepared
+
+    trainer.objective.prepare_step = recording
+    trainer.fit()
+    return read_metrics(run_dir / "metrics.jsonl"), steps

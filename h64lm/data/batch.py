@@ -21,13 +21,21 @@ class Batch:
     # what a stage's objective reads besides tokens, each [B] or [B, T]: e.g. a preference pair's
     # rows, a rollout's advantages and the sampling policy's log-probs
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    # [B] how many input positions of each row hold a real token, set by whatever pads (packed
+    # windows' tails, preference rows, rollouts' left-padded prompts and post-EOS columns);
+    # None = no padding. What the trainer's `tokens` counts (`num_inputs`).
+    real_tokens: Optional[torch.Tensor] = None
 
     def to(self, device: torch.device) -> "Batch":
         def move(t):
             return None if t is None else t.to(device, non_blocking=True)
 
         return Batch(move(self.input_ids), move(self.labels), move(self.document_ids),
-                     {k: move(v) for k, v in self.extras.items()})
+                     {k: move(v) for k, v in self.extras.items()}, move(self.real_tokens))
 
     def num_targets(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())
+
+    def num_inputs(self) -> int:
+        """The input positions a forward of this batch processes, padding left out."""
+        return self.input_ids.numel() if self.real_tokens is None else int(self.real_tokens.sum())

@@ -5,7 +5,8 @@ position t, IGNORE_INDEX where there is none), e.g. `EncodedChat.input_ids / .la
 conversation. Each epoch visits the examples in a permutation seeded by (seed, epoch) and packs
 them greedily in that order: an example goes into the current window of `seq_len` slots if it
 fits, otherwise the window is closed and a new one starts. No example is ever cut. The unused
-tail of a window is padding: `pad_id` inputs, IGNORE_INDEX labels and a document id of its own.
+tail of a window is padding: `pad_id` inputs, IGNORE_INDEX labels and a document id of its own
+(left out of `Batch.real_tokens`).
 `document_ids` number the examples of a row 0, 1, 2, ... so the model's block-diagonal attention
 (`H64LMForCausalLM.forward(document_ids=...)`) keeps each example alone, positions restarting.
 
@@ -79,6 +80,7 @@ class _Examples:
         ids = np.full((B, T), self.pad_id, dtype=np.int64)
         labels = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
         docs = np.empty((B, T), dtype=np.int64)
+        real = np.empty(B, dtype=np.int64)
         for row, window in enumerate(windows):
             t = 0
             for doc, i in enumerate(window.tolist()):
@@ -88,7 +90,9 @@ class _Examples:
                 docs[row, t:t + b - a] = doc
                 t += b - a
             docs[row, t:] = len(window)  # the padding: a document of its own
-        return Batch(torch.from_numpy(ids), torch.from_numpy(labels), torch.from_numpy(docs))
+            real[row] = t
+        return Batch(torch.from_numpy(ids), torch.from_numpy(labels), torch.from_numpy(docs),
+                     real_tokens=torch.from_numpy(real))
 
 
 class PackedLoader:

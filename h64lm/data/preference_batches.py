@@ -113,7 +113,7 @@ def preference_batches(rows: EncodedPairs, pairs: Sequence[int], width: int) -> 
             last[2 * k + side] = len(t) - 1
     index = torch.tensor(pairs, dtype=torch.long).repeat_interleave(2)  # [2P]
     return Batch(torch.from_numpy(ids), torch.from_numpy(labels),
-                 extras={"pair": index, "last": torch.from_numpy(last)})
+                 extras={"pair": index, "last": torch.from_numpy(last)}, real_tokens=torch.from_numpy(last + 1))
 
 
 def _fingerprint(rows: EncodedPairs, width: int) -> str:

@@ -76,7 +76,7 @@ class PromptLoader:
         self.taken += 1
         return Batch(ids, torch.full_like(ids, IGNORE_INDEX),
                      extras={"attention_mask": mask, "prompt": torch.tensor(indices),
-                             "position": torch.tensor(positions)})
+                             "position": torch.tensor(positions)}, real_tokens=mask.sum(1))
 
     def state_dict(self) -> dict[str, Any]:
         return {"taken": self.taken}

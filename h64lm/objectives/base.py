@@ -60,9 +60,10 @@ class Objective(Protocol):
     def prepare_step(self, model: nn.Module, batches: Sequence[Batch]) -> Optional[Sequence[Batch]]:
         """Called once per optimizer step with the unwrapped model (no DDP / compile wrapper) and
         this rank's micro-batches (on the device) before any forward and before the step's
-        targets are counted: e.g. global-batch load-balancing counts, or an RL stage turning
-        prompt batches into rollouts. -> the micro-batches to train on, or None to keep
-        `batches`. Collective when the ranks must agree."""
+        targets and input tokens are counted: e.g. global-batch load-balancing counts, or an RL
+        stage turning prompt batches into rollouts (set their `Batch.real_tokens`). -> the
+        micro-batches to train on, or None to keep `batches`. Collective when the ranks must
+        agree."""
 
     def __call__(self, model: nn.Module, batch: Batch, share: StepShare) -> ObjectiveOutput:
         """Forward `batch` through `model` (the module the step trains: DDP/FSDP/compiled)."""

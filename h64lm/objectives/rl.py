@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch
@@ -106,7 +106,7 @@ class PolicyOptimisation:
             per_token = terminal_rewards(rewards, mask) - s.kl_coef * (old_logp - ref_logp) * mask
             advantages, returns = gae(per_token, values, mask, gamma=s.gamma, lam=s.lam)
             extras.update(advantages=advantages, returns=returns, old_values=values, old_logp=old_logp)
-        return Batch(batch.input_ids, batch.labels, extras=extras)
+        return replace(batch, extras=extras)
 
     # ----------------------------------------------------------------------------- the loss
     def __call__(self, model: nn.Module, batch: Batch, share: StepShare) -> ObjectiveOutput:

@@ -10,6 +10,7 @@ As a training `Batch` (S = L + n - 1 for n completion columns):
     labels    [R, S]   the next token where it is a counted completion token, else -100 (the
                        prompt, the left padding and the pads after the EOS have no target)
     extras["attention_mask"] [R, S]  0 on the prompt's left padding
+    real_tokens [R]  input positions that are neither left padding nor after the first EOS
 So `labels != -100` marks exactly the sampled actions, and a per-token quantity of the forward
 (log-prob, value) at position p belongs to the action labels[:, p].
 
@@ -81,6 +82,9 @@ def sample_rollout(model: nn.Module, prompts: Batch, group_size: int, max_new_to
     labels[:, L:] = completions.masked_fill(~mask, IGNORE_INDEX)
     attention = torch.cat([prompt_mask.repeat_interleave(G, dim=0),
                            torch.ones(R, width, dtype=prompt_mask.dtype, device=device)], dim=1)
-    batch = Batch(full[:, :-1], labels[:, 1:], extras={"attention_mask": attention[:, :-1]})
+    # real inputs: the prompt's unpadded tokens and the completion through its first EOS
+    real = torch.cat([prompt_mask.repeat_interleave(G, dim=0).bool(), mask], dim=1)  # [R, L + n]
+    batch = Batch(full[:, :-1], labels[:, 1:], extras={"attention_mask": attention[:, :-1]},
+                  real_tokens=real[:, :-1].sum(1))
     rows = torch.arange(ids.shape[0], device=device).repeat_interleave(G)
     return Rollout(batch, full, attention, completions, mask, rows)

@@ -93,7 +93,6 @@ class Trainer:
         if resume_state is not None:
             self._restore(resume_state)
 
-        self.tokens_per_step = t.batch_size * self.accum * data.seq_len * d.world_size
         self.flops_per_token = flops_per_token(run.model, data.seq_len)
         self.peak = peak_flops(d.device, run.hardware.peak_tflops) if d.is_main else None
         self.signals: SignalFlag | None = None
@@ -163,11 +162,12 @@ class Trainer:
         """Forward/backward over the micro-batches, then one (possibly skipped) update."""
         d = self.d
         batches = [self.loader.next_batch() for _ in range(self.accum)]
-        terms, loads, dropped = forward_backward(
+        terms, loads, dropped, tokens = forward_backward(
             self.objective, self.train_model, self.model, batches, d.world_size, d.device,
             self.precision.autocast, lambda loss: self.scaler.scale(loss).backward())
         bad_router = self.bias_update.nonfinite() if self.bias_update is not None else None
         stats = reduce_stats(terms, loads, dropped, stop_requested, d.world_size, bad_router)
+        stats.tokens = tokens
         if self.bias_update is not None:  # applied by the optimizer's post-step hook, if it steps
             self.bias_update.set_loads({i: torch.tensor(r.load) for i, r in stats.router.items()})
 
@@ -190,7 +190,7 @@ class Trainer:
         stats.lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.step += 1
-        self.tokens_seen += self.tokens_per_step
+        self.tokens_seen += stats.tokens
         self.skipped_steps += int(stats.skipped)
         self.bad_in_a_row = self.bad_in_a_row + 1 if stats.skipped else 0
         return stats

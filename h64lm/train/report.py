@@ -28,7 +28,7 @@ def memory_gb(device: torch.device) -> float:
 def step_record(trainer: Trainer, stats: StepStats, elapsed: float) -> dict[str, Any]:
     record = {"step": trainer.step, "tokens": trainer.tokens_seen, **stats.terms,  # loss first, then each term
               "lr": stats.lr, "grad_norm": stats.grad_norm, "skipped_steps": trainer.skipped_steps,
-              "tokens_per_s": trainer.tokens_per_step / elapsed, "step_time_s": elapsed,
+              "tokens_per_s": stats.tokens / elapsed, "step_time_s": elapsed,
               "mem_gb": memory_gb(trainer.d.device)}
     if trainer.peak:
         record["mfu"] = trainer.flops_per_token * record["tokens_per_s"] / trainer.peak
@@ -40,7 +40,8 @@ def step_record(trainer: Trainer, stats: StepStats, elapsed: float) -> dict[str,
 def announcement(trainer: Trainer) -> str:
     n_total, n_active = count_parameters(trainer.model), active_parameters_per_token(trainer.run.model)
     return (f"model: {n_total / 1e6:.2f}M parameters, {n_active / 1e6:.2f}M active per token; "
-            f"{trainer.tokens_per_step} tokens per step on {trainer.d.world_size} process(es), "
+            f"{trainer.accum} micro-batch(es) of train.batch_size={trainer.run.train.batch_size} per step on "
+            f"{trainer.d.world_size} process(es), "
             f"{trainer.precision.name} on {trainer.d.device.type}"
             + (f", {trainer.layout.strategy} ep={trainer.layout.ep}" if trainer.d.enabled else ""))
 

@@ -3,6 +3,9 @@
 `forward_backward` runs an objective over the step's micro-batches: it counts the step's target
 tokens once (one all-reduce, before any backward, so every micro-batch's loss is normalised by
 the global count), backpropagates each micro-batch's share and accumulates the named terms.
+The same all-reduce counts the step's input tokens (`Batch.num_inputs`: the positions the
+trained forward processes, padding left out, after `prepare_step`, so an RL step counts its
+rollouts): the trainer's `tokens` and `tokens_per_s` for every stage.
 Everything every rank must agree on afterwards (the terms, whether the step was non-finite,
 whether a stop was requested, the expert loads) travels in ONE all-reduce of one flat tensor,
 described by `StepStats`' named fields and term names rather than positional offsets.
@@ -22,7 +25,7 @@ from torch import nn
 from h64lm.data.batch import Batch
 from h64lm.objectives.base import Objective, StepShare
 
-__all__ = ["StepStats", "LayerLoad", "forward_backward", "reduce_stats", "no_sync_unless", "count_step_targets"]
+__all__ = ["StepCounts", "StepStats", "LayerLoad", "forward_backward", "reduce_stats", "no_sync_unless", "count_step"]
 
 
 @dataclass
@@ -47,41 +50,50 @@ class StepStats:
     grad_norm: float = math.nan
     lr: float = math.nan
     skipped: bool = False  # the update was not applied (non-finite loss, gradients or router state)
+    tokens: int = 0  # input tokens of the step over every micro-batch and rank (`StepCounts.inputs`)
 
     @property
     def loss(self) -> float:
         return self.terms["loss"]
 
 
-def count_step_targets(batches: Sequence[Batch], world_size: int, device: torch.device) -> list[int]:
-    """-> [n_m] target tokens per micro-batch, plus the step's total over all ranks appended
-    (one all-reduce). On host batches there is no device sync."""
-    counts = [b.num_targets() for b in batches]
-    total = sum(counts)
+@dataclass(frozen=True)
+class StepCounts:
+    targets: list[int]  # [M] this rank's target tokens per micro-batch
+    step_targets: int  # N: target tokens over every micro-batch and rank
+    inputs: int  # non-padding input positions over every micro-batch and rank
+
+
+def count_step(batches: Sequence[Batch], world_size: int, device: torch.device) -> StepCounts:
+    """The step's counts, summed over ranks in one all-reduce. On host batches there is no device
+    sync."""
+    targets = [b.num_targets() for b in batches]
+    totals = [sum(targets), sum(b.num_inputs() for b in batches)]
     if world_size > 1:
-        t = torch.tensor([float(total)], dtype=torch.float64, device=device)
+        t = torch.tensor(totals, dtype=torch.float64, device=device)  # exact integers below 2^53
         dist.all_reduce(t)
-        total = int(t.item())
-    return counts + [total]
+        totals = [int(v) for v in t.tolist()]
+    return StepCounts(targets, *totals)
 
 
 def forward_backward(objective: Objective, model: nn.Module, raw_model: nn.Module, batches: Sequence[Batch],
                      world_size: int, device: torch.device, autocast: Callable[[], contextlib.AbstractContextManager],
                      backward: Callable[[torch.Tensor], None]):
-    """-> (terms {name: this rank's sum over micro-batches}, loads {layer: [E]}, dropped {layer: []}),
-    loads and dropped averaged over micro-batches. `model` is what the step trains (DDP/FSDP/
-    compiled), `raw_model` the module under it; `backward(loss)` applies any loss scaling."""
+    """-> (terms {name: this rank's sum over micro-batches}, loads {layer: [E]}, dropped {layer: []},
+    the step's input tokens over all ranks), loads and dropped averaged over micro-batches. `model`
+    is what the step trains (DDP/FSDP/compiled), `raw_model` the module under it; `backward(loss)`
+    applies any loss scaling."""
     on_device = [b.to(device) for b in batches]
     prepared = objective.prepare_step(raw_model, on_device)
     # counted on the host batches (no device sync) unless the objective made new ones (rollouts)
-    *counts, step_targets = count_step_targets(batches if prepared is None else prepared, world_size, device)
+    counts = count_step(batches if prepared is None else prepared, world_size, device)
     batches = on_device if prepared is None else prepared
     terms: dict[str, torch.Tensor] = {}
     loads: dict[int, torch.Tensor] = {}
     dropped: dict[int, torch.Tensor] = {}
     accum = len(batches)
     for micro, batch in enumerate(batches):
-        share = StepShare(counts[micro], step_targets, accum, world_size)
+        share = StepShare(counts.targets[micro], counts.step_targets, accum, world_size)
         with no_sync_unless(micro == accum - 1, model):
             with autocast():
                 out = objective(model, batch, share)
@@ -92,7 +104,7 @@ def forward_backward(objective: Objective, model: nn.Module, raw_model: nn.Modul
         for r in out.router:
             loads[r["layer"]] = loads.get(r["layer"], 0) + r["load"].detach().float() / accum
             dropped[r["layer"]] = dropped.get(r["layer"], 0) + r["dropped"].detach().float() / accum
-    return terms, loads, dropped
+    return terms, loads, dropped, counts.inputs
 
 
 def reduce_stats(terms: dict[str, torch.Tensor], loads: dict[int, torch.Tensor],

@@ -50,7 +50,9 @@ def test_each_example_whole_once_per_epoch_and_alone_in_its_document():
     for _ in range(per_epoch):
         batch = loader.next_batch()
         assert batch.input_ids.shape == batch.labels.shape == batch.document_ids.shape == (2, 16)
-        seen += _segments(batch)
+        segments = _segments(batch)
+        assert batch.num_inputs() == sum(len(ids) for ids, _ in segments)  # the padding tail left out
+        seen += segments
     as_tuples = [(tuple(a), tuple(b)) for a, b in seen]
     assert len(set(as_tuples)) == len(as_tuples)  # none twice
     assert set(as_tuples) <= {(tuple(a), tuple(b)) for a, b in examples}  # each one whole

@@ -26,6 +26,7 @@ def test_rows_hold_prompt_plus_answer_with_labels_on_the_answer_only(chat):
     loader = PreferenceLoader(rows, rows.width(), batch_size=2, seed=0)
     batch = loader.next_batch()
     assert batch.input_ids.shape == (4, rows.width())
+    real = 0
     for r in range(4):
         i = int(batch.extras["pair"][r])
         which = "chosen" if r % 2 == 0 else "rejected"
@@ -36,11 +37,13 @@ def test_rows_hold_prompt_plus_answer_with_labels_on_the_answer_only(chat):
         assert batch.input_ids[r, :n].tolist() == full and full[-1] == chat.eos_id
         assert (batch.input_ids[r, n:] == PAD_ID).all()
         assert int(batch.extras["last"][r]) == n - 1
+        real += n
         targets = [(t, int(lab)) for t, lab in enumerate(batch.labels[r]) if lab != IGNORE_INDEX]
         # position t predicts token t + 1: exactly the answer's tokens after the prompt, </s> last
         assert [t + 1 for t, _ in targets] == list(range(len(prompt), n))
         assert [lab for _, lab in targets] == full[len(prompt):]
     assert batch.extras["pair"].tolist()[0::2] == batch.extras["pair"].tolist()[1::2]
+    assert batch.num_inputs() == real < batch.input_ids.numel()  # each whole conversation, no padding
 
 
 def test_too_long_and_malformed_pairs_are_skipped_and_counted(chat):

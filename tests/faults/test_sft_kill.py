@@ -11,19 +11,13 @@ import pytest
 
 from experiments.fault_procs import ResumeLog, final_weights, kill_and_wait, logged_steps, start_run, wait_until
 from h64lm.cli import run
-from h64lm.train.metrics import read_metrics
 from tests.helpers import run_config
 from tests.train.test_stage import SFT
-from tests.train.test_stage_parallel import logged_numbers
+from tests.train.test_stage_parallel import numbers_by_step
 
 # Checkpoints at steps 4 and 8, evaluations (with routing and exact match) at 4 and 8: the kill
 # lands after step 5, so the resumed process reruns steps 5-8, an evaluation included.
 RUN = SFT + ["train.max_steps=8", "train.save_every=4", "train.eval_every=4", "stage.eval_examples=4"]
-
-
-def _numbers(run_dir) -> dict[int, dict]:
-    """{step: every logged number}; a step logged again after the resume counts as logged last."""
-    return {r["step"]: logged_numbers(r) for r in read_metrics(run_dir / "metrics.jsonl")}
 
 
 @pytest.mark.slow  # three runs of 8 steps with evaluations: over a minute on a shared 2-core CPU
@@ -45,7 +39,7 @@ def test_sigkill_then_resume_auto_matches_uninterrupted_sft_run(tmp_path, capsys
     log = ResumeLog(capsys.readouterr().out)
     assert log.step == 4 and log.skipped == []
 
-    got, expected = _numbers(run_dir), _numbers(reference)
+    got, expected = numbers_by_step(run_dir), numbers_by_step(reference)
     assert sorted(got) == sorted(expected) == list(range(1, 9))
     assert "routing.1.top1_changed_from_start" in got[8] and "sft/exact_match" in got[8]
     assert all(got[s] == expected[s] for s in expected), \

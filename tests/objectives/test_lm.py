@@ -35,8 +35,8 @@ def _micro_batches(masked: bool) -> list[Batch]:
 
 def _step(model, batches):
     model.zero_grad(set_to_none=True)
-    terms, _, _ = forward_backward(LanguageModelling(model.config), model, model, batches, 1,
-                                   torch.device("cpu"), contextlib.nullcontext, lambda loss: loss.backward())
+    terms, _, _, _ = forward_backward(LanguageModelling(model.config), model, model, batches, 1,
+                                      torch.device("cpu"), contextlib.nullcontext, lambda loss: loss.backward())
     return terms, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -67,8 +67,8 @@ def test_per_micro_batch_means_would_differ():
     batches = _micro_batches(masked=True)
     with torch.no_grad():
         means = [model(b.input_ids, labels=b.labels).ce for b in batches]
-        terms, _, _ = forward_backward(LanguageModelling(model.config), model, model, batches, 1,
-                                       torch.device("cpu"), contextlib.nullcontext, lambda loss: None)
+        terms, _, _, _ = forward_backward(LanguageModelling(model.config), model, model, batches, 1,
+                                          torch.device("cpu"), contextlib.nullcontext, lambda loss: None)
     assert abs(sum(means).item() / 3 - terms["ce"].item()) > 1e-3
 
 

@@ -61,6 +61,11 @@ def test_rollout_rows_hold_the_prompt_and_label_exactly_the_completion_through_i
             assert labels[L - 1:L - 1 + len(through_eos)].tolist() == through_eos  # contiguous from L-1
             assert torch.equal(r.batch.input_ids[row, :L], prompts.input_ids[row // 4])
             assert torch.equal(r.batch.extras["attention_mask"][row, :L], prompts.extras["attention_mask"][row // 4])
+            # real inputs: the prompt's unpadded tokens, then the completion through its EOS as far
+            # as the input columns reach (the last sampled token is no input)
+            inputs = r.batch.input_ids.shape[1] - L
+            assert int(r.batch.real_tokens[row]) == \
+                int(prompts.extras["attention_mask"][row // 4].sum()) + min(len(through_eos), inputs)
         assert r.mask[0].sum() == 3
     # sharded layouts decode every step: the same rollout
     assert torch.equal(runs[0].batch.input_ids, runs[1].batch.input_ids)
@@ -82,6 +87,7 @@ def test_equal_rewards_give_zero_advantages_and_the_first_step_has_zero_kl():
     objective = _objective(model, reference, lambda rollout, prompts: torch.ones(rollout.completions.shape[0]))
     (batch,) = objective.prepare_step(model, [_prompts()])
     assert torch.equal(batch.extras["advantages"], torch.zeros(8))
+    assert batch.real_tokens is not None  # the trainer's token count survives scoring
     out = objective(model, batch, StepShare(batch.num_targets(), batch.num_targets(), 1, 1))
     assert out.terms["kl"] == 0.0  # policy == reference: k3 is exactly 0
     assert out.terms["pg_loss"] == 0.0 and out.terms["reward/mean"] == 1.0 and out.terms["reward/std"] == 0.0

@@ -66,14 +66,28 @@ def test_precomputed_reference_equals_the_frozen_model_step_for_step(dpo_runs):
     assert not (dpo_runs / "live" / "reference_logps.safetensors").exists()
 
 
-@pytest.mark.parametrize("stage, extra", [("dpo", ["stage.precompute_reference=true"]), ("reward", [])])
-def test_preference_stage_resumes_bit_exact(stage, extra, dpo_runs, tmp_path):
+@pytest.fixture(scope="module")
+def reward_run(tmp_path_factory):
+    """6 uninterrupted reward-model steps (evaluations at 3 and 6)."""
+    run_dir = tmp_path_factory.mktemp("reward") / "full"
+    run(run_config(REWARD), run_dir, REWARD)
+    return run_dir
+
+
+def _uninterrupted(stage, request):
+    """The 6-step run of `stage` that a resumed one must equal: DPO's with the precomputed
+    reference, or the reward model's."""
+    return request.getfixturevalue("dpo_runs") / "pre" if stage == "dpo" else request.getfixturevalue("reward_run")
+
+
+STAGE_ARGS = {"dpo": DPO + ["stage.precompute_reference=true"], "reward": REWARD}
+
+
+@pytest.mark.parametrize("stage", ["dpo", "reward"])
+def test_preference_stage_resumes_bit_exact(stage, request, tmp_path):
     """Stop at step 3, resume: the pair loader, the RNG, the optimizer and (DPO) the saved
     reference log-probs continue exactly (CPU, fp32)."""
-    args = (DPO if stage == "dpo" else REWARD) + extra
-    full = dpo_runs / "pre" if stage == "dpo" else tmp_path / "full"
-    if stage == "reward":
-        run(run_config(args), full, args)
+    args, full = STAGE_ARGS[stage], _uninterrupted(stage, request)
     resumed = tmp_path / "resumed"
     if stage == "dpo":  # the reference file travels with the run directory
         resumed.mkdir()
@@ -104,6 +118,26 @@ def test_a_damaged_reference_file_is_computed_again_on_resume(dpo_runs, tmp_path
     original = load_file(full / "reference_logps.safetensors")
     assert all(torch.allclose(rebuilt[k], original[k], rtol=1e-5, atol=1e-5) for k in ("train", "val"))
 
+
+def test_dpo_tokens_count_the_real_positions_of_both_rows_of_every_pair(tmp_path):
+    """`tokens` grows by each step's input positions up to each row's </s>: chosen and rejected
+    rows of every pair, over both micro-batches; the padding after the </s> is left out."""
+    from h64lm.data.preference_batches import PAD_ID
+    from tests.helpers import fit_recording_batches
+
+    args = DPO + ["train.max_steps=2", "train.grad_accum=2", "train.eval_every=2"]
+    records, steps = fit_recording_batches(args, tmp_path)
+    assert [r["step"] for r in records] == [1, 2]
+    previous = 0
+    for record, (_, trained) in zip(records, steps):
+        assert [b.input_ids.shape[0] for b in trained] == [4, 4]  # 2 pairs -> 2 rows each, 2 micro-batches
+        hand = sum(int((b.input_ids != PAD_ID).sum()) for b in trained)  # <unk> is never a real token here
+        assert hand < sum(b.input_ids.numel() for b in trained)  # padded rows: a count of shapes would differ
+        assert record["tokens"] - previous == hand
+        assert record["tokens_per_s"] == pytest.approx(hand / record["step_time_s"])
+        previous = record["tokens"]
+
+
 def test_reward_model_learns_a_held_out_preference(tmp_path):
     """A few dozen Bradley-Terry steps on pairs whose chosen answer differs from the rejected one by
     a learnable cue lift held-out pairwise accuracy from chance to near 1."""
@@ -131,6 +165,7 @@ def test_two_process_dpo_matches_one_process(tmp_path):
     common = DPO + ["train.max_steps=3", "model.router_aux_loss_coef=0"]
     one, two = one_and_two_processes(common, tmp_path)
     assert [r["step"] for r in two] == [1, 2, 3]
+    assert [r["tokens"] for r in two] == [r["tokens"] for r in one]  # every rank's rows counted once
     for a, b in zip(one, two):
         for key in ("loss", "logps/chosen"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
@@ -198,26 +233,36 @@ def test_fsdp_and_expert_parallel_match_one_process(stage, tmp_path):
         assert runs[name][-1]["val/rewards/accuracies"] == runs["one"][-1]["val/rewards/accuracies"]
 
 
-@pytest.mark.slow
-def test_dpo_sigkill_then_resume_auto_matches_the_uninterrupted_run(dpo_runs, tmp_path):
-    """SIGKILL between steps of a DPO run with the precomputed reference: train.resume=auto
-    continues from the last save, reads RUN/reference_logps.safetensors, and ends with the losses
-    and weights of the uninterrupted run."""
+@pytest.mark.slow  # a killed subprocess run and its resume: 35 s (reward), 100 s (dpo, its two runs) on 2 shared cores
+@pytest.mark.parametrize("stage", ["dpo", "reward"])
+def test_sigkill_then_resume_auto_matches_the_uninterrupted_run(stage, request, tmp_path, capsys):
+    """SIGKILL between steps: train.resume=auto continues from the last save (DPO reads
+    RUN/reference_logps.safetensors) and ends with every logged number of every step and the
+    weights of the uninterrupted run."""
     import signal
 
-    from experiments.fault_procs import final_weights, kill_and_wait, logged_steps, start_run, wait_until
+    from experiments.fault_procs import ResumeLog, final_weights, kill_and_wait, logged_steps, start_run, wait_until
+    from tests.train.test_stage_parallel import numbers_by_step
 
-    args = DPO + ["stage.precompute_reference=true", "train.save_every=2"]
+    args, reference = STAGE_ARGS[stage] + ["train.save_every=2"], _uninterrupted(stage, request)
     run_dir = tmp_path / "run"
     proc = start_run(args + [f"hydra.run.dir={run_dir}"], tmp_path, env={"H64LM_FAULT_STEP_DELAY": "0.3"})
     wait_until(lambda: logged_steps(run_dir) >= 3, proc, timeout=300, what="step 3")
-    kill_and_wait(proc, signal.SIGKILL, timeout=30)
-    assert (run_dir / "reference_logps.safetensors").is_file()
+    code, _ = kill_and_wait(proc, signal.SIGKILL, timeout=30)
+    assert code == -signal.SIGKILL and logged_steps(run_dir) < 6  # killed before the end
+    if stage == "dpo":
+        assert (run_dir / "reference_logps.safetensors").is_file()
+    saved = int((run_dir / "checkpoints" / "last").read_text().strip().removeprefix("step_"))
     again = args + ["train.resume=auto"]
+    capsys.readouterr()
     run(run_config(again), run_dir, again)
-    assert _steps(run_dir) == _steps(dpo_runs / "pre")  # bit for bit, every step
-    a, b = final_weights(run_dir), final_weights(dpo_runs / "pre")
-    assert all(torch.equal(a[k], b[k]) for k in b)
+    assert ResumeLog(capsys.readouterr().out).step == saved >= 2  # resumed, not trained again from scratch
+    got, expected = numbers_by_step(run_dir), numbers_by_step(reference)
+    assert sorted(got) == sorted(expected) == list(range(1, 7))
+    assert all(got[s] == expected[s] for s in expected), \
+        [(s, k) for s in expected for k in expected[s] if got[s].get(k) != expected[s][k]]  # bit for bit
+    a, b = final_weights(run_dir), final_weights(reference)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)
 
 
 @pytest.mark.parametrize("stage", ["dpo", "reward"])

@@ -64,6 +64,32 @@ def test_rl_resume_from_step_k_is_bit_exact(rl_run, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_rl_tokens_count_prompt_and_completion_positions_of_every_rollout_row(tmp_path):
+    """`tokens` grows by the positions the policy's training forward reads: for each of the G
+    rows of each prompt, the prompt without its left padding and the completion through its
+    first </s> (the last sampled column is no input), over both micro-batches."""
+    from tests.helpers import fit_recording_batches
+
+    G, eos = 4, 2  # stage.group_size; Mistral's </s>
+    args = RL + ["train.max_steps=2", "train.grad_accum=2", "stage.eval_examples=2"]
+    records, steps = fit_recording_batches(args, tmp_path)
+    assert [r["step"] for r in records] == [1, 2]
+    previous, padded = 0, 0
+    for record, (prompts, rollouts) in zip(records, steps):
+        hand = 0
+        for p, r in zip(prompts, rollouts):
+            L = p.input_ids.shape[1]
+            assert r.input_ids.shape[0] == G * p.input_ids.shape[0]
+            for row in range(r.input_ids.shape[0]):
+                completion = r.input_ids[row, L:].tolist()
+                through_eos = completion[:completion.index(eos) + 1] if eos in completion else completion
+                hand += int(p.extras["attention_mask"][row // G].sum()) + len(through_eos)
+            padded += r.input_ids.numel()
+        assert record["tokens"] - previous == hand
+        previous = record["tokens"]
+    assert previous < padded  # left padding or post-</s> columns occurred: a count of shapes would differ
+
+
 @pytest.mark.slow
 def test_rl_sigkill_then_resume_auto_matches_uninterrupted_run(rl_run, tmp_path):
     run_dir = tmp_path / "run"
@@ -166,8 +192,9 @@ def test_gsm8k_style_rows_become_prompts_with_their_final_answers():
 def _assert_same_steps(one, two, tolerance):
     assert [r["step"] for r in two] == [r["step"] for r in one]
     for a, b in zip(one, two):
-        # sampled identically by construction: the rewards and lengths are equal, not close
-        assert (a["reward/mean"], a["completion_length"]) == (b["reward/mean"], b["completion_length"])
+        # sampled identically by construction: the rewards, lengths and token counts are equal, not close
+        assert (a["reward/mean"], a["completion_length"], a["tokens"]) == \
+            (b["reward/mean"], b["completion_length"], b["tokens"])
         for key in ("loss", "grad_norm", "kl"):
             assert b[key] == pytest.approx(a[key], **tolerance), (a["step"], key)
 

@@ -43,6 +43,7 @@ def test_run_writes_every_output(cli_run):
     assert [r["step"] for r in records] == list(range(1, 7))
     for r in records:
         assert math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 and r["router"]
+        assert r["tokens"] == r["step"] * 2 * 32  # pretraining: train.batch_size x data.seq_len per step
     history = json.loads((run_dir / "training_history.json").read_text())
     assert history["step"] == [3, 6] and len(history["val_loss"]) == 2
     assert "## step 6" in (run_dir / "samples.txt").read_text()

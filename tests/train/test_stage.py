@@ -207,6 +207,7 @@ def test_two_process_sft_matches_one_process(tmp_path):
     common = SFT + ["train.max_steps=3", "model.router_aux_loss_coef=0", "stage.eval_examples=0"]
     one, two = one_and_two_processes(common, tmp_path)
     assert [r["step"] for r in two] == [1, 2, 3]
+    assert [r["tokens"] for r in two] == [r["tokens"] for r in one]  # each rank's windows, padding left out
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)

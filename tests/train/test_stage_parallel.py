@@ -48,6 +48,11 @@ def logged_numbers(record: dict, prefix: str = "") -> dict:
     return out
 
 
+def numbers_by_step(run_dir) -> dict[int, dict]:
+    """{step: every logged number} of a run; a step logged again after a resume counts as logged last."""
+    return {r["step"]: logged_numbers(r) for r in read_metrics(run_dir / "metrics.jsonl")}
+
+
 def _train(tmp_path, name, extra, launcher=None) -> list[dict]:
     done = run_cli(COMMON + extra + [f"hydra.run.dir={tmp_path / name}"], cwd=tmp_path, launcher=launcher)
     assert done.returncode == 0, done.stderr[-3000:]

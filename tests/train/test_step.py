@@ -4,7 +4,8 @@ import math
 
 import torch
 
-from h64lm.train.step import reduce_stats
+from h64lm.data.batch import IGNORE_INDEX, Batch
+from h64lm.train.step import count_step, reduce_stats
 
 
 def test_terms_are_reported_by_name_with_loads():
@@ -23,3 +24,14 @@ def test_nonfinite_loss_or_router_state_flags_the_step():
     assert reduce_stats(finite, {}, {}, False, 1, torch.tensor(3)).nonfinite  # e.g. 3 NaN router biases
     bad = reduce_stats({"loss": torch.tensor(math.inf)}, {}, {}, False, 1)
     assert bad.nonfinite and not bad.stop_requested
+
+
+def test_step_counts_targets_per_micro_batch_and_real_inputs_of_the_step():
+    ids = torch.arange(10).view(2, 5)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[0, :2] = 1
+    padded = Batch(ids, labels, real_tokens=torch.tensor([3, 5]))  # row 0 padded after 3 positions
+    plain = Batch(ids, ids)  # no padding: every one of its 2 x 5 positions
+    counts = count_step([padded, plain], world_size=1, device=torch.device("cpu"))
+    assert counts.targets == [2, 10] and counts.step_targets == 12
+    assert counts.inputs == (3 + 5) + 2 * 5
