@@ -27,6 +27,7 @@ import platform
 import sys
 from pathlib import Path
 
+from h64lm.cpu_malloc import keep_freed_memory
 from h64lm.cpu_threads import limit_spin_wait
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -265,6 +266,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--malloc", default="keep", choices=["keep", "default"],
+                   help="cpu: malloc keeps freed memory as run.py does (hardware.keep_freed_memory), "
+                        "for both models; default: glibc's own behaviour")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
                    help="bf16 = autocast over fp32 weights, as in training")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
@@ -294,8 +298,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    kept = device.type == "cpu" and args.malloc == "keep" and keep_freed_memory()
     results = {"command": "python experiments/bench.py " + " ".join(argv or sys.argv[1:]),
-               "machine": machine(device), "dtype": args.dtype, "compile": args.compile,
+               "machine": machine(device) | {"malloc_keeps_freed": kept}, "dtype": args.dtype, "compile": args.compile,
                "sdpa": args.sdpa, "train": [], "experts": None, "generate": None}
     backend = SDPA_BACKENDS[args.sdpa]
     with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():

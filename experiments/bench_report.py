@@ -84,7 +84,8 @@ def render_markdown(results: dict) -> str:
     m = results["machine"]
     where = m.get("gpu") or m.get("cpu", "?")
     wait = ", ".join(f"{k}={v}" for k, v in m.get("omp_wait", {}).items()) or "OpenMP defaults"
-    lines = [f"Machine: {where}, {m['cpus']} CPUs, {m['threads']} torch threads ({wait}), load average "
+    malloc = ", malloc keeps freed memory" if m.get("malloc_keeps_freed") else ""
+    lines = [f"Machine: {where}, {m['cpus']} CPUs, {m['threads']} torch threads ({wait}{malloc}), load average "
              f"{m['load_avg'][0]:.1f} at start; torch {m['torch']}, transformers "
              f"{m['transformers']}; dtype {results['dtype']}"
              f"{', torch.compile' if results['compile'] else ''}, SDPA {results['sdpa']}.",

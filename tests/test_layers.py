@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Lowest first. Each entry: (layer name, its units: top-level packages or modules of h64lm).
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("h64lm", "h64lm.validation", "h64lm.plotting", "h64lm.cpu_threads")),
+    ("base", ("h64lm", "h64lm.validation", "h64lm.plotting", "h64lm.cpu_threads", "h64lm.cpu_malloc")),
     ("model/data", ("h64lm.model", "h64lm.data")),
     ("config", ("h64lm.config",)),  # RunConfig composes the model's and the data's schemas
     ("parallel/objectives/hf", ("h64lm.parallel", "h64lm.objectives", "h64lm.hf")),

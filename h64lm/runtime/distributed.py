@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from h64lm.config import HardwareConfig
+from h64lm.cpu_malloc import keep_freed_memory
 from h64lm.validation import ConfigError
 
 __all__ = [
@@ -100,6 +101,8 @@ def init_distributed(hw: HardwareConfig) -> Dist:
     device = _resolve_device(hw.device, local_rank)
     if device.type == "cpu" and hw.num_threads:
         torch.set_num_threads(hw.num_threads)
+    if device.type == "cpu" and hw.keep_freed_memory:
+        keep_freed_memory()
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
