@@ -73,8 +73,7 @@ def sample_rollout(model: nn.Module, prompts: Batch, group_size: int, max_new_to
     G, L = group_size, ids.shape[1]
     out = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k or None,
                    top_p=top_p if top_p < 1 else None, eos_token_id=None if fixed_length else eos_id,
-                   pad_token_id=eos_id,
-                   attention_mask=prompt_mask, generator=generator, num_return_sequences=G)
+                   pad_token_id=eos_id, attention_mask=prompt_mask, generator=generator, num_return_sequences=G)
     completions = out[:, L:]  # [R, n]
     mask = completion_mask(completions, eos_id)
     width = int(mask.sum(1).max())  # the last column any row needs (early stop ends there too)

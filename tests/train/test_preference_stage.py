@@ -182,13 +182,15 @@ def test_preset_sets_the_score_head_and_loss_names_match_the_objectives():
 def test_fsdp_and_expert_parallel_match_one_process(stage, tmp_path):
     """FSDP2 and expert parallelism (2 gloo processes, one pair each) train and validate like one
     process with both pairs; DPO's frozen reference is sharded like the policy, its forwards
-    collectives. Tolerances as the DDP test's (fp32 sums in another order)."""
+    collectives; DPO runs with RPO's NLL term, whose token count spans the ranks. Tolerances as
+    the DDP test's (fp32 sums in another order)."""
     import sys
 
     from tests.helpers import run_cli
 
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    common = (DPO if stage == "dpo" else REWARD) + ["train.max_steps=3", "model.router_aux_loss_coef=0"]
+    common = (DPO + ["stage.rpo_alpha=0.5"] if stage == "dpo" else REWARD) + ["train.max_steps=3",
+                                                                              "model.router_aux_loss_coef=0"]
     runs = {}
     for name, extra, launcher in (
             ("one", ["train.batch_size=2"], None),
