@@ -293,12 +293,17 @@ class StageConfig:
     # dpo: the reference log-probs of every train / validation pair computed once at the start
     # (RUN/reference_logps.safetensors) instead of a frozen reference model run at every step
     precompute_reference: bool = False
+    # dpo: RPO / "DPO + NLL" (Pang et al. 2024; TRL's rpo_alpha): + rpo_alpha x the NLL of the chosen
+    # answers per token (the step's mean over their tokens), logged as nll_loss; 0 = plain DPO
+    rpo_alpha: float = bounded(0.0, ge=0)
 
     # rl (h64lm/train/rl_stage.py): G sampled completions per prompt, rewarded and trained on;
     # eval_examples / eval_max_new_tokens also size its validation (greedy answers to val problems)
     algorithm: str = bounded("grpo", choices=RL_ALGORITHMS)
     group_size: int = bounded(8, ge=1)  # G completions per prompt (one prefill, rows repeated)
     temperature: float = bounded(1.0, gt=0)  # sampling temperature of the rollouts
+    top_k: int = bounded(0, ge=0)  # rollouts sample among the k most likely tokens; 0 = off
+    top_p: float = bounded(1.0, gt=0, le=1)  # rollouts sample from the nucleus of mass p; 1.0 = off
     max_new_tokens: int = bounded(48, ge=1)  # the longest sampled completion
     clip_eps: float = bounded(0.2, gt=0, lt=1)  # PPO/GRPO ratio clip (and PPO's value clip)
     kl_coef: float = bounded(0.04, ge=0)  # beta: GRPO's k3 KL loss term, PPO's per-token KL penalty
@@ -310,10 +315,19 @@ class StageConfig:
     gamma: float = bounded(1.0, ge=0, le=1)  # PPO: GAE discount
     lam: float = bounded(0.95, ge=0, le=1)  # PPO: GAE lambda
     vf_coef: float = bounded(0.1, ge=0)  # PPO: weight of the clipped value loss
+    # PPO: advantages whitened (zero mean, unit std over the step's completion tokens, all micro-
+    # batches and ranks); null = on for ppo. GRPO's group normalisation is its own: true is refused
+    whiten_advantages: Optional[bool] = bounded(None, null="on for stage.algorithm=ppo")
 
     def __post_init__(self) -> None:
         validate_fields(self)
+        check(not self.rpo_alpha or self.name == "dpo",
+              f"stage.rpo_alpha={self.rpo_alpha} is a DPO option (the chosen answers' NLL added to stage=dpo's loss); "
+              f"stage={self.name} has no use for it: remove it or set it to 0")
         if self.name == "rl" and self.algorithm == "grpo":
+            check(not self.whiten_advantages,
+                  "stage.whiten_advantages=true with stage.algorithm=grpo: GRPO's advantages are already normalised "
+                  "within each prompt's group (stage.advantage_scale); whitening is PPO's, leave it null")
             check(self.group_size >= 2 or self.advantage_scale == "none",
                   f"stage.group_size={self.group_size} with stage.advantage_scale={self.advantage_scale}: "
                   "a group's standard deviation needs G >= 2 completions per prompt; raise stage.group_size")

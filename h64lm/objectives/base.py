@@ -18,11 +18,20 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from h64lm.data.batch import Batch
 
-__all__ = ["Objective", "ObjectiveOutput", "StepShare"]
+__all__ = ["Objective", "ObjectiveOutput", "StepShare", "sum_over_ranks"]
+
+
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """t summed over every rank in place (the default group, whose ranks each hold their own
+    micro-batches, as `StepShare.world_size` counts them); t itself in one process."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
 
 
 @dataclass(frozen=True)

@@ -8,18 +8,19 @@ sampled (detached), `ref_logp` under the frozen reference.
 GRPO (Shao et al. 2024, DeepSeekMath sec. 4.1): advantages are the rewards normalised within each
 prompt's group; the loss is PPO's clipped surrogate plus beta * KL(pi || ref) estimated per token
 with k3 (Schulman 2020, unbiased and >= 0): exp(ref - logp) - (ref - logp) - 1.
-PPO (Schulman et al. 2017) with a value head: per-token advantages from GAE (Schulman et al. 2016)
-and a clipped value loss.
+PPO (Schulman et al. 2017) with a value head: per-token advantages from GAE (Schulman et al. 2016),
+optionally whitened over the step's tokens (`whiten`, as standard PPO implementations do), and a
+clipped value loss.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 __all__ = ["AGGREGATIONS", "ADVANTAGE_SCALES", "completion_mask", "group_advantages", "k3_kl",
-           "clipped_policy_loss", "terminal_rewards", "gae", "clipped_value_loss"]
+           "clipped_policy_loss", "terminal_rewards", "gae", "clipped_value_loss", "whiten"]
 
 AGGREGATIONS = ("sequence", "token")
 ADVANTAGE_SCALES = ("std", "none")
@@ -153,3 +154,23 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
     clipped = old + (values.float() - old).clamp(-clip_eps, clip_eps)
     per_token = 0.5 * torch.maximum((values.float() - returns) ** 2, (clipped - returns) ** 2)
     return _aggregate(per_token, mask, aggregation)
+
+
+@torch.no_grad()
+def whiten(advantages: Sequence[torch.Tensor], masks: Sequence[torch.Tensor],
+           sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+           eps: float = 1e-8) -> List[torch.Tensor]:
+    """PPO's advantage whitening over ONE optimizer step: advantages [B, T] of each micro-batch with
+    their masks [B, T] -> (A - mu) / sqrt(sigma^2 + eps) on the counted tokens, 0 elsewhere, where
+    mu and sigma^2 are the mean and the population variance (1/n) of every counted token of every
+    micro-batch, and of every rank through `sum_over_ranks` (an in-place all-reduce): each rank
+    whitens with the same statistics, so a step split over ranks equals one process's. Two passes
+    (mean, then squared deviations) in float64, so no large sums cancel."""
+    m = [mask.bool() for mask in masks]
+    n_and_sum = sum_over_ranks(torch.stack([
+        sum(x.sum() for x in m).double(), sum(a.double()[x].sum() for a, x in zip(advantages, m))]))
+    n = n_and_sum[0].clamp(min=1)
+    mean = n_and_sum[1] / n
+    squares = sum_over_ranks(sum(((a.double() - mean)[x] ** 2).sum() for a, x in zip(advantages, m)).reshape(1))
+    scale = torch.rsqrt(squares[0] / n + eps)
+    return [torch.where(x, (a.double() - mean) * scale, 0.0).to(a.dtype) for a, x in zip(advantages, m)]

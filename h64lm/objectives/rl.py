@@ -9,7 +9,12 @@ the frozen reference (its per-token log-probs, `ref_logp`), with their advantage
   with the trunk; the value of the action labelled at position p is scores[:, p]) and the
   sampling log-probs; the per-token reward is the terminal reward on the last action minus
   kl_coef * (logp_old - ref_logp) on every action (InstructGPT's KL penalty); `gae` gives the
-  advantages and the value targets; the loss adds vf_coef * `clipped_value_loss`.
+  advantages and the value targets; with `whiten_advantages` the advantages (not the targets) are
+  then whitened over the step's completion tokens, all micro-batches and ranks (`whiten`); the
+  loss adds vf_coef * `clipped_value_loss`.
+
+Sampling may be truncated (top_k, top_p); the ratio's and the KL's log-probs are still the
+policy's over the whole vocabulary (TRL's and OpenRLHF's choice), not the truncated distribution's.
 
 One update per rollout (mu = 1, DeepSeekMath's setting): the policy that sampled is the one being
 trained, so the ratio's old log-probs are the current ones detached (ratio = 1, its gradient is
@@ -33,8 +38,9 @@ from torch import nn
 
 from h64lm.data.batch import IGNORE_INDEX, Batch
 from h64lm.model.config import H64LMConfig
-from h64lm.objectives.base import ObjectiveOutput, StepShare
-from h64lm.objectives.policy import clipped_policy_loss, clipped_value_loss, gae, group_advantages, terminal_rewards
+from h64lm.objectives.base import ObjectiveOutput, StepShare, sum_over_ranks
+from h64lm.objectives.policy import (clipped_policy_loss, clipped_value_loss, gae, group_advantages, terminal_rewards,
+                                     whiten)
 from h64lm.objectives.rollout import Rollout, sample_rollout
 from h64lm.objectives.router_terms import RouterLoss
 
@@ -60,6 +66,13 @@ class RLSettings:
     seed: int  # train.seed: with each prompt's stream position, the sampling seed
     eos_id: int
     fixed_length: bool = False  # decode max_new_tokens steps on every rank (sharded weights)
+    top_k: int = 0  # rollouts sample among the k most likely tokens; 0: all
+    top_p: float = 1.0  # rollouts sample from the nucleus of mass p; 1: all
+    whiten_advantages: bool = False  # ppo: (A - mean) / std over the step's completion tokens, all ranks
+
+    def __post_init__(self) -> None:
+        if self.whiten_advantages and self.algorithm != "ppo":
+            raise ValueError("whiten_advantages is PPO's: GRPO's advantages are normalised within each group")
 
 
 class PolicyOptimisation:
@@ -77,10 +90,15 @@ class PolicyOptimisation:
             start = time.perf_counter()
             with self.autocast():
                 rollout = sample_rollout(model, prompts, s.group_size, s.max_new_tokens, s.temperature,
-                                         s.eos_id, s.seed, s.fixed_length)
+                                         s.eos_id, s.seed, s.fixed_length, s.top_k, s.top_p)
             seconds += time.perf_counter() - start
             rollouts.append(self._scored(model, rollout, self.reward(rollout, prompts).float()))
         self.samples_per_s = sum(b.input_ids.shape[0] for b in rollouts) / max(seconds, 1e-9)
+        if s.whiten_advantages:  # the returns (value targets) keep the raw advantages
+            whitened = whiten([b.extras["advantages"] for b in rollouts],
+                              [b.labels != IGNORE_INDEX for b in rollouts], sum_over_ranks)
+            for b, advantages in zip(rollouts, whitened):
+                b.extras["advantages"] = advantages
         self.router.prepare_step(model, rollouts)
         return rollouts
 

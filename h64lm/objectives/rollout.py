@@ -14,6 +14,10 @@ As a training `Batch` (S = L + n - 1 for n completion columns):
 So `labels != -100` marks exactly the sampled actions, and a per-token quantity of the forward
 (log-prob, value) at position p belongs to the action labels[:, p].
 
+Truncated sampling (top_k, top_p) changes which tokens can be drawn, not what a rollout records:
+the objective's log-probs of the sampled tokens (ratio, KL) are always the policy's over the whole
+vocabulary, as TRL and OpenRLHF compute them.
+
 Determinism: sampling draws from a generator seeded with (seed, the global stream position of
 the micro-batch's first prompt), so a resumed run, or the same micro-batch on another rank, samples
 the same completions. `fixed_length` decodes all max_new_tokens steps instead of stopping when
@@ -59,17 +63,18 @@ def sampling_seed(seed: int, position: int) -> int:
 
 @torch.no_grad()
 def sample_rollout(model: nn.Module, prompts: Batch, group_size: int, max_new_tokens: int,
-                   temperature: float, eos_id: int, seed: int, fixed_length: bool = False) -> Rollout:
+                   temperature: float, eos_id: int, seed: int, fixed_length: bool = False,
+                   top_k: int = 0, top_p: float = 1.0) -> Rollout:
     """prompts: input_ids [B, L] with extras attention_mask [B, L] and position [B] -> a `Rollout`
-    of R = B * group_size rows."""
+    of R = B * group_size rows. top_k = 0 and top_p = 1 sample from the whole distribution."""
     ids, prompt_mask = prompts.input_ids, prompts.extras["attention_mask"]
     device = ids.device
     generator = torch.Generator(device=device)
     generator.manual_seed(sampling_seed(seed, int(prompts.extras["position"][0])))
     G, L = group_size, ids.shape[1]
-    out = generate(model, ids, max_new_tokens, temperature=temperature,
-                   eos_token_id=None if fixed_length else eos_id, pad_token_id=eos_id,
-                   attention_mask=prompt_mask, generator=generator, num_return_sequences=G)
+    out = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k or None,
+                   top_p=top_p if top_p < 1 else None, eos_token_id=None if fixed_length else eos_id,
+                   pad_token_id=eos_id, attention_mask=prompt_mask, generator=generator, num_return_sequences=G)
     completions = out[:, L:]  # [R, n]
     mask = completion_mask(completions, eos_id)
     width = int(mask.sum(1).max())  # the last column any row needs (early stop ends there too)

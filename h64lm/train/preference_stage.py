@@ -28,7 +28,7 @@ from h64lm.data import Tokenizer
 from h64lm.data.batch import Batch
 from h64lm.data.preference_batches import PreferenceLoader, build_preference_data, preference_batches
 from h64lm.eval.validation import sharded_sums
-from h64lm.objectives.pairwise import DirectPreference, RewardModelling, pair_scores, reference_logprobs
+from h64lm.objectives.pairwise import DirectPreference, RewardModelling, chosen_nll, pair_scores, reference_logprobs
 from h64lm.objectives.preference import DPO_REDUCTION, bradley_terry_loss
 from h64lm.runtime.distributed import Dist
 from h64lm.train.callbacks.base import Callback
@@ -161,39 +161,53 @@ def dpo_stage(run: RunConfig, d: Dist, tokenizer: Tokenizer) -> Stage:
             finally:
                 frozen.train()
 
-    objective = DirectPreference(run.model, s.beta, s.loss_type, s.label_smoothing, reference)
+    objective = DirectPreference(run.model, s.beta, s.loss_type, s.label_smoothing, reference, s.rpo_alpha)
 
     def pair_losses(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         ref = val_reference(batch)
         out = model(batch.input_ids, labels=batch.labels, return_logits=False, token_logprobs=True)
-        return objective.losses(out, batch, ref)
+        loss, metrics = objective.losses(out, batch, ref)
+        if s.rpo_alpha:
+            nll, tokens = chosen_nll(out, batch)
+            metrics.update(nll_sum=nll.item(), nll_tokens=float(tokens))
+        return loss, metrics
 
     return Stage(loader, objective, None, val_batches,
-                 validate=lambda trainer: validate_pairs(trainer, val_batches, DPO_METRICS, pair_losses))
+                 validate=lambda trainer: validate_pairs(trainer, val_batches, DPO_METRICS, pair_losses, s.rpo_alpha))
 
 
 @torch.no_grad()
 def validate_pairs(trainer: "Trainer", batches: list[Batch], names: tuple[str, ...],
-                   pair_losses: Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
-                   ) -> Optional[dict[str, Any]]:
+                   pair_losses: Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]],
+                   rpo_alpha: float = 0.0) -> Optional[dict[str, Any]]:
     """{"val_loss": mean pair loss, "val/<name>": mean over pairs of each metric in `names`} of
     every held-out pair, the model in eval(); rank r takes batches r, r + W, ... (`sharded_sums`:
     under sharded weights every rank runs as many forwards, repeating one uncounted). None when a
-    stop was requested."""
+    stop was requested. With rpo_alpha > 0 (DPO + NLL) `pair_losses` also gives each batch's
+    chosen-token NLL sum and count (`nll_sum`, `nll_tokens`): `val/nll_loss` is the per-token mean
+    over every held-out chosen answer, `val/pair_loss` the DPO loss and `val_loss` the objective,
+    DPO + rpo_alpha x NLL, as in training."""
     d, model = trainer.d, trainer.model
     shard = batches[d.rank::d.world_size]
+    totals = ("nll_sum", "nll_tokens") if rpo_alpha else ()
 
-    def sums(i: int, counted: bool) -> torch.Tensor:  # [loss, metrics..., 1] x pairs
+    def sums(i: int, counted: bool) -> torch.Tensor:  # [loss, metrics..., 1] x pairs, then the totals
         batch = (shard[i] if counted else batches[0]).to(d.device)
         with trainer.precision.autocast():
             loss, metrics = pair_losses(model, batch)
         pairs = batch.input_ids.shape[0] // 2 if counted else 0
-        return torch.tensor([loss.item(), *(metrics[n] for n in names), 1.0], dtype=torch.float64,
-                            device=d.device) * pairs
+        return torch.tensor([*(pairs * v for v in (loss.item(), *(metrics[n] for n in names), 1.0)),
+                             *(metrics[n] * counted for n in totals)], dtype=torch.float64, device=d.device)
 
-    total = sharded_sums(model, len(batches), len(shard), 1, d, trainer.stop_requested, len(names) + 2, sums)
+    width = len(names) + 2
+    total = sharded_sums(model, len(batches), len(shard), 1, d, trainer.stop_requested, width + len(totals), sums)
     if total is None:
         return None
-    count = total[-1].clamp(min=1)
-    return {"val_loss": float(total[0] / count),
-            **{f"val/{name}": float(total[1 + k] / count) for k, name in enumerate(names)}}
+    count = total[width - 1].clamp(min=1)
+    result = {"val_loss": float(total[0] / count),
+              **{f"val/{name}": float(total[1 + k] / count) for k, name in enumerate(names)}}
+    if rpo_alpha:
+        nll = float(total[width] / total[width + 1].clamp(min=1))
+        result.update({"val_loss": result["val_loss"] + rpo_alpha * nll, "val/pair_loss": result["val_loss"],
+                       "val/nll_loss": nll})
+    return result

@@ -115,7 +115,9 @@ def rl_stage(run: RunConfig, d: Dist, tokenizer: Tokenizer) -> Stage:
         algorithm=s.algorithm, group_size=s.group_size, max_new_tokens=s.max_new_tokens,
         temperature=s.temperature, clip_eps=s.clip_eps, kl_coef=s.kl_coef, advantage_scale=s.advantage_scale,
         aggregation=s.aggregation, gamma=s.gamma, lam=s.lam, vf_coef=s.vf_coef, seed=t.seed,
-        eos_id=chat.eos_id, fixed_length=layout.sharded)
+        eos_id=chat.eos_id, fixed_length=layout.sharded, top_k=s.top_k, top_p=s.top_p,
+        # null: on for PPO (the config refuses true for GRPO, whose groups normalise already)
+        whiten_advantages=s.algorithm == "ppo" and s.whiten_advantages is not False)
     reference = build_reference(run, d, print if d.is_main else (lambda _: None))
     precision = resolve_precision(run.hardware.precision, d.device)
     objective = PolicyOptimisation(settings, run.model, reference, reward, precision.autocast)

@@ -2,6 +2,7 @@
 advantages of equal rewards, the KL of a policy equal to its reference, and learning a toy reward."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -186,3 +187,120 @@ def test_grpo_learns_a_toy_reward_in_a_few_dozen_steps():
         means.append(out.terms["reward/mean"].item())
     start, end = sum(means[:5]) / 5, sum(means[-5:]) / 5
     assert end > 0.9 and end > start + 0.2, means
+
+
+# --------------------------------------------------------------------------- truncated sampling
+def _full_logits(model, batch):
+    """[R, S, V] logits of whole rollout rows (no cache), eval mode as the generator runs."""
+    model.eval()
+    with torch.no_grad():
+        logits = model(batch.input_ids, attention_mask=batch.extras["attention_mask"]).logits
+    model.train()
+    return logits.float()
+
+
+def _nucleus(probs, p):
+    """The naive top-p set: the most likely tokens, one at a time, until their mass reaches p."""
+    kept, mass = set(), 0.0
+    for token in sorted(range(len(probs)), key=lambda t: -probs[t]):
+        kept.add(token)
+        mass += probs[token]
+        if mass >= p:
+            break
+    return kept
+
+
+@pytest.mark.parametrize("top_k, top_p", [(3, 1.0), (0, 0.5), (5, 0.6)])
+def test_rollout_tokens_lie_inside_the_top_k_and_top_p_sets(top_k, top_p):
+    """Every sampled token is among the k largest logits and inside the nucleus of mass p of the
+    temperature-scaled distribution at its position, checked against full forwards; sampling
+    without the cut leaves those sets, so the check can fail."""
+    model, temperature = _model(), 1.3
+    kw = dict(eos_id=-1, seed=3, fixed_length=True)  # no EOS: every column is a sampled token
+    cut = sample_rollout(model, _prompts(), 8, 8, temperature, top_k=top_k, top_p=top_p, **kw)
+    free = sample_rollout(model, _prompts(), 8, 8, temperature, **kw)
+
+    def outside(rollout):
+        logits = _full_logits(model, rollout.batch) / temperature
+        count = 0
+        for row, pos in (rollout.batch.labels != IGNORE_INDEX).nonzero().tolist():
+            token, row_logits = int(rollout.batch.labels[row, pos]), logits[row, pos]
+            allowed = set(range(row_logits.numel()))
+            if top_k:
+                allowed &= set(row_logits.topk(top_k).indices.tolist())
+            if top_p < 1:  # top-p after top-k: the nucleus of the renormalised k candidates
+                probs = row_logits.masked_fill(~torch.isin(torch.arange(row_logits.numel()),
+                                                           torch.tensor(sorted(allowed))), float("-inf"))
+                allowed &= _nucleus(probs.softmax(-1).tolist(), top_p)
+            count += token not in allowed
+        return count
+
+    assert cut.mask.sum() == 16 * 8
+    assert outside(cut) == 0
+    assert outside(free) > 10
+    # the stream is still the prompts' position's: the same tokens again
+    assert torch.equal(sample_rollout(model, _prompts(), 8, 8, temperature, top_k=top_k, top_p=top_p,
+                                      **kw).completions, cut.completions)
+
+
+def test_the_ratio_reads_the_policys_full_distribution_under_top_k():
+    """top_k=1 samples the argmax with probability 1 under the truncated distribution (log-prob 0);
+    the old log-probs of PPO's ratio are the policy's own over the whole vocabulary instead."""
+    model = _model(score_head=True)
+    reference = copy.deepcopy(model).requires_grad_(False)
+    objective = _objective(model, reference, lambda rollout, prompts: torch.ones(rollout.completions.shape[0]),
+                           algorithm="ppo", top_k=1)
+    (batch,) = objective.prepare_step(model, [_prompts()])
+    mask = batch.labels != IGNORE_INDEX
+    with torch.no_grad():
+        full = _hand_logp(model, batch)
+    torch.testing.assert_close(batch.extras["old_logp"], full, rtol=1e-4, atol=1e-5)
+    assert (batch.extras["old_logp"][mask] < -0.1).all()
+    greedy = _full_logits(model, batch).argmax(-1)
+    assert torch.equal(batch.labels[mask], greedy[mask])  # and top_k=1 did sample the argmax
+
+
+# --------------------------------------------------------------------------- PPO whitening
+def test_whitening_uses_the_mean_and_std_of_every_counted_token_of_the_step():
+    from h64lm.objectives.policy import whiten
+
+    a = [torch.tensor([[1.0, 2.0, 9.0], [4.0, 0.0, 0.0]]), torch.tensor([[-3.0, 5.0, 7.0]])]
+    m = [torch.tensor([[1, 1, 0], [1, 0, 0]]).bool(), torch.tensor([[1, 1, 1]]).bool()]
+    counted = [1.0, 2.0, 4.0, -3.0, 5.0, 7.0]  # 9 and the zeros are masked out
+    mean = sum(counted) / 6
+    std = math.sqrt(sum((x - mean) ** 2 for x in counted) / 6)  # population std
+    out = whiten(a, m)
+    want = [[[(1 - mean) / std, (2 - mean) / std, 0.0], [(4 - mean) / std, 0.0, 0.0]],
+            [[(-3 - mean) / std, (5 - mean) / std, (7 - mean) / std]]]
+    for got, w in zip(out, want):
+        torch.testing.assert_close(got, torch.tensor(w), rtol=1e-6, atol=1e-6)
+    values = torch.cat([o[x] for o, x in zip(out, m)])
+    assert values.mean().abs() < 1e-6 and values.var(unbiased=False).sub(1).abs() < 1e-6
+    # another rank's tokens enter the statistics through the all-reduce hook: here a rank holding
+    # the same micro-batches again leaves them unchanged (twice the sums, the same mean and std)
+    doubled = whiten(a, m, sum_over_ranks=lambda t: t * 2)
+    for x, y in zip(doubled, out):
+        torch.testing.assert_close(x, y)
+    shifted = whiten(a, m, sum_over_ranks=lambda t: t + torch.tensor([6.0, 60.0]) if t.numel() == 2 else t)
+    assert not torch.allclose(shifted[0], out[0])  # a rank with other tokens moves the mean
+
+
+def test_ppo_whitens_the_advantages_of_the_whole_step_and_keeps_the_value_targets():
+    model = _model(score_head=True)
+    reference = _model(seed=1, score_head=True).requires_grad_(False)
+
+    def reward(rollout, prompts):
+        return torch.arange(rollout.completions.shape[0], dtype=torch.float32)
+
+    prompts = [_prompts(0), _prompts(2)]  # two micro-batches of the step
+    raw = _objective(model, reference, reward, algorithm="ppo").prepare_step(model, prompts)
+    white = _objective(model, reference, reward, algorithm="ppo", whiten_advantages=True).prepare_step(model, prompts)
+    masks = [b.labels != IGNORE_INDEX for b in raw]
+    values = torch.cat([b.extras["advantages"][x] for b, x in zip(raw, masks)]).double()
+    mean, std = values.mean(), values.std(unbiased=False)
+    for r, w, x in zip(raw, white, masks):
+        want = torch.where(x, (r.extras["advantages"] - mean) / std, 0.0).float()
+        torch.testing.assert_close(w.extras["advantages"], want, rtol=1e-5, atol=1e-6)
+        assert torch.equal(w.extras["returns"], r.extras["returns"])  # targets from the raw advantages
+    with pytest.raises(ValueError, match="PPO's"):
+        _settings(whiten_advantages=True)  # GRPO

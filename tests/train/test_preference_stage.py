@@ -159,25 +159,35 @@ def test_reward_model_learns_a_held_out_preference(tmp_path):
 
 def test_two_process_dpo_matches_one_process(tmp_path):
     """Two gloo ranks with one pair each equal one process with two: the loss is the mean over
-    the step's pairs on every rank, the reference runs in each rank's layout."""
+    the step's pairs on every rank, the reference runs in each rank's layout. With RPO's NLL term
+    (stage.rpo_alpha) on: its per-token mean over the step's chosen answers (of unequal lengths
+    on the two ranks) counts the tokens of both ranks."""
     from tests.helpers import one_and_two_processes
 
-    common = DPO + ["train.max_steps=3", "model.router_aux_loss_coef=0"]
+    common = DPO + ["train.max_steps=3", "model.router_aux_loss_coef=0", "stage.rpo_alpha=0.5"]
     one, two = one_and_two_processes(common, tmp_path)
     assert [r["step"] for r in two] == [1, 2, 3]
     assert [r["tokens"] for r in two] == [r["tokens"] for r in one]  # every rank's rows counted once
+    for r in one:  # the logged terms add up: DPO + alpha NLL (+ the z-loss, the only router term left)
+        assert r["loss"] == pytest.approx(r["pair_loss"] + 0.5 * r["nll_loss"] + r.get("z", 0.0) *
+                                          run_config(common).model.router_z_loss_coef, rel=1e-5)
+    assert one[-1]["val_loss"] == pytest.approx(one[-1]["val/pair_loss"] + 0.5 * one[-1]["val/nll_loss"], rel=1e-6)
     for a, b in zip(one, two):
-        for key in ("loss", "logps/chosen"):
+        for key in ("loss", "logps/chosen", "nll_loss"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
         # a margin is beta x a difference of ~-300-nat log-probs: fp32 rounding of those (~3e-5)
         # times beta = 0.1 bounds it, whatever its own size
         assert b["rewards/margins"] == pytest.approx(a["rewards/margins"], abs=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
     assert two[-1]["val_loss"] == pytest.approx(one[-1]["val_loss"], rel=1e-5)
+    assert two[-1]["val/nll_loss"] == pytest.approx(one[-1]["val/nll_loss"], rel=1e-5)
     assert two[-1]["val/rewards/accuracies"] == one[-1]["val/rewards/accuracies"]
 
 
 @pytest.mark.parametrize("overrides, message", [
+    (["stage=dpo", "data=preference_arithmetic", "stage.rpo_alpha=-0.1"], r"^stage\.rpo_alpha=-0\.1 must be >= 0"),
+    (["stage=reward", "data=preference_arithmetic", "stage.rpo_alpha=1"],
+     r"^stage\.rpo_alpha=1(\.0)? is a DPO option .*stage=reward has no use for it"),
     (["stage=dpo", "data=arithmetic"], r"^stage=dpo trains on preference pairs .*not data=arithmetic"),
     (["stage=reward"], r"^stage=reward trains on preference pairs .*not data=wiki_excerpt"),
     (["stage.name=reward", "data=preference_arithmetic"], r"^stage=reward trains the scalar head: set model\.score_head=true"),
@@ -207,13 +217,15 @@ def test_preset_sets_the_score_head_and_loss_names_match_the_objectives():
 def test_fsdp_and_expert_parallel_match_one_process(stage, tmp_path):
     """FSDP2 and expert parallelism (2 gloo processes, one pair each) train and validate like one
     process with both pairs; DPO's frozen reference is sharded like the policy, its forwards
-    collectives. Tolerances as the DDP test's (fp32 sums in another order)."""
+    collectives; DPO runs with RPO's NLL term, whose token count spans the ranks. Tolerances as
+    the DDP test's (fp32 sums in another order)."""
     import sys
 
     from tests.helpers import run_cli
 
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    common = (DPO if stage == "dpo" else REWARD) + ["train.max_steps=3", "model.router_aux_loss_coef=0"]
+    common = (DPO + ["stage.rpo_alpha=0.5"] if stage == "dpo" else REWARD) + ["train.max_steps=3",
+                                                                              "model.router_aux_loss_coef=0"]
     runs = {}
     for name, extra, launcher in (
             ("one", ["train.batch_size=2"], None),

@@ -159,6 +159,14 @@ def test_config_errors_are_one_line(rl_run, tmp_path):
         run_config(RL + ["stage.algorithm=ppo"])
     with pytest.raises(ConfigError, match=r"^stage.algorithm=grpo trains no value head: set model.score_head=false"):
         run_config(RL + ["model.score_head=true"])
+    for override, message in (
+            ("stage.whiten_advantages=true", r"^stage.whiten_advantages=true with stage.algorithm=grpo: GRPO's adv"),
+            ("stage.top_p=0", r"^stage.top_p=0.0 must be > 0 and <= 1"),
+            ("stage.top_k=-1", r"^stage.top_k=-1 must be >= 0"),
+            ("stage.rpo_alpha=0.5", r"^stage.rpo_alpha=0.5 is a DPO option")):
+        with pytest.raises(ConfigError, match=message):
+            run_config(RL + [override])
+    assert run_config(RL + ["stage.whiten_advantages=false"]).stage.whiten_advantages is False
     args = RL + [f"stage.reward_model={rl_run}"]
     with pytest.raises(ConfigError, match=r"^stage.reward_model=.*has no score head"):
         Trainer(run_config(args), tmp_path, args, ONE, callbacks=[])
@@ -211,12 +219,19 @@ def _one_and_two(tmp_path, extra_two, extra=()):
     return read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
 
 
-def test_two_process_rl_matches_one_process(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["stage.algorithm=ppo", "model.score_head=true", "stage.top_k=20",
+                                         "stage.top_p=0.9"]], ids=["grpo", "ppo-whitened-top-k-top-p"])
+def test_two_process_rl_matches_one_process(tmp_path, extra):
     """Two DDP ranks with one prompt micro-batch each sample what one process samples from the
-    same two micro-batches (the seed follows the prompts' global position, not the rank)."""
-    one, two = _one_and_two(tmp_path, ["hardware=ddp"])
+    same two micro-batches (the seed follows the prompts' global position, not the rank). PPO
+    whitens its advantages (the default) with statistics of both ranks' tokens, as one process
+    does over its two micro-batches; truncated sampling keeps the per-position streams."""
+    one, two = _one_and_two(tmp_path, ["hardware=ddp"], extra)
     _assert_same_steps(one, two, dict(rel=1e-5, abs=1e-7))
     assert two[-1]["val_loss"] == one[-1]["val_loss"]
+    if extra:
+        for a, b in zip(one, two):
+            assert b["value_loss"] == pytest.approx(a["value_loss"], rel=1e-5, abs=1e-7)
 
 
 @pytest.mark.slow
