@@ -29,7 +29,7 @@ def sweep(tmp_path_factory):
     corpus = text_corpus(tmp)
     sweep_dir = tmp / "lr_sweep"
     args = ["-m", "experiment=lr", f"optim.lr={','.join(LRS)}",
-            *(o for o in FAST if not o.startswith("logger")), "logger=wandb", "logger.mode=offline",
+            *(o for o in FAST if not o.startswith(("logger", "optim.lr"))), "logger=wandb", "logger.mode=offline",
             "data=text", f"data.path={corpus}", "train.extra_eval_seq_lens=[64]",
             f"hydra.sweep.dir={sweep_dir}"]
     proc = run_cli(args, cwd=tmp, timeout=240)
