@@ -34,7 +34,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from h64lm.data.batch import Batch
+from h64lm.data.batch import IGNORE_INDEX, Batch
 from h64lm.model.config import H64LMConfig
 from h64lm.objectives.base import ObjectiveOutput, StepShare, sum_over_ranks
 from h64lm.objectives.preference import DPO_REDUCTION, bradley_terry_loss, dpo_loss
@@ -56,20 +56,20 @@ def pair_logprobs(out, batch: Batch, reduction: str) -> tuple[torch.Tensor, torc
     summed or averaged over the answer's tokens -> (chosen [P], rejected [P])."""
     total = out.token_logprobs.sum(-1)  # [2P]
     if reduction == "mean":
-        total = total / (batch.labels != -100).sum(-1).clamp(min=1)
+        total = total / (batch.labels != IGNORE_INDEX).sum(-1).clamp(min=1)
     return total[0::2], total[1::2]
 
 
 def chosen_nll(out, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (sum over the chosen rows' answer tokens of -log pi(token), their count), each []:
     `out.token_logprobs` is 0 off the answers."""
-    return -out.token_logprobs[0::2].float().sum(), (batch.labels[0::2] != -100).sum()
+    return -out.token_logprobs[0::2].float().sum(), (batch.labels[0::2] != IGNORE_INDEX).sum()
 
 
 def chosen_tokens(batches: Sequence[Batch]) -> torch.Tensor:
     """N_chosen: the chosen answers' target tokens of the whole step, all micro-batches and (one
     all-reduce when distributed) all ranks; fp32 [] on the batches' device, no host sync."""
-    return sum_over_ranks(torch.stack([(b.labels[0::2] != -100).sum() for b in batches]).sum().float())
+    return sum_over_ranks(torch.stack([(b.labels[0::2] != IGNORE_INDEX).sum() for b in batches]).sum().float())
 
 
 class _PairObjective:

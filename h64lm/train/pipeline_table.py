@@ -91,9 +91,16 @@ def _wall(seconds: Optional[float]) -> str:
     return f"{minutes}:{s:02d}"
 
 
+def _outcomes(row: Optional[dict[str, Any]]) -> Optional[list]:
+    """The row's per-problem outcomes, or None when absent or not a list of 0/1 (an eval.json from
+    an older version or edited by hand must not stop the table)."""
+    solved = row.get("exact_match_solved") if row else None
+    ok = isinstance(solved, list) and all(v in (0, 1) and not isinstance(v, float) for v in solved)
+    return solved if ok else None
+
+
 def _vs_previous(row: dict[str, Any], previous: Optional[dict[str, Any]]) -> str:
-    a = previous and previous.get("exact_match_solved")
-    b = row.get("exact_match_solved")
+    a, b = _outcomes(previous), _outcomes(row)
     if not a or not b or len(a) != len(b) or len(a) < 2:
         return "–"
     d = paired_diff(a, b)

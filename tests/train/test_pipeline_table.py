@@ -60,11 +60,16 @@ def test_vs_previous_is_the_paired_difference_on_the_same_problems(tmp_path):
                       "exact_match_examples": 10, "exact_match_solved": solved[name]}
         _write_stage(tmp_path / f"{k}_{name}", [{"step": 1, "loss": 1.0}], {"state": "finished", "step": 1}, evaluation)
         rows.append(stage_row(k, name, tmp_path / f"{k}_{name}", 1.0, tmp_path / f"{k}_{name}" / "evals" / "pipeline"))
-    # per-problem differences: -1 -1 0 0 0 +1 +1 +1 +1 0 -> mean 0.2, squared deviations 2 x 1.44 + 4 x 0.04 + 4 x 0.64 = 5.6
+    # per-problem differences: -1 -1 0 0 0 +1 +1 +1 +1 0 -> mean 0.2,
+    # squared deviations 2 x 1.44 + 4 x 0.04 + 4 x 0.64 = 5.6
     two_se = 2 * (5.6 / 9) ** 0.5 / 10 ** 0.5
     lines = format_table(rows).splitlines()
     assert [c.strip() for c in lines[2].strip("|").split("|")][3] == "–"  # nothing before the first stage
     assert [c.strip() for c in lines[3].strip("|").split("|")][3] == f"+0.200 ± {two_se:.3f}"
+    # outcomes of another length (eval_overrides changed between stages) or damaged: no difference
+    for damaged in (solved["sft"][:5], [None] * 10, ["1"] * 10, "1111100000"):
+        rows[0]["exact_match_solved"] = damaged
+        assert [c.strip() for c in format_table(rows).splitlines()[3].strip("|").split("|")][3] == "–"
 
 
 def test_routing_shift_reads_wandb_style_flat_keys_too():

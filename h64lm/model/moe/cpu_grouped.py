@@ -22,14 +22,9 @@ from typing import Callable
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["expert_threads", "threaded_grouped_mm"]
+__all__ = ["threaded_grouped_mm"]
 
 _pool: tuple[int, ThreadPoolExecutor] | None = None  # (threads, pool)
-
-
-def expert_threads() -> int:
-    """Threads the split uses: torch's intra-op thread count of the calling thread."""
-    return torch.get_num_threads()
 
 
 def _executor(threads: int) -> ThreadPoolExecutor:

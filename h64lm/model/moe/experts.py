@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..dtypes import compute_dtype
-from .cpu_grouped import expert_threads, threaded_grouped_mm
+from .cpu_grouped import threaded_grouped_mm
 
 __all__ = ["Experts", "THREADED_MAX_ROWS", "THREADED_MIN_ROWS", "grouped_matmul", "swiglu_experts"]
 
@@ -51,7 +51,7 @@ def _many_small_products(x: torch.Tensor, w: torch.Tensor, threads: int) -> bool
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """x [M, a] rows sorted by expert, w [E, a, b], offsets [E] int32 (cumulative row counts,
     the last = M) -> [M, b]."""
-    threads = expert_threads()
+    threads = torch.get_num_threads()  # the caller's intra-op threads: the split uses as many
     if _many_small_products(x, w, threads):
         return threaded_grouped_mm(x, w, offsets, threads)
     if _grouped_mm_supported(x, w):
